@@ -1,0 +1,2 @@
+"""sgpo: Self-Generated Preference Optimization."""
+__version__ = "0.1.0"

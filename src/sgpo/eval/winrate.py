@@ -1,0 +1,26 @@
+"""Win rates with a bootstrap confidence interval (ties count half)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def win_rate(preferences: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean preference (1 win, 0.5 tie, 0 loss) with a percentile bootstrap CI over prompts.
+
+    Returns ``{"win_rate", "ci_low", "ci_high", "n"}``, rates in [0, 1]; NaN when there are no prompts.
+    """
+    p = np.asarray(preferences, dtype=float)
+    n = len(p)
+    if n == 0:
+        return {"win_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    rng = np.random.default_rng(seed)
+    boot = p[rng.integers(0, n, size=(n_boot, n))].mean(1)
+    alpha = (1 - level) / 2
+    return {"win_rate": float(p.mean()), "ci_low": float(np.quantile(boot, alpha)),
+            "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n}
+
+
+def format_win_rate(w: dict) -> str:
+    return f"{100 * w['win_rate']:.1f}% [95% CI {100 * w['ci_low']:.1f}–{100 * w['ci_high']:.1f}, n={w['n']}]"

