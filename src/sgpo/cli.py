@@ -1,0 +1,105 @@
+"""The ``sgpo`` command. Parsing and error reporting only; the work happens in the modules it calls."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _expected_errors():
+    from .config import ConfigError
+    from .data import DataError
+    from .models import ModelError
+    from .runs import RunError
+
+    return (ConfigError, DataError, ModelError, RunError, FileNotFoundError, PermissionError, ValueError)
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("transformers", "datasets", "accelerate", "urllib3", "httpx", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def cmd_run(args) -> int:
+    from . import config, recipe
+
+    cfg = config.load(args.config, args.set or [])
+    if args.method:
+        cfg = config.load(args.config, (args.set or []) + [f"method={args.method}"])
+    out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}")
+    if args.dry_run:
+        print(config.dump(cfg))
+        return 0
+    logging.getLogger("sgpo").info("run directory: %s", out)
+    recipe.run(cfg, out, force_restart=args.force_restart)
+    print(Path(out) / "report.md")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgpo", description="Self-Generated Preference Optimization")
+    p.add_argument("--debug", action="store_true", help="full tracebacks and verbose logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a method end to end (default: SGPO on the embedded default experiment)")
+    r.add_argument("config", nargs="?", help="YAML config (omit for the embedded default)")
+    r.add_argument("--output", "-o", help="run directory (an unfinished run there is resumed)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. rounds=3")
+    r.add_argument("--method", help="sgpo, spin, synpo, dpo or sft (same as --set method=...)")
+    r.add_argument("--force-restart", action="store_true", help="discard an unfinished run in --output")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
+    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="write report.md and plots for a run directory")
+    rep.add_argument("run_dir")
+    rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    rep.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.debug)
+    for k in ("HF_HUB_DISABLE_PROGRESS_BARS",):
+        os.environ.setdefault(k, "1")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sgpo: interrupted (the run directory resumes where it stopped)", file=sys.stderr)
+        return 130
+    except _expected_errors() as e:
+        if args.debug:
+            raise
+        print(f"sgpo: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"sgpo: error: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Typed configuration. Every field documents itself; YAML files and ``--set key=value`` overrides fill it.
+
+Unknown keys and wrong types are errors that name the key (``ConfigError``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_VERSION = 1
+
+IMPROVER_INSTRUCTION = (
+    "Below is a request and a draft response to it. Rewrite the draft into a better response: keep what is good, "
+    "fix what is wrong or missing, and make it clearer. Reply with the improved response only.\n\n"
+    "### Request\n{prompt}\n\n### Draft response\n{draft}"
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "sgpo:smollm2-135m-instruct"
+    "HF hub name, local path, or an embedded model (sgpo:smollm2-135m-instruct, sgpo:tiny-random)."
+    device: str = "auto"
+    "auto (GPU when present), cpu, cuda, cuda:1 ..."
+    dtype: str = "auto"
+    "auto (bf16 on GPUs that support it, fp32 on CPU), float32, bfloat16, float16."
+    lora_r: int = 0
+    "LoRA rank; 0 = full fine-tuning. With LoRA the adapter is merged at the end of every round."
+    lora_alpha: int = 32
+    "LoRA alpha."
+    lora_dropout: float = 0.0
+    "LoRA dropout."
+    gradient_checkpointing: bool = False
+    "Trade compute for memory in training (slower; useful for 7B+ on GPUs)."
+
+
+@dataclass
+class DataConfig:
+    sft: str = "sgpo:arena-hard-v2"
+    "SFT data (prompts with references): a JSONL/JSON/Parquet file, an HF dataset name or directory, or sgpo:arena-hard-v2 / sgpo:alpaca-eval (shipped in a package)."
+    split: str = "train"
+    "Split name for HF datasets."
+    prompts: str = ""
+    "Optional prompt-only data for the preference rounds (same formats); empty = the training pool of `sft`."
+    dev_size: int = 48
+    "Prompts held out of training (fixed seed split) for development: improver figures and head-to-head evaluation."
+    improver_size: int = 48
+    "Prompts of the training pool used to build improver-training data."
+    round_size: int = 48
+    "Prompts per preference round (each round takes the next slice of the training pool)."
+    max_prompt_tokens: int = 384
+    "Longest prompt (tokens, chat template included)."
+    on_long_prompt: str = "truncate"
+    "What to do with a longer prompt: truncate (keep the start, say how many) or skip (drop it, counted)."
+    max_reference_tokens: int = 96
+    "References are cut at a sentence boundary under this many tokens (then EOS is trained after them)."
+    on_error: str = "raise"
+    "A malformed row: raise (error naming file, line and field) or skip (skipped rows counted by reason)."
+    split_seed: int = 1234
+    "Seed of the fixed training/development split."
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 96
+    "Longest generated response (tokens)."
+    temperature: float = 0.7
+    "Sampling temperature; 0 = greedy."
+    top_p: float = 1.0
+    "Nucleus sampling threshold."
+    batch_size: int = 16
+    "Sequences decoded together."
+    backend: str = "auto"
+    "Generation backend: auto (the built-in batched engine)."
+
+
+@dataclass
+class ImproverConfig:
+    target: str = "interpolate"
+    "How improver targets are built from (draft, reference): interpolate, guided, reference (full jump)."
+    step: float = 0.5
+    "Fraction of the draft→reference edit script applied per improvement step (interpolate)."
+    chain: int = 2
+    "Improvement steps from draft towards reference; every (y_k → y_k+1) is a training example."
+    mix_policy: float = 0.5
+    "Policy SFT examples (prompt → reference) per improver example, to keep the policy role."
+    instruction: str = IMPROVER_INSTRUCTION
+    "The improver instruction; {prompt} and {draft} are filled in. Rendered in the model's chat template."
+    guided_min_gain: float = 0.02
+    "guided: a revision is kept only if it is at least this much closer (edit similarity) to the reference than the draft."
+    guided_min_overlap: float = 0.5
+    "guided: ... and still shares at least this fraction with the draft."
+    retrain_each_round: bool = False
+    "Rebuild improver data and retrain the improver role at the start of every round."
+    rewrite_samples: int = 1
+    "Rewrites sampled per draft in the rounds; the first that differs from the draft is kept."
+
+
+@dataclass
+class TrainConfig:
+    """Supervised (NLL) training: SFT and improver training."""
+    epochs: int = 1
+    "Passes over the examples."
+    batch_size: int = 4
+    "Examples per optimizer step (per process)."
+    lr: float = 2e-5
+    "Peak learning rate (AdamW, linear warm-up then constant)."
+    warmup_steps: int = 0
+    "Linear warm-up steps."
+    weight_decay: float = 0.0
+    "AdamW weight decay."
+    max_grad_norm: float = 1.0
+    "Gradient clipping."
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    "DPO temperature β."
+    lr: float = 5e-6
+    "Learning rate."
+    epochs: int = 1
+    "Passes over a round's pairs."
+    batch_size: int = 4
+    "Pairs per optimizer step (per process)."
+    reference: str = "round_start"
+    "Reference model: round_start (the model at the start of each round) or initial (the start model)."
+    improver_nll_coef: float = 0.0
+    "Weight of an improver NLL term (draft → chosen in improver mode) added to the DPO loss."
+    max_grad_norm: float = 1.0
+    "Gradient clipping."
+
+
+@dataclass
+class PairsConfig:
+    require_eos: bool = True
+    "Drop pairs where a side was cut off by the length limit."
+    verify: str = ""
+    "Optional judge spec; keep only pairs it prefers chosen over rejected (off when empty)."
+
+
+@dataclass
+class EvalConfig:
+    judge: str = "reference"
+    "Judge for the figures of a run (improver win rate, final-vs-start head-to-head)."
+    improver_size: int = 32
+    "Development prompts on which improver figures are measured every round (0 = off)."
+    head_to_head_size: int = 48
+    "Development prompts for the final-vs-start head-to-head win rate (0 = off)."
+
+
+@dataclass
+class Config:
+    version: int = CONFIG_VERSION
+    "Config format version."
+    method: str = "sgpo"
+    "Alignment method: sgpo, spin, synpo, dpo, sft."
+    seed: int = 0
+    "Run seed: sampling seeds are derived from (seed, round, prompt id, role)."
+    rounds: int = 2
+    "Self-generated preference rounds T."
+    sft: bool = False
+    "Run SFT on the references first (skip for instruction-tuned start models)."
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    improver: ImproverConfig = field(default_factory=ImproverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "method": ("sgpo", "spin", "synpo", "dpo", "sft"),
+    "improver.target": ("interpolate", "guided", "reference"),
+    "dpo.reference": ("round_start", "initial"),
+    "data.on_long_prompt": ("truncate", "skip"),
+    "data.on_error": ("raise", "skip"),
+}
+
+
+def _coerce(key: str, typ: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(typ, value, key + ".")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str, bool):
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")
+        return value
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known under '{prefix or '.'}': "
+                          f"{', '.join(sorted(names))})")
+    obj = cls()
+    for k, v in values.items():
+        setattr(obj, k, _coerce(prefix + k, hints[k], v))
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    if cfg.version > CONFIG_VERSION:
+        raise ConfigError(f"version: this config is from a newer sgpo (version {cfg.version}; "
+                          f"this sgpo reads up to {CONFIG_VERSION})")
+    for key, allowed in CHOICES.items():
+        v = get(cfg, key)
+        if v not in allowed:
+            raise ConfigError(f"{key}: '{v}' is not one of {', '.join(allowed)}")
+    for key in ("rounds", "data.dev_size", "data.improver_size", "data.round_size", "improver.chain",
+                "generation.max_new_tokens", "generation.batch_size", "train.batch_size", "dpo.batch_size"):
+        lo = 0 if key in ("rounds", "data.dev_size", "data.improver_size") else 1
+        if get(cfg, key) < lo:
+            raise ConfigError(f"{key}: must be ≥ {lo}, got {get(cfg, key)}")
+    if not 0 < cfg.improver.step <= 1:
+        raise ConfigError(f"improver.step: must be in (0, 1], got {cfg.improver.step}")
+    return cfg
+
+
+def get(cfg: Config, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> Config:
+    return validate(_build(Config, values or {}))
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (None = all defaults: the embedded default experiment) and apply ``key=value`` overrides."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of keys")
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        node = values
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return from_dict(values)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True, width=120)
+
+
+def diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += diff(a, b, prefix + k + ".")
+        elif a != b:
+            keys.append(prefix + k)
+    return keys

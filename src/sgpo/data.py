@@ -1,0 +1,304 @@
+"""Datasets in the formats people have → ``Record``s (prompt messages + optional reference response).
+
+Accepted: JSONL, JSON (a list, or an object holding one list), Parquet, HF dataset directories (``save_to_disk``) and
+hub names. Row shapes: conversational ``messages`` (the last assistant turn is the reference, the turns before it the
+prompt), ``prompt``/``response``, ``instruction``/``output`` (an optional ``input`` is appended to the instruction),
+``prompt``/``chosen``/``rejected`` for preference data. Embedded sources (shipped in a package, offline):
+``sgpo:arena-hard-v2`` (questions with o3-mini answers) and ``sgpo:alpaca-eval`` (instructions with GPT-4 Turbo outputs).
+
+A malformed row raises ``DataError`` naming file, line and field, or is skipped and counted (``on_error="skip"``).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+
+class DataError(Exception):
+    """A data problem; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    prompt: tuple[tuple[str, str], ...]  # ((role, content), ...) ending with a user turn
+    reference: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        """The last user turn (what a judge or an improver instruction shows as 'the request')."""
+        return self.prompt[-1][1]
+
+    def messages(self) -> list[dict]:
+        return [{"role": r, "content": c} for r, c in self.prompt]
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        s = f"{self.source}: {self.loaded} records"
+        if self.skipped:
+            s += " (skipped " + ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items())) + ")"
+        return s
+
+
+def record_id(prompt: tuple) -> str:
+    return hashlib.sha256(json.dumps(prompt, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _text(row: dict, name: str, where: str, required: bool = True) -> str | None:
+    if name not in row or row[name] is None:
+        if required:
+            raise DataError(f"{where}: missing field '{name}'")
+        return None
+    v = row[name]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(v).__name__}")
+    if required and not v.strip():
+        raise DataError(f"{where}: field '{name}' is empty")
+    return v
+
+
+def _message_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
+        parts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if parts:
+            return "".join(parts)
+    raise DataError(f"{where}: field 'messages' holds a message whose 'content' is not text")
+
+
+def parse_row(row: Any, where: str) -> Record:
+    """One row of any accepted shape → Record; ``where`` is 'file:line' for error messages."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "messages" in row and row["messages"] is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list")
+        turns = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise DataError(f"{where}: field 'messages[{i}]' needs 'role' and 'content'")
+            turns.append((str(m["role"]), _message_text(m["content"], where)))
+        reference = None
+        if turns[-1][0] == "assistant":
+            reference = turns.pop()[1]
+        if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
+            raise DataError(f"{where}: field 'messages' has no non-empty user turn before the response")
+        prompt = tuple(turns)
+        return Record(record_id(prompt), prompt, reference or None)
+    if "prompt" in row:
+        p = row["prompt"]
+        if isinstance(p, list):  # conversational preference data: prompt as messages
+            return _preference(parse_row({"messages": p}, where).prompt, row, where)
+        text = _text(row, "prompt", where)
+        prompt = (("user", text),)
+        if "chosen" in row or "rejected" in row:
+            return _preference(prompt, row, where)
+        ref = _text(row, "response", where, required=False)
+        if ref is None:
+            ref = _text(row, "completion", where, required=False)
+        return Record(record_id(prompt), prompt, ref or None)
+    if "instruction" in row:
+        text = _text(row, "instruction", where)
+        extra = _text(row, "input", where, required=False)
+        if extra and extra.strip():
+            text = f"{text}\n\n{extra}"
+        prompt = (("user", text),)
+        return Record(record_id(prompt), prompt, _text(row, "output", where, required=False) or None)
+    raise DataError(f"{where}: missing field 'prompt' (or 'messages', or 'instruction'); found fields: "
+                    f"{', '.join(sorted(map(str, row))) or 'none'}")
+
+
+def _preference(prompt: tuple, row: dict, where: str) -> Record:
+    def side(name):
+        v = row.get(name)
+        if isinstance(v, list):  # conversational side: the last assistant message
+            if not v or not isinstance(v[-1], dict) or "content" not in v[-1]:
+                raise DataError(f"{where}: field '{name}' must end with an assistant message")
+            return _message_text(v[-1]["content"], where)
+        return _text(row, name, where)
+
+    return Record(record_id(prompt), prompt, None, side("chosen"), side("rejected"))
+
+
+def _iter_file(path: Path) -> Iterator[tuple[Any, str]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                where = f"{path}:{n}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"), where
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield json.loads(line), where
+                except json.JSONDecodeError as e:
+                    yield DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})"), where
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(data, dict):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DataError(f"{path}: a JSON file must hold a list of rows (or an object with one list)")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: a JSON file must hold a list of rows")
+        for i, row in enumerate(data):
+            yield row, f"{path}[{i}]"
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield row, f"{path}:row {i}"
+    else:
+        raise DataError(f"{path}: unknown file type '{suffix}' (use .jsonl, .json or .parquet)")
+
+
+def _iter_hf(name: str, split: str) -> Iterator[tuple[Any, str]]:
+    import datasets
+
+    try:
+        saved = Path(name) / "dataset_info.json", Path(name) / "dataset_dict.json"
+        if any(p.exists() for p in saved):
+            ds = datasets.load_from_disk(name)
+        else:
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DataError(f"{name}: cannot load dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{name}: no split '{split}' (has {', '.join(ds)})")
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield row, f"{name}[{split}]:row {i}"
+
+
+def package_data_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"package '{package}' is not installed (run scripts/setup.sh)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _iter_embedded(name: str) -> Iterator[tuple[Any, str]]:
+    tasks = package_data_dir("eval_framework") / "tasks"
+    if name == "sgpo:alpaca-eval":
+        path = tasks / "alpaca_eval" / "data" / "alpaca_eval_gpt4_baseline.json"
+        for i, row in enumerate(json.loads(path.read_text())):
+            yield {"instruction": row["instruction"], "output": row["output"]}, f"{path}[{i}]"
+    elif name == "sgpo:arena-hard-v2":
+        base = tasks / "arena_hard" / "data" / "arena-hard-v2.0"
+        answers = {}
+        with open(base / "model_answer" / "o3-mini-2025-01-31.jsonl") as f:
+            for line in f:
+                a = json.loads(line)
+                answers[a["uid"]] = a["messages"][-1]["content"]["answer"]
+        with open(base / "question.jsonl") as f:
+            for n, line in enumerate(f, 1):
+                q = json.loads(line)
+                yield {"prompt": q["prompt"], "response": answers.get(q["uid"])}, f"{base / 'question.jsonl'}:{n}"
+    else:
+        raise DataError(f"unknown embedded dataset '{name}' (known: sgpo:arena-hard-v2, sgpo:alpaca-eval)")
+
+
+def load_records(source: str, *, split: str = "train", on_error: str = "raise",
+                 need: str = "prompt") -> tuple[list[Record], LoadReport]:
+    """Load ``source`` into records. ``need``: 'prompt', 'reference' (SFT data) or 'preference' (chosen/rejected).
+
+    Duplicate prompts are kept once (counted as skipped 'duplicate prompt').
+    """
+    if source.startswith("sgpo:"):
+        rows = _iter_embedded(source)
+    else:
+        path = Path(source)
+        if path.is_file():
+            rows = _iter_file(path)
+        elif path.is_dir() or (not path.exists() and source.count("/") <= 1 and not path.suffix):
+            rows = _iter_hf(source, split)
+        else:
+            raise DataError(f"{source}: no such file or dataset")
+    report = LoadReport(source)
+    records, seen = [], set()
+    for row, where in rows:
+        try:
+            if isinstance(row, DataError):
+                raise row
+            rec = parse_row(row, where)
+            if need == "reference" and not (rec.reference and rec.reference.strip()):
+                raise DataError(f"{where}: missing field 'response' (SFT data needs a reference response)")
+            if need == "preference" and rec.chosen is None:
+                raise DataError(f"{where}: missing field 'chosen' (preference data needs prompt/chosen/rejected)")
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            reason = str(e).split(": ", 1)[-1].split(" (")[0]
+            report.skipped[reason] += 1
+            continue
+        if rec.id in seen:
+            report.skipped["duplicate prompt"] += 1
+            continue
+        seen.add(rec.id)
+        records.append(rec)
+    report.loaded = len(records)
+    if not records:
+        raise DataError(f"{source}: no usable records" + (f" ({report.summary()})" if report.skipped else ""))
+    return records, report
+
+
+def split_dev(records: list[Record], dev_size: int, seed: int) -> tuple[list[Record], list[Record]]:
+    """A fixed split by seed: (training pool, development slice). The order of each part is a seeded shuffle."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    dev_size = min(dev_size, max(len(records) - 1, 0))
+    dev = [records[i] for i in order[:dev_size]]
+    train = [records[i] for i in order[dev_size:]]
+    return train, dev
+
+
+_SENTENCE_END = (".", "!", "?", "。", ":", "\n")
+
+
+def cut_reference(text: str, tokenizer, max_tokens: int) -> str:
+    """Cut ``text`` at the last sentence boundary that fits in ``max_tokens`` tokens (whole text if it fits).
+
+    Falls back to the last whole word under the limit when no sentence boundary fits.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text.strip()
+    head = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    best = -1
+    for i, ch in enumerate(head):
+        if ch in _SENTENCE_END and (i + 1 == len(head) or head[i + 1].isspace()) and i > len(head) // 4:
+            best = i
+    if best >= 0:
+        return head[:best + 1].strip()
+    return head.rsplit(" ", 1)[0].strip() if " " in head else head.strip()

@@ -1,0 +1,120 @@
+"""Improver targets: given a draft y0 and a reference y*, what should the improver learn to write?
+
+``interpolate`` (default): split both texts into units (sentences; words when either text is a single sentence),
+take the edit script from y0 to y* (difflib opcodes) and apply the first ceil(step · #ops) operations. The result
+differs from y0 (at least one edit) and is strictly closer to y* — an incremental yet discernible step, with no
+model call. ``chain`` steps y0 → y1 → … give every (y_k → y_k+1) as an example.
+``reference``: the full jump y0 → y*. ``guided``: the model revises y0 with y* shown as a hint; the revision is kept
+when it is closer to y* by a margin and still overlaps y0, else interpolation is used.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from dataclasses import dataclass
+
+_SENT = re.compile(r"(?<=[.!?。])\s+|\n+")
+
+
+def split_units(text: str) -> list[str]:
+    """Sentences with their trailing whitespace kept, so that ''.join(units) == text."""
+    units, start = [], 0
+    for m in _SENT.finditer(text):
+        units.append(text[start:m.end()])
+        start = m.end()
+    if start < len(text):
+        units.append(text[start:])
+    return units
+
+
+def split_words(text: str) -> list[str]:
+    return re.findall(r"\S+\s*|\s+", text)
+
+
+def _units(a: str, b: str) -> tuple[list[str], list[str]]:
+    ua, ub = split_units(a), split_units(b)
+    if len(ua) <= 1 or len(ub) <= 1:
+        return split_words(a), split_words(b)
+    return ua, ub
+
+
+def edit_ops(a_units: list[str], b_units: list[str]) -> list[tuple]:
+    sm = difflib.SequenceMatcher(a=a_units, b=b_units, autojunk=False)
+    return [op for op in sm.get_opcodes() if op[0] != "equal"]
+
+
+def interpolate(draft: str, reference: str, step: float) -> str:
+    """Apply the first ``ceil(step · n_ops)`` operations of the draft→reference edit script (at least one)."""
+    a, b = _units(draft, reference)
+    ops = edit_ops(a, b)
+    if not ops:
+        return reference
+    k = max(1, math.ceil(step * len(ops)))
+    out, pos = [], 0
+    for tag, i1, i2, j1, j2 in ops[:k]:
+        out.extend(a[pos:i1])
+        out.extend(b[j1:j2])  # replace / insert take the reference units; delete takes none
+        pos = i2
+    out.extend(a[pos:])
+    return "".join(out)
+
+
+def chain(draft: str, reference: str, step: float, n: int) -> list[str]:
+    """[y0, y1, ..., yn]: each step applies ``step`` of the remaining edit script; stops early at the reference."""
+    seq = [draft]
+    for _ in range(n):
+        if seq[-1] == reference:
+            break
+        seq.append(interpolate(seq[-1], reference, step))
+    return seq
+
+
+def word_edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance between the word sequences of two texts."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.distance(a.split(), b.split())
+
+
+def similarity(a: str, b: str) -> float:
+    """Normalised word-level similarity in [0, 1] (1 = identical word sequences)."""
+    from rapidfuzz.distance import Levenshtein
+
+    return Levenshtein.normalized_similarity(a.split(), b.split())
+
+
+@dataclass(frozen=True)
+class ImproverExample:
+    """One improver-training example: improve ``source`` (a response to the record's prompt) into ``target``."""
+    record_id: str
+    source: str
+    target: str
+
+
+def examples_from_draft(record_id: str, draft: str, reference: str, target: str, step: float, n_chain: int,
+                        revision: str | None = None, min_gain: float = 0.02,
+                        min_overlap: float = 0.5) -> list[ImproverExample]:
+    """Improver examples for one (draft, reference) pair, by the configured target strategy."""
+    if target == "reference":
+        return [ImproverExample(record_id, draft, reference)] if draft.strip() != reference.strip() else []
+    if target == "guided" and revision is not None and accept_revision(draft, reference, revision, min_gain,
+                                                                       min_overlap):
+        return [ImproverExample(record_id, draft, revision)]
+    seq = chain(draft, reference, step, n_chain)
+    return [ImproverExample(record_id, s, t) for s, t in zip(seq, seq[1:]) if s.strip() != t.strip()]
+
+
+def accept_revision(draft: str, reference: str, revision: str, min_gain: float, min_overlap: float) -> bool:
+    """A guided revision must be closer to the reference by ``min_gain`` and still overlap the draft."""
+    if not revision.strip() or revision.strip() == draft.strip():
+        return False
+    gain = similarity(revision, reference) - similarity(draft, reference)
+    return gain >= min_gain and similarity(revision, draft) >= min_overlap
+
+
+GUIDED_INSTRUCTION = (
+    "Below is a request, a draft response, and an expert response for reference. Revise the draft one clear step "
+    "towards the quality of the expert response, keeping most of the draft. Reply with the revised draft only.\n\n"
+    "### Request\n{prompt}\n\n### Draft response\n{draft}\n\n### Expert response\n{reference}"
+)

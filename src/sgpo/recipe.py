@@ -1,0 +1,346 @@
+"""The recipe, top to bottom: data → (SFT) → improver → rounds of self-generated pairs + DPO → final → figures.
+
+Every stage reads and writes the run directory, is recorded in its manifest, and is skipped when a re-run finds it
+done; generation resumes from its shards. The method (``cfg.method``) only says how pairs are made and which model
+is the reference.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from . import config as config_mod
+from . import templates
+from .config import Config
+from .data import Record, cut_reference, load_records, split_dev
+from .eval.improver import improver_figures
+from .eval.judges import make_judge
+from .eval.winrate import format_win_rate, win_rate
+from .generation import Settings
+from .improver import GUIDED_INSTRUCTION, examples_from_draft
+from .methods import Context, get_method
+from .models import load_model, load_tokenizer, resolve
+from .pairs import Pair, filter_pairs, pair_metrics
+from .rollout import rollout
+from .runs import RunDir, RunError, atomic_write_json, atomic_write_text, content_hash, read_jsonl, write_jsonl
+from .training.dpo import TokenPair, reference_logps, train_dpo
+from .training.sft import NLLExample, train_nll
+
+log = logging.getLogger("sgpo")
+
+
+@dataclass
+class Prepared:
+    train: list[Record]     # the training pool (references cut to the token limit)
+    dev: list[Record]       # held out: improver figures and head-to-head evaluation
+
+
+def prepare_data(cfg: Config, tokenizer) -> Prepared:
+    records, report = load_records(cfg.data.sft, split=cfg.data.split, on_error=cfg.data.on_error,
+                                   need="reference")
+    log.info("data: %s", report.summary())
+    cut = [Record(r.id, r.prompt, cut_reference(r.reference, tokenizer, cfg.data.max_reference_tokens))
+           for r in records]
+    kept, skipped = [], 0
+    for r in cut:
+        n = len(templates.policy_ids(tokenizer, r.prompt))
+        if n > cfg.data.max_prompt_tokens and cfg.data.on_long_prompt == "skip":
+            skipped += 1
+            continue
+        kept.append(r)
+    if skipped:
+        log.warning("data: skipped %d prompts longer than data.max_prompt_tokens=%d", skipped,
+                    cfg.data.max_prompt_tokens)
+    train, dev = split_dev(kept, cfg.data.dev_size, cfg.data.split_seed)
+    if cfg.data.prompts:
+        extra, rep = load_records(cfg.data.prompts, split=cfg.data.split, on_error=cfg.data.on_error)
+        log.info("round prompts: %s", rep.summary())
+        dev_ids = {r.id for r in dev}
+        train = [r for r in extra if r.id not in dev_ids]
+    return Prepared(train, dev)
+
+
+def take(pool: list[Record], start: int, n: int) -> list[Record]:
+    """``n`` records from ``pool`` starting at ``start``, wrapping around a small pool."""
+    if not pool or n <= 0:
+        return []
+    return [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
+
+
+class Runner:
+    """Holds what the stages share: config, run directory, tokenizer, the current model (loaded lazily)."""
+
+    def __init__(self, cfg: Config, run: RunDir):
+        self.cfg = cfg
+        self.run = run
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.start_path = resolve(cfg.model.name)
+        self.model_path = self.start_path
+        self._model = None
+        self._judge = None
+        g = cfg.generation
+        self.settings = Settings(g.max_new_tokens, g.temperature, g.top_p, g.batch_size)
+
+    # -- model state ---------------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_model(self.model_path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+        return self._model
+
+    def checkpoint(self, stage: str) -> str:
+        return str(self.run.path(stage, "model"))
+
+    def resume_from(self, stage: str) -> None:
+        """The stage is done: the current model is its checkpoint (loaded when needed)."""
+        self.model_path, self._model = self.checkpoint(stage), None
+
+    def save(self, stage: str, model=None) -> None:
+        model = model or self.model
+        path = self.run.path(stage, "model")
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.model_path = str(path)
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            self._judge = make_judge(self.cfg.eval.judge)
+        return self._judge
+
+    def rollout(self, stage: str, round_: int, role: str, records, *, name: str, drafts=None, model=None,
+                instruction=None):
+        return rollout(model or self.model, self.tokenizer, records, role, self.settings, run_seed=self.cfg.seed,
+                       round_=round_, drafts=drafts,
+                       instruction=self.cfg.improver.instruction if instruction is None else instruction,
+                       shard=self.run.path(stage, f"{name}.jsonl"), max_prompt_tokens=self.cfg.data.max_prompt_tokens,
+                       desc=f"{stage}: {name}")
+
+    # -- training helpers --------------------------------------------------------------------------------------
+    def nll_examples_policy(self, records: list[Record]) -> list[NLLExample]:
+        tok = self.tokenizer
+        return [NLLExample(tuple(templates.policy_ids(tok, r.prompt)),
+                           tuple(templates.completion_ids(tok, r.reference)), "policy") for r in records]
+
+    def train_nll(self, examples, desc: str, seed: int) -> dict:
+        t = self.cfg.train
+        return train_nll(self.model, examples, pad_id=self.tokenizer.pad_token_id, batch_size=t.batch_size,
+                         epochs=t.epochs, lr=t.lr, seed=seed, warmup_steps=t.warmup_steps,
+                         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, desc=desc)
+
+
+def _figures_on_dev(r: Runner, stage: str, dev: list[Record], start_dev: dict | None, round_: int) -> dict:
+    """Dev-slice figures of the current model: head-to-head vs the start model, and the improver's figures."""
+    cfg = r.cfg
+    m: dict = {}
+    n = max(cfg.eval.head_to_head_size, cfg.eval.improver_size)
+    recs = dev[:n]
+    if not recs:
+        return m
+    drafts = r.rollout(stage, 0, "dev-policy", recs, name="dev_policy")
+    if start_dev is not None and cfg.eval.head_to_head_size:
+        h = recs[:cfg.eval.head_to_head_size]
+        prefs = r.judge.prefer([x.prompt_text for x in h], [drafts[x.id].text for x in h],
+                               [start_dev[x.id] for x in h], [x.reference for x in h])
+        w = win_rate(prefs)
+        m.update({"eval/dev/win_rate_vs_start": w["win_rate"], "eval/dev/win_rate_vs_start_ci_low": w["ci_low"],
+                  "eval/dev/win_rate_vs_start_ci_high": w["ci_high"], "eval/dev/win_rate_vs_start_n": w["n"]})
+    m["eval/dev/length"] = sum(len(drafts[x.id].text.split()) for x in recs) / len(recs)
+    if cfg.eval.improver_size:
+        imp = recs[:cfg.eval.improver_size]
+        texts = {x.id: drafts[x.id].text for x in imp}
+        rewrites = r.rollout(stage, 0, "dev-improver", imp, name="dev_improver", drafts=texts)
+        m.update(improver_figures(r.judge, [x.prompt_text for x in imp], [texts[x.id] for x in imp],
+                                  [rewrites[x.id].text for x in imp], [x.reference for x in imp]))
+    return m
+
+
+def _improver_stage(r: Runner, records: list[Record]) -> dict:
+    cfg, tok = r.cfg, r.tokenizer
+    stage = "improver"
+    drafts = r.rollout(stage, 0, "draft", records, name="drafts")
+    revisions = {}
+    if cfg.improver.target == "guided":
+        instr = {x.id: GUIDED_INSTRUCTION.replace("{reference}", x.reference) for x in records}
+        revisions = r.rollout(stage, 0, "guided", records, name="guided",
+                              drafts={i: g.text for i, g in drafts.items()}, instruction=instr)
+    examples = []
+    for x in records:
+        rev = revisions[x.id].text if x.id in revisions else None
+        examples += examples_from_draft(x.id, drafts[x.id].text, x.reference, cfg.improver.target,
+                                        cfg.improver.step, cfg.improver.chain, rev, cfg.improver.guided_min_gain,
+                                        cfg.improver.guided_min_overlap)
+    write_jsonl(r.run.path(stage, "examples.jsonl"), [e.__dict__ for e in examples])
+    by_id = {x.id: x for x in records}
+    nll = [NLLExample(tuple(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source, cfg.improver.instruction)),
+                      tuple(templates.completion_ids(tok, e.target)), "improver") for e in examples]
+    n_policy = round(cfg.improver.mix_policy * len(nll))
+    rng = random.Random(cfg.seed)
+    policy_recs = [records[rng.randrange(len(records))] for _ in range(n_policy)] if records else []
+    nll += r.nll_examples_policy(policy_recs)
+    m = r.train_nll(nll, "improver training", cfg.seed + 1)
+    m.update({"improver/train_examples": len(examples), "improver/policy_examples": len(policy_recs)})
+    return m
+
+
+def _pairs_to_tokens(r: Runner, pairs: list[Pair], improver_drafts: bool) -> list[TokenPair]:
+    tok, cfg = r.tokenizer, r.cfg
+    out = []
+    for p in pairs:
+        prompt = tuple((m["role"], m["content"]) for m in p.prompt)
+        out.append(TokenPair(
+            templates.render(tok, p.prompt),
+            templates.completion_ids(tok, p.chosen, eos=p.chosen_finished),
+            templates.completion_ids(tok, p.rejected, eos=p.rejected_finished),
+            p.ref_chosen_logp, p.ref_rejected_logp,
+            templates.improver_ids(tok, prompt, p.rejected, cfg.improver.instruction) if improver_drafts else None))
+    return out
+
+
+def _round_stage(r: Runner, method, t: int, records: list[Record], initial_path: str) -> dict:
+    cfg = r.cfg
+    stage = f"round_{t}"
+    pairs_path = r.run.path(stage, "pairs.jsonl")
+    if pairs_path.exists():  # generation and the reference pass of this round are already done
+        kept = [Pair.from_json(d) for d in read_jsonl(pairs_path)]
+        m = dict(read_jsonl(r.run.path(stage, "pair_stats.jsonl"))[0])
+    else:
+        ctx = Context(cfg, r.run, r.tokenizer, r.model, t, records,
+                      rollout=lambda role, recs, *, name, drafts=None, model=None:
+                      r.rollout(stage, t, role, recs, name=name, drafts=drafts, model=model))
+        kept, dropped = filter_pairs(method.make_pairs(ctx), cfg.pairs.require_eos)
+        if cfg.pairs.verify and kept:
+            judge = make_judge(cfg.pairs.verify)
+            prefs = judge.prefer([p.prompt[-1]["content"] for p in kept], [p.chosen for p in kept],
+                                 [p.rejected for p in kept], None)
+            dropped["not_verified"] = sum(1 for x in prefs if x <= 0.5)
+            kept = [p for p, x in zip(kept, prefs) if x > 0.5]
+        m = pair_metrics(kept, dropped)
+        if kept:
+            ref_model = r.model
+            if method.reference(cfg) == "initial" and initial_path != r.model_path:
+                ref_model = load_model(initial_path, device=cfg.model.device, dtype=cfg.model.dtype)
+            tp = _pairs_to_tokens(r, kept, False)
+            reference_logps(ref_model, tp, pad_id=r.tokenizer.pad_token_id, batch_size=cfg.dpo.batch_size * 2)
+            for p, x in zip(kept, tp):
+                p.ref_chosen_logp, p.ref_rejected_logp = x.ref_chosen, x.ref_rejected
+            del ref_model
+        write_jsonl(r.run.path(stage, "pair_stats.jsonl"), [m])
+        write_jsonl(pairs_path, [p.to_json() for p in kept])
+    log.info("round %d: %d pairs kept, dropped %s", t, len(kept),
+             {k.split("/")[-1]: v for k, v in m.items() if k.startswith("pairs/dropped/") and v})
+    if kept:
+        d = cfg.dpo
+        m.update(train_dpo(r.model, _pairs_to_tokens(r, kept, d.improver_nll_coef > 0), pad_id=r.tokenizer.pad_token_id,
+                           beta=d.beta, batch_size=d.batch_size, epochs=d.epochs, lr=d.lr, seed=cfg.seed + 100 * t,
+                           max_grad_norm=d.max_grad_norm, improver_nll_coef=d.improver_nll_coef,
+                           desc=f"round {t}: dpo"))
+    else:
+        log.warning("round %d: no pairs survived the filters; the model is unchanged this round", t)
+    return m
+
+
+def check_resume(run: RunDir, cfg: Config, force_restart: bool) -> None:
+    saved = run.path("config.yaml")
+    if not saved.exists() or force_restart:
+        if force_restart:
+            run.manifest = {"stages": {}}
+        return
+    import yaml
+
+    old = yaml.safe_load(saved.read_text()) or {}
+    changed = config_mod.diff(old, config_mod.to_dict(cfg))
+    if changed:
+        raise RunError(f"{run.root} holds a run with a different config (changed: {', '.join(changed)}); "
+                       "use another --output, or --force-restart to start over")
+
+
+def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dict:
+    """Run the whole recipe into ``out_dir`` (resuming what is there). Returns the summary figures."""
+    run_dir = RunDir(out_dir)
+    check_resume(run_dir, cfg, force_restart)
+    atomic_write_text(run_dir.path("config.yaml"), config_mod.dump(cfg))
+    torch.manual_seed(cfg.seed)
+    method = get_method(cfg.method)
+    r = Runner(cfg, run_dir)
+    data = prepare_data(cfg, r.tokenizer)
+    log.info("model: %s | method: %s | %d training prompts, %d development prompts | %d rounds",
+             cfg.model.name, cfg.method, len(data.train), len(data.dev), cfg.rounds)
+
+    def stage(name, fn, *, saves_model=False):
+        """Run ``fn`` as stage ``name`` unless done; write its metrics; returns them."""
+        metrics_path = run_dir.path(name, "metrics.json")
+        if run_dir.done(name):
+            if saves_model:
+                r.resume_from(name)
+            log.info("%s: done earlier, skipped", name)
+            import json
+            return json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        with run_dir.stage(name) as entry:
+            m = fn()
+            if saves_model:
+                r.save(name)
+        m[f"time/{name}_s"] = entry["seconds"]
+        atomic_write_json(metrics_path, m)
+        run_dir.save_manifest()
+        log.info("%s: done in %.0fs %s", name, entry["seconds"], _headline(m))
+        return m
+
+    # 0. the start model on the development prompts (the yardstick for every later model)
+    m0 = stage("round_0", lambda: _figures_on_dev(r, "round_0", data.dev, None, 0))
+    start_dev = {row["id"]: row["text"] for row in read_jsonl(run_dir.path("round_0", "dev_policy.jsonl"))} \
+        if run_dir.path("round_0", "dev_policy.jsonl").exists() else None
+
+    # 1. optional SFT on the references
+    if cfg.sft or cfg.method == "sft":
+        stage("sft", lambda: r.train_nll(r.nll_examples_policy(data.train), "sft", cfg.seed), saves_model=True)
+
+    # 2. improver training (the same weights learn to refine their own drafts)
+    cursor = 0
+    if method.trains_improver:
+        imp_records = take(data.train, cursor, cfg.data.improver_size)
+        cursor += len(imp_records)
+        stage("improver", lambda: {**_improver_stage(r, imp_records),
+                                   **_figures_on_dev(r, "improver", data.dev, start_dev, 0)}, saves_model=True)
+    initial_path = r.model_path
+
+    # 3. rounds of self-generated preference pairs + DPO
+    per_round = []
+    for t in range(1, cfg.rounds + 1 if cfg.method != "sft" else 1):
+        records = take(data.train, cursor, cfg.data.round_size)
+        cursor += len(records)
+        per_round.append(stage(f"round_{t}", lambda: {**_round_stage(r, method, t, records, initial_path),
+                                                      **_figures_on_dev(r, f"round_{t}", data.dev, start_dev, t)},
+                               saves_model=True))
+
+    # 4. the final model, and the number that matters
+    if not run_dir.done("final"):
+        with run_dir.stage("final"):
+            r.save("final")
+    last = per_round[-1] if per_round else (m0 if not method.trains_improver else {})
+    summary = {k: v for k, v in last.items() if k.startswith("eval/") or k.startswith("improver/")}
+    atomic_write_json(run_dir.path("summary.json"), summary)
+    if "eval/dev/win_rate_vs_start" in summary:
+        w = {"win_rate": summary["eval/dev/win_rate_vs_start"], "ci_low": summary["eval/dev/win_rate_vs_start_ci_low"],
+             "ci_high": summary["eval/dev/win_rate_vs_start_ci_high"], "n": summary["eval/dev/win_rate_vs_start_n"]}
+        log.info("final vs start, head-to-head on held-out development prompts (judge: %s): %s",
+                 cfg.eval.judge, format_win_rate(w))
+    try:
+        from .report import write_report
+
+        write_report(run_dir.root)
+    except Exception as e:  # a report problem must not fail a finished run
+        log.warning("report not written: %s", e)
+    return summary
+
+
+def _headline(m: dict) -> str:
+    keys = ["pairs/kept", "rewards/accuracies", "rewards/margins", "nll/loss", "improver/changed_rate",
+            "improver/win_rate", "eval/dev/win_rate_vs_start"]
+    parts = [f"{k.split('/', 1)[-1] if k != 'pairs/kept' else 'pairs'}={m[k]:.3g}" for k in keys if k in m]
+    return "| " + " ".join(parts) if parts else ""

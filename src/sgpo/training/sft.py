@@ -1,0 +1,40 @@
+"""Supervised training: negative log-likelihood on completion tokens only (SFT and the improver role)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batching import collate, length_buckets, token_logps
+from .loop import mean_metrics, run_steps
+
+
+@dataclass(frozen=True)
+class NLLExample:
+    prompt_ids: tuple[int, ...]      # the rendered chat input (policy or improver mode)
+    completion_ids: tuple[int, ...]  # the target response, ending with EOS
+    kind: str = "policy"             # "policy" or "improver": only for reporting
+
+
+def nll_step(pad_id: int):
+    def step(model, examples: list[NLLExample]):
+        batch = collate([(list(e.prompt_ids), list(e.completion_ids)) for e in examples], pad_id)
+        batch = batch.to(next(model.parameters()).device)
+        logp = token_logps(model, batch)
+        loss = -(logp * batch.target_mask).sum() / batch.target_mask.sum().clamp(min=1)
+        return loss, {"loss": loss.detach()}
+    return step
+
+
+def train_nll(model, examples: list[NLLExample], *, pad_id: int, batch_size: int, epochs: int, lr: float,
+              seed: int, warmup_steps: int = 0, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+              accelerator=None, desc: str = "sft") -> dict:
+    """Train on ``examples`` for ``epochs``; batches are length-bucketed in a seeded order. Returns mean metrics."""
+    lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
+    batches = []
+    for epoch in range(epochs):
+        batches += [[examples[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
+    hist = run_steps(model, batches, nll_step(pad_id), lr=lr, weight_decay=weight_decay,
+                     warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc)
+    m = mean_metrics(hist)
+    return {"nll/loss": m.get("loss", float("nan")), "nll/steps": len(hist), "nll/examples": len(examples)}
