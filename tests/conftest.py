@@ -19,3 +19,24 @@ def shared_data():
             pytest.fail(f"shared reference data missing at {SHARED_DATA} (required under CI)")
         pytest.skip(f"shared reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from sgpo.models import tiny_random_path
+
+    return str(tiny_random_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_path):
+    from sgpo.models import load_tokenizer
+
+    return load_tokenizer(tiny_path)
+
+
+@pytest.fixture
+def tiny_model(tiny_path):
+    from sgpo.models import load_model
+
+    return load_model(tiny_path, device="cpu", dtype="float32")

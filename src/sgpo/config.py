@@ -197,6 +197,11 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         return _build(typ, value, key + ".")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")

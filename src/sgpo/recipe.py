@@ -101,8 +101,9 @@ class Runner:
         self.model_path, self._model = self.checkpoint(stage), None
 
     def save(self, stage: str, model=None) -> None:
+        """Save the current model as the stage's checkpoint (``final/`` holds the model itself)."""
         model = model or self.model
-        path = self.run.path(stage, "model")
+        path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.model_path = str(path)

@@ -1,0 +1,89 @@
+"""The real CLI, end to end on the tiny model, and its one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sgpo(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(REPO / "src"))
+    return subprocess.run([sys.executable, "-m", "sgpo", *args], cwd=cwd or REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    res = sgpo("run", "configs/smoke.yaml", "--output", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
+def test_smoke_run_writes_the_run_directory(smoke_run):
+    out, res = smoke_run
+    manifest = json.loads((out / "manifest.json").read_text())
+    for stage in ("round_0", "improver", "round_1", "round_2", "final"):
+        assert manifest["stages"][stage]["status"] == "done", stage
+    for t in (1, 2):
+        rows = [json.loads(line) for line in (out / f"round_{t}" / "pairs.jsonl").read_text().splitlines()]
+        assert len(rows) >= 1, f"round {t} kept no pair"
+        assert all({"prompt", "chosen", "rejected", "ref_chosen_logp", "ref_rejected_logp"} <= set(r) for r in rows)
+        assert all(r["chosen"].strip() != r["rejected"].strip() for r in rows)
+        m = json.loads((out / f"round_{t}" / "metrics.json").read_text())
+        for key in ("pairs/kept", "lengths/chosen", "lengths/rejected", "pairs/edit_distance", "dpo/loss",
+                    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "improver/changed_rate", "improver/win_rate", "improver/win_rate_ci_low", "improver/win_rate_n",
+                    f"time/round_{t}_s", "eval/dev/win_rate_vs_start"):
+            assert key in m, key
+        assert m["pairs/kept"] == len(rows)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 2
+    assert (out / "report.md").exists() and (out / "metrics.png").exists()
+    assert "final vs start" in res.stderr
+    assert (out / "config.yaml").read_text().count("sgpo:tiny-random") == 1
+
+
+def test_rerun_of_a_finished_run_skips_everything(smoke_run):
+    out, _ = smoke_run
+    before = (out / "round_1" / "pairs.jsonl").read_bytes()
+    res = sgpo("run", "configs/smoke.yaml", "--output", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stderr.count("done earlier, skipped") >= 4
+    assert (out / "round_1" / "pairs.jsonl").read_bytes() == before
+
+
+def test_changed_config_on_resume_names_the_keys(smoke_run):
+    out, _ = smoke_run
+    res = sgpo("run", "configs/smoke.yaml", "--output", str(out), "--set", "dpo.beta=0.3")
+    assert res.returncode != 0 and "dpo.beta" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "--set", "roundz=1"], "unknown config key 'roundz'"),
+    (["run", "configs/smoke.yaml", "--set", "model.name=/no/such/model", "-o", "{tmp}/r"], "/no/such/model"),
+    (["run", "configs/smoke.yaml", "--set", "data.sft={tmp}/missing.jsonl", "-o", "{tmp}/r"], "missing.jsonl"),
+])
+def test_errors_are_one_line(tmp_path, args, needle):
+    res = sgpo(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.returncode == 2
+    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("sgpo: error:")
+
+
+def test_unwritable_output_directory(tmp_path):
+    if os.geteuid() == 0:
+        target = "/proc/sgpo-cannot-write-here"
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = str(ro / "run")
+    res = sgpo("run", "configs/smoke.yaml", "-o", target)
+    assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr

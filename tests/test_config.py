@@ -1,0 +1,54 @@
+import pytest
+
+from sgpo import config
+from sgpo.config import ConfigError
+
+
+def test_defaults_are_the_embedded_experiment():
+    cfg = config.load()
+    assert cfg.model.name == "sgpo:smollm2-135m-instruct"
+    assert cfg.data.sft == "sgpo:arena-hard-v2"
+    assert cfg.method == "sgpo"
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rounds: 3\ndpo:\n  beta: 0.2\n")
+    cfg = config.load(p, ["dpo.lr=1e-4", "generation.temperature=0", "improver.target=reference"])
+    assert cfg.rounds == 3 and cfg.dpo.beta == 0.2 and cfg.dpo.lr == 1e-4
+    assert cfg.generation.temperature == 0.0 and isinstance(cfg.generation.temperature, float)
+    assert cfg.improver.target == "reference"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("roundz: 3\n", "roundz"),
+    ("dpo:\n  betta: 0.1\n", "dpo.betta"),
+    ("dpo:\n  beta: high\n", "dpo.beta"),
+    ("rounds: 2.5\n", "rounds"),
+    ("model: abc\n", "model"),
+    ("method: ppo\n", "method"),
+    ("improver:\n  step: 0\n", "improver.step"),
+    ("generation:\n  batch_size: 0\n", "generation.batch_size"),
+])
+def test_errors_name_the_key(tmp_path, text, key):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert key in str(e.value)
+
+
+def test_bad_override_and_newer_version(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        config.load(None, ["rounds"])
+    with pytest.raises(ConfigError, match="newer"):
+        config.load(None, ["version=99"])
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_dump_roundtrip_and_diff():
+    cfg = config.load(None, ["rounds=4"])
+    again = config.from_dict(__import__("yaml").safe_load(config.dump(cfg)))
+    assert config.to_dict(again) == config.to_dict(cfg)
+    assert config.diff(config.to_dict(config.load()), config.to_dict(cfg)) == ["rounds"]

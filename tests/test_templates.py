@@ -1,0 +1,42 @@
+import pytest
+
+from sgpo import templates
+from sgpo.config import IMPROVER_INSTRUCTION
+from sgpo.models import ModelError, load_tokenizer
+
+
+def test_policy_mode_is_the_chat_template(tiny_tokenizer):
+    prompt = (("user", "What is 2+2?"),)
+    ids = templates.policy_ids(tiny_tokenizer, prompt)
+    text = tiny_tokenizer.decode(ids)
+    assert text == tiny_tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
+                                                      add_generation_prompt=True, tokenize=False)
+    assert text.rstrip().endswith("assistant")
+
+
+def test_improver_mode_wraps_prompt_and_draft(tiny_tokenizer):
+    prompt = (("system", "Be kind."), ("user", "Write a haiku."))
+    msgs = templates.improver_messages(prompt, "  an old pond  ", IMPROVER_INSTRUCTION)
+    assert msgs[0] == {"role": "system", "content": "Be kind."}
+    assert "Write a haiku." in msgs[-1]["content"] and "an old pond" in msgs[-1]["content"]
+    assert "{draft}" not in msgs[-1]["content"] and "{prompt}" not in msgs[-1]["content"]
+    text = tiny_tokenizer.decode(templates.improver_ids(tiny_tokenizer, prompt, "an old pond", IMPROVER_INSTRUCTION))
+    assert "Be kind." in text and "an old pond" in text
+
+
+def test_completion_ends_with_eos(tiny_tokenizer):
+    ids = templates.completion_ids(tiny_tokenizer, "Four.")
+    assert ids[-1] == tiny_tokenizer.eos_token_id
+    assert templates.completion_ids(tiny_tokenizer, "Four.", eos=False)[-1] != tiny_tokenizer.eos_token_id
+
+
+def test_tokenizer_without_chat_template_is_an_error(tmp_path, tiny_tokenizer):
+    tiny_tokenizer.save_pretrained(tmp_path)
+    import json
+
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ModelError, match="no chat template"):
+        load_tokenizer(str(tmp_path))
