@@ -1,5 +1,6 @@
 """Arena-Hard scoring (v0.1 Bradley–Terry, v2.0 mean score) and loaders."""
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -51,6 +52,12 @@ def test_v20_bootstrap_percentiles():
     assert got["ci_high"] - got["ci_low"] == pytest.approx(100 * 2 * 1.645 * se, rel=0.2)
     perfect = scores_from_judgments([_row("q", "B>>A", "A>>B")], version="v2.0", n_boot=50)
     assert perfect["score"] == perfect["ci_low"] == perfect["ci_high"] == 100
+
+
+@pytest.mark.parametrize("version", ["v0.1", "v2.0"])
+def test_no_usable_verdict_gives_no_score(version):
+    got = scores_from_judgments([_row("q1", "A>A", None), _row("q2", None, None)], version=version, n_boot=10)
+    assert math.isnan(got["score"]) and got["n"] == 0 and got["n_battles"] == 0
 
 
 def test_upstream_field_names_are_read():

@@ -104,6 +104,11 @@ def _baseline_of(rows: Sequence[dict], version: str) -> str:
 
 
 # --------------------------------------------------------------------------- scoring
+def _no_score() -> dict:
+    nan = float("nan")
+    return {"score": nan, "ci_low": nan, "ci_high": nan, "n": 0, "n_battles": 0}
+
+
 def _score_v20(rows: list[dict], n_boot: int, rng: np.random.Generator) -> dict:
     values, weights = [], []
     n_questions = 0
@@ -116,7 +121,7 @@ def _score_v20(rows: list[dict], n_boot: int, rng: np.random.Generator) -> dict:
             values.append(outcome)
             weights.append(weight)
     if not values:
-        return {"score": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0, "n_battles": 0}
+        return _no_score()
     levels = np.array([0.0, 0.5, 1.0])
     counts = np.array([sum(w for v, w in zip(values, weights) if v == x) for x in levels])
     n_rows = int(counts.sum())
@@ -143,16 +148,15 @@ def _leaderboard_v01(by_model: dict[str, list[dict]], baseline: str, n_boot: int
                 model_b.append(model)
                 score_a.append(1.0 - outcome)
                 counts.append(weight)
-    if not counts:
-        raise ValueError("no judgment with a valid verdict")
-    fitted = bradley_terry(model_a, model_b, score_a, anchor=baseline, counts=counts, n_boot=n_boot, seed=seed,
-                           level=CI_LEVEL["v0.1"])
+    fitted = {}
+    if counts:
+        fitted = bradley_terry(model_a, model_b, score_a, anchor=baseline, counts=counts, n_boot=n_boot, seed=seed,
+                               level=CI_LEVEL["v0.1"])
     out = {}
     for model in by_model:
         f = fitted.get(model)
-        if f is None:
-            out[model] = {"score": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0,
-                          "n_battles": 0}
+        if f is None:  # no usable verdict for this model
+            out[model] = _no_score()
             continue
         out[model] = {"score": f["win_rate"], "ci_low": f.get("win_rate_low", f["win_rate"]),
                       "ci_high": f.get("win_rate_high", f["win_rate"]), "n": n_questions[model],
