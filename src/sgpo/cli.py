@@ -49,6 +49,43 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _settings(args):
+    from .generation import Settings
+
+    return Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size)
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate
+
+    out = args.output or os.path.join("evals", datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if args.versus:
+        if not args.prompts:
+            raise ValueError("--versus needs --prompts (a data file, HF dataset or sgpo:alpaca-eval)")
+        res = evaluate.head_to_head(args.model, args.versus, args.prompts, args.judge, output=out, limit=args.limit,
+                                    settings=_settings(args), seed=args.seed)
+    else:
+        if not args.benchmark:
+            raise ValueError("give --benchmark (" + ", ".join(evaluate.BENCHMARKS) + ") or --versus MODEL")
+        res = evaluate.evaluate(args.model, args.benchmark, args.judge, output=out, limit=args.limit,
+                                settings=_settings(args), data_dir=args.data_dir, seed=args.seed)
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    if args.kind == "alpaca-eval":
+        from .eval.alpaca_eval import main_metrics
+
+        res = main_metrics(args.file, args.data_dir)
+    else:
+        from .eval.arena_hard import main_metrics
+
+        res = main_metrics(args.file, version=args.version)
+    print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
@@ -70,6 +107,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("eval", help="evaluate a model on a benchmark, or head-to-head against another model")
+    e.add_argument("--model", required=True, help="hub name, local path, run's final/ or embedded model")
+    e.add_argument("--benchmark", help="alpaca_eval, arena_hard_v0.1, arena_hard_v2.0, ifeval")
+    e.add_argument("--versus", help="head-to-head: the other model")
+    e.add_argument("--prompts", help="head-to-head prompt set (file, HF dataset, sgpo:alpaca-eval)")
+    e.add_argument("--judge", default="reference", help="reference | openai:MODEL[@URL] | hf:PATH | reward:PATH")
+    e.add_argument("--limit", type=int, help="first N prompts only (AlpacaEval LC needs all 805)")
+    e.add_argument("--output", "-o", help="evaluation directory (cached generations and annotations are reused)")
+    e.add_argument("--data-dir", help="benchmark inputs: Arena-Hard v0.1 folder, AlpacaEval LC tables folder")
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e.set_defaults(func=cmd_eval)
+
+    mt = sub.add_parser("metrics", help="leaderboard metrics from an annotations / judgments file")
+    mt.add_argument("kind", choices=("alpaca-eval", "arena-hard"))
+    mt.add_argument("file")
+    mt.add_argument("--data-dir", help="alpaca-eval: folder with instruction_difficulty.csv and "
+                                       "gamed_baseline_rows.csv (default: the hub dataset, online)")
+    mt.add_argument("--version", default="v0.1", choices=("v0.1", "v2.0"), help="arena-hard scoring")
+    mt.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    mt.set_defaults(func=cmd_metrics)
 
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir")

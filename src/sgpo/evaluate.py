@@ -1,0 +1,215 @@
+"""``sgpo eval``: generate a model's answers to a benchmark, judge them, and write a leaderboard row.
+
+Benchmarks: ``alpaca_eval`` (805 instructions vs GPT-4 Turbo), ``arena_hard_v0.1`` (500 vs gpt-4-0314),
+``arena_hard_v2.0`` (750 vs o3-mini), ``ifeval`` (541, official checkers, no judge). Generations and annotations
+are cached in the output directory (keyed by content), so an interrupted evaluation resumes and a second judge
+re-scores without regenerating. Head-to-head (``--versus``) compares two models on any prompt set.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import Record, load_records, record_id
+from .eval.judges import make_judge
+from .eval.winrate import format_win_rate, win_rate
+from .generation import Settings
+from .models import load_model, load_tokenizer
+from .rollout import rollout
+from .runs import atomic_write_json, content_hash, write_jsonl
+
+log = logging.getLogger("sgpo")
+
+BENCHMARKS = ("alpaca_eval", "arena_hard_v0.1", "arena_hard_v2.0", "ifeval")
+
+
+@dataclass
+class Item:
+    id: str
+    prompt: str
+    baseline: str | None = None   # the benchmark's baseline answer
+    extra: dict | None = None
+
+
+def benchmark_items(name: str, limit: int | None = None, data_dir: str | None = None) -> list[Item]:
+    if name == "alpaca_eval":
+        from .eval.alpaca_eval import load_alpaca_eval
+
+        rows = load_alpaca_eval()
+        items = [Item(str(i), r["instruction"], r["output"]) for i, r in enumerate(rows)]
+    elif name in ("arena_hard_v0.1", "arena_hard_v2.0"):
+        from .eval import arena_hard
+
+        if name == "arena_hard_v0.1":
+            if not data_dir:
+                raise ValueError("arena_hard_v0.1 needs --data-dir: a folder with question.jsonl and "
+                                 "model_answer/gpt-4-0314.jsonl")
+            rows = arena_hard.load_arena_hard_v01(data_dir)
+        else:
+            rows = arena_hard.load_arena_hard_v20(data_dir)
+        items = [Item(r["uid"], r["prompt"], r.get("baseline_answer") or r.get("answer"), r) for r in rows]
+    elif name == "ifeval":
+        from .eval.ifeval import load_ifeval_prompts
+
+        items = [Item(str(r.get("key", i)), r["prompt"], None, r) for i, r in enumerate(load_ifeval_prompts())]
+    else:
+        raise ValueError(f"unknown benchmark '{name}' (known: {', '.join(BENCHMARKS)})")
+    return items[:limit] if limit else items
+
+
+def generate_answers(model_name: str, prompts: list[tuple[str, str]], settings: Settings, out_dir: Path,
+                     seed: int = 0, device: str = "auto", dtype: str = "auto") -> dict[str, str]:
+    """Answers of ``model_name`` to (id, prompt text) items, cached in ``out_dir`` by model and settings."""
+    key = content_hash([str(model_name), settings.__dict__, seed])
+    shard = out_dir / f"generations-{key}.jsonl"
+    tok = load_tokenizer(model_name)
+    records = [Record(i, (("user", p),)) for i, p in prompts]
+    have = set()
+    if shard.exists():
+        from .runs import read_jsonl
+
+        have = {r["id"] for r in read_jsonl(shard)}
+    model = None if all(r.id in have for r in records) else load_model(model_name, device=device, dtype=dtype)
+    if model is None:
+        from .runs import read_jsonl
+
+        return {r["id"]: r["text"] for r in read_jsonl(shard)}
+    gens = rollout(model, tok, records, "eval", settings, run_seed=seed, round_=0, shard=shard,
+                   desc=f"answers: {Path(str(model_name)).name}")
+    return {i: g.text for i, g in gens.items()}
+
+
+def warn_if_trained_on(model: str, prompts: list[str]) -> int:
+    """Warn loudly when evaluation prompts overlap the training prompts of a run's model (``RUN/final``)."""
+    cfg_path = Path(str(model)).parent / "config.yaml"
+    if not cfg_path.exists():
+        return 0
+    try:
+        import yaml
+
+        data = (yaml.safe_load(cfg_path.read_text()) or {}).get("data", {})
+        trained = {r.prompt_text for src in (data.get("sft"), data.get("prompts")) if src
+                   for r in load_records(src, on_error="skip")[0]}
+    except Exception:  # the overlap check must never stop an evaluation
+        return 0
+    overlap = sum(p in trained for p in prompts)
+    if overlap:
+        log.warning("WARNING: %d of %d evaluation prompts are in the training data of %s — these figures are not "
+                    "held-out", overlap, len(prompts), model)
+    return overlap
+
+
+def _cached(judge, out_dir: Path):
+    try:
+        from .eval.cache import CachedJudge
+    except ImportError:
+        return judge
+    return CachedJudge(judge, out_dir / "annotations-cache.jsonl")
+
+
+def _prob_to_verdict(p: float) -> str | None:
+    """A preference probability for A as an Arena-Hard label (for judges that give no labels)."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return None
+    return "A>>B" if p >= 0.85 else "A>B" if p >= 0.6 else "A=B" if p > 0.4 else "B>A" if p > 0.15 else "B>>A"
+
+
+def evaluate(model: str, benchmark: str, judge_spec: str, *, output: str | Path, limit: int | None = None,
+             settings: Settings = Settings(max_new_tokens=256, temperature=0.0), data_dir: str | None = None,
+             seed: int = 0, name: str | None = None) -> dict:
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    items = benchmark_items(benchmark, limit, data_dir)
+    name = name or Path(str(model)).name
+    warn_if_trained_on(model, [it.prompt for it in items])
+    answers = generate_answers(model, [(it.id, it.prompt) for it in items], settings, out, seed)
+    write_jsonl(out / "model_outputs.jsonl", [{"id": it.id, "instruction": it.prompt, "output": answers[it.id],
+                                               "generator": name} for it in items])
+    row: dict = {"model": name, "benchmark": benchmark, "n": len(items), "limit": limit,
+                 "avg_length": sum(len(answers[it.id]) for it in items) / max(1, len(items))}
+    if benchmark == "ifeval":
+        from .eval.ifeval import score_ifeval
+
+        row.update(score_ifeval([it.extra for it in items], {it.prompt: answers[it.id] for it in items}))
+        row["judge"] = "official checkers"
+    else:
+        if judge_spec.split(":")[0] == "reference":
+            raise ValueError(f"the reference judge compares two candidates against a reference text; it cannot "
+                             f"judge a model against the {benchmark} baseline itself. Use an API or local LM judge "
+                             "(openai:MODEL[@URL], hf:PATH, reward:PATH), or a head-to-head: --versus MODEL_B")
+        judge = _cached(make_judge(judge_spec), out)
+        row["judge"] = judge_spec
+        row["judge_template"] = getattr(judge, "template_name", "sgpo")
+        if benchmark == "alpaca_eval":
+            row.update(_alpaca_eval(judge, items, answers, name, out, data_dir))
+        else:
+            row.update(_arena_hard(judge, items, answers, name, out, benchmark.rsplit("_", 1)[-1]))
+    atomic_write_json(out / "leaderboard_row.json", row)
+    return row
+
+
+def _alpaca_eval(judge, items, answers, name, out, data_dir) -> dict:
+    from .eval.alpaca_eval import metrics_from_annotations
+
+    prompts = [it.prompt for it in items]
+    prefs = judge.prefer(prompts, [answers[it.id] for it in items], [it.baseline for it in items], None)
+    annotations = [{"instruction": it.prompt, "output_1": it.baseline, "output_2": answers[it.id],
+                    "generator_1": "gpt4_1106_preview", "generator_2": name,
+                    "preference": None if p is None or math.isnan(p) else 1.0 + p}
+                   for it, p in zip(items, prefs)]
+    atomic_write_json(out / "annotations.json", annotations)
+    m = metrics_from_annotations(annotations, data_dir)
+    m["failed_annotations"] = sum(a["preference"] is None for a in annotations)
+    return m
+
+
+def _arena_hard(judge, items, answers, name, out, version) -> dict:
+    from .eval.arena_hard import DEFAULT_BASELINE, scores_from_judgments
+
+    qs = [it.prompt for it in items]
+    model_ans = [answers[it.id] for it in items]
+    base_ans = [it.baseline for it in items]
+    if hasattr(judge, "verdicts"):
+        g1 = judge.verdicts(qs, base_ans, model_ans)
+        g2 = judge.verdicts(qs, model_ans, base_ans)
+    else:
+        g1 = [_prob_to_verdict(p) for p in judge.prefer(qs, base_ans, model_ans, None)]
+        g2 = [_prob_to_verdict(p) for p in judge.prefer(qs, model_ans, base_ans, None)]
+    rows = [{"uid": it.id, "model": name, "baseline": DEFAULT_BASELINE[version],
+             "games": [{"verdict": a}, {"verdict": b}]} for it, a, b in zip(items, g1, g2)]
+    write_jsonl(out / "judgments.jsonl", rows)
+    return scores_from_judgments(rows, version=version)
+
+
+def head_to_head(model_a: str, model_b: str, prompts: str, judge_spec: str, *, output: str | Path,
+                 limit: int | None = None, settings: Settings = Settings(max_new_tokens=256, temperature=0.0),
+                 seed: int = 0, split: str = "train") -> dict:
+    """Win rate of ``model_a`` against ``model_b`` on a prompt set (references, when the data has them, go to the
+    judge: the ``reference`` judge needs them)."""
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    records, _ = load_records(prompts, split=split)
+    records = records[:limit] if limit else records
+    items = [(r.id, r.prompt_text) for r in records]
+    for m in (model_a, model_b):
+        warn_if_trained_on(m, [p for _, p in items])
+    a = generate_answers(model_a, items, settings, out, seed)
+    b = generate_answers(model_b, items, settings, out, seed)
+    refs = [r.reference for r in records]
+    judge = _cached(make_judge(judge_spec), out)
+    prefs = judge.prefer([r.prompt_text for r in records], [a[r.id] for r in records], [b[r.id] for r in records],
+                         refs if all(refs) else None)
+    valid = [p for p in prefs if p is not None and not math.isnan(p)]
+    w = win_rate(valid)
+    res = {"model_a": str(model_a), "model_b": str(model_b), "prompts": prompts, "judge": judge_spec,
+           "win_rate": w["win_rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"], "n": w["n"],
+           "failed": len(prefs) - len(valid),
+           "length_a": sum(len(a[r.id].split()) for r in records) / max(1, len(records)),
+           "length_b": sum(len(b[r.id].split()) for r in records) / max(1, len(records))}
+    atomic_write_json(out / "head_to_head.json", res)
+    log.info("%s vs %s on %s (judge: %s): %s", Path(model_a).name, Path(model_b).name, prompts, judge_spec,
+             format_win_rate(w))
+    return res
