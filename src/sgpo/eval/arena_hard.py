@@ -203,8 +203,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def main_metrics(path: str | os.PathLike, version: str = "v0.1", n_boot: int = 100, seed: int = 0) -> dict:
-    """Score of a judgments JSONL file holding one model's judgments."""
-    return scores_from_judgments(read_jsonl(path), version=version, n_boot=n_boot, seed=seed)
+    """Score of a judgments JSONL file: one model's score, or ``{model: score}`` for a file of several models."""
+    rows = read_jsonl(path)
+    if len({row["model"] for row in rows}) > 1:
+        return leaderboard_from_judgments(rows, version=version, n_boot=n_boot, seed=seed)
+    return scores_from_judgments(rows, version=version, n_boot=n_boot, seed=seed)
 
 
 # --------------------------------------------------------------------------- questions and baselines
