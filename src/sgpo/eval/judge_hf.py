@@ -80,6 +80,7 @@ class HFJudge:
         self.name = f"hf:{path}"
         self.spec = self.name
         self.cache_id = f"{self.spec}|{self.template_name}:{self.template.digest}|max_text_tokens={max_text_tokens}"
+        self._keep_last = True
         self.label_ids = [self._label_token_ids(lab) for lab in self.template.labels]
         if set(self.label_ids[0]) & set(self.label_ids[1]):
             raise ValueError(f"labels {self.template.labels} share a token in this tokenizer")
@@ -109,6 +110,14 @@ class HFJudge:
         text = "\n\n".join(m["content"] for m in messages) + "\n\nAnswer:"
         return self.tokenizer.encode(text)
 
+    def _last_logits(self, batch: dict) -> torch.Tensor:
+        if self._keep_last:
+            try:  # compute the LM head at the last position only
+                return self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            except TypeError:
+                self._keep_last = False
+        return self.model(**batch).logits[:, -1, :].float()
+
     @torch.inference_mode()
     def first_position_probability(self, prompts: Sequence[str], first: Sequence[str],
                                    second: Sequence[str]) -> list[float]:
@@ -117,7 +126,7 @@ class HFJudge:
         rendered = [self.render(p, x, y) for p, x, y in zip(prompts, first, second)]
         for start in range(0, len(rendered), self.batch_size):
             batch = _left_padded_batch(self.tokenizer, rendered[start:start + self.batch_size], self.device)
-            logits = self.model(**batch).logits[:, -1, :].float()
+            logits = self._last_logits(batch)
             logp = torch.log_softmax(logits, dim=-1)
             s1 = torch.logsumexp(logp[:, self.label_ids[0]], dim=-1)
             s2 = torch.logsumexp(logp[:, self.label_ids[1]], dim=-1)
