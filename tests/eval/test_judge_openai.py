@@ -162,6 +162,8 @@ def test_text_label_when_no_logprobs(serve):
     prefs = judge.prefer(prompts, [f"x{i} {MARK}" for i in range(10)], [f"y{i}" for i in range(10)])
     assert prefs == [1.0] * 10
     assert judge.stats["by_text"] == 10
+    # identical outputs: a tie, and no request
+    assert judge.prefer(["q"], ["same"], ["same"]) == [0.5] and len(server.requests) == 10
 
 
 def test_429_then_success_is_retried(serve):

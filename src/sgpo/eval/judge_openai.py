@@ -7,7 +7,7 @@ library; no SDK needed.
 
 ``prefer`` is AlpacaEval-style weighted judging: the judge is asked for the single label token of the better output;
 when the server returns top log-probabilities, the preference is p(label of A) / (p(label of A) + p(label of B)), else
-the text label decides (1 or 0). The two outputs are shown in a random order per item, drawn from an RNG seeded by
+the text label decides (1 or 0). Identical outputs are a tie (0.5) without a request. The two outputs are shown in a random order per item, drawn from an RNG seeded by
 (seed, prompt, both texts) -- so the order of an item never depends on its batch or on a resumed run -- and the
 preference is mapped back to A. The prompt is AlpacaEval's official weighted template when ``alpaca-eval`` is
 installed (``template_name`` says which was used), otherwise this project's own.
@@ -99,7 +99,7 @@ class OpenAIJudge:
         self.spec = f"openai:{model}@{self.base_url}"
         self.cache_id = f"{self.spec}|{self.template_name}:{self.template.digest}|seed={seed}|t={temperature}"
         self.verdict_template_name = ARENA_TEMPLATE_NAME
-        self.stats = {"requests": 0, "retries": 0, "failed": 0, "by_logprobs": 0, "by_text": 0}
+        self.stats = {"requests": 0, "retries": 0, "failed": 0, "by_logprobs": 0, "by_text": 0, "identical": 0}
         self.failures: list[dict] = []
         self._lock = threading.Lock()
 
@@ -190,6 +190,10 @@ class OpenAIJudge:
         return math.nan, f"reply is not a label: {text[:80]!r}"
 
     def _prefer_one(self, i: int, prompt: str, a: str, b: str) -> float:
+        if a == b:  # identical outputs are a tie, as in AlpacaEval; no request
+            with self._lock:
+                self.stats["identical"] += 1
+            return 0.5
         swapped = swap_order(self.seed, prompt, a, b)
         first, second = (b, a) if swapped else (a, b)
         params = {"max_tokens": 1, "temperature": self.temperature}
