@@ -75,9 +75,43 @@ class ReferenceJudge:
         return out
 
 
-def make_judge(spec: str, **kwargs) -> Judge:
-    """Build a judge from a spec string: ``reference`` or ``reference:PATH`` (more members in later modules)."""
+def make_judge(spec: str, *, cache: str | None = None, **kwargs) -> Judge:
+    """Build a judge from a spec string.
+
+    ``reference`` / ``reference:PATH``  embedding similarity to a reference answer (offline default);
+    ``openai:MODEL[@BASE_URL]``         any OpenAI-compatible chat endpoint (``judge_openai``);
+    ``hf:PATH``                         a local causal LM read by label-token log-probabilities, both orders
+                                        (``judge_hf``);
+    ``reward:PATH``                     a local sequence-classification reward model (``judge_hf``).
+
+    ``kwargs`` go to the judge's constructor. With ``cache=PATH`` the judge is wrapped in a ``CachedJudge`` writing
+    its annotations to that JSONL file. The built judge carries the spec it was made from (``spec``).
+    """
     kind, _, arg = spec.partition(":")
     if kind == "reference":
-        return ReferenceJudge(arg or None, **kwargs)
-    raise ValueError(f"unknown judge '{spec}' (known: reference[:PATH])")
+        judge = ReferenceJudge(arg or None, **kwargs)
+        judge.spec = f"reference:{arg}" if arg else "reference"
+    elif kind == "openai":
+        from .judge_openai import OpenAIJudge, parse_openai_spec
+
+        model, base_url = parse_openai_spec(arg)
+        judge = OpenAIJudge(model, base_url, **kwargs)
+    elif kind in ("hf", "reward"):
+        if not arg:
+            raise ValueError(f"judge '{spec}' needs a model: {kind}:PATH")
+        from .judge_hf import HFJudge, RewardJudge
+
+        judge = (HFJudge if kind == "hf" else RewardJudge)(arg, **kwargs)
+    else:
+        raise ValueError(f"unknown judge '{spec}' (known: reference[:PATH], openai:MODEL[@BASE_URL], hf:PATH, "
+                         "reward:PATH)")
+    if cache:
+        from .cache import CachedJudge
+
+        judge = CachedJudge(judge, cache)
+    return judge
+
+
+def failed(preferences: Sequence[float]) -> int:
+    """How many annotations failed (NaN) in a judge's output; drop them before computing a win rate."""
+    return sum(1 for p in preferences if p != p)

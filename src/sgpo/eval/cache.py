@@ -1,0 +1,187 @@
+"""On-disk annotation cache: a re-run reuses annotations and an interrupted evaluation resumes where it stopped.
+
+Records are JSON lines appended to one file and flushed as they are made; a line cut short by an interruption is
+skipped when the file is read back. The key of an annotation is a hash of its content: the judge's identity (spec,
+template, seed — whatever changes its answers), the prompt, both candidate texts and the reference (hashed). Failed
+annotations (NaN) are not stored, so a re-run tries them again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer") -> str:
+    ref = None if reference is None else hashlib.sha256(reference.encode("utf-8")).hexdigest()
+    payload = json.dumps([kind, judge_id, prompt, a, b, ref], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def judge_identity(judge) -> str:
+    """What distinguishes one judge's annotations from another's: its ``cache_id`` when it has one, else its spec
+    (set by ``make_judge``), else its name."""
+    for attr in ("cache_id", "spec", "name"):
+        value = getattr(judge, attr, None)
+        if value:
+            return str(value)
+    return type(judge).__name__
+
+
+class AnnotationCache:
+    """Append-only JSONL store of ``key -> value`` (last record of a key wins)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._data: dict[str, Any] = {}
+        self.skipped_lines = 0
+        self._lock = threading.Lock()
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    if not line:
+                        continue
+                    try:
+                        rec = json.loads(line)
+                        self._data[rec["key"]] = rec["value"]
+                    except (ValueError, KeyError, TypeError):
+                        self.skipped_lines += 1  # a line cut short by an interruption
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._data
+
+    def get(self, key: str, default=None):
+        return self._data.get(key, default)
+
+    def put_many(self, records: Sequence[tuple[str, Any, dict | None]]) -> None:
+        """Store ``(key, value, extra)`` records; ``extra`` (e.g. the judge name) is written beside them."""
+        if not records:
+            return
+        with self._lock:
+            if self._file is None:
+                # start on a fresh line if the previous writer was cut off mid-line
+                needs_newline = self.path.exists() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
+                self._file = open(self.path, "a", encoding="utf-8")
+                if needs_newline:
+                    self._file.write("\n")
+            for key, value, extra in records:
+                rec = {"key": key, "value": value}
+                if extra:
+                    rec.update({k: v for k, v in extra.items() if k not in rec})
+                self._file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                self._data[key] = value
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+class CachedJudge:
+    """Wraps a judge with an annotation cache: only items not yet annotated are sent to the judge, in chunks of
+    ``chunk_size`` that are written to disk as soon as each is done (so an interrupted run loses at most one chunk).
+
+    ``hits`` and ``misses`` count the items served from the cache and those sent to the judge.
+    """
+
+    def __init__(self, judge, path: str | os.PathLike, chunk_size: int = 32):
+        self.judge = judge
+        self.cache = AnnotationCache(path)
+        self.chunk_size = max(1, int(chunk_size))
+        self.judge_id = judge_identity(judge)
+        self.name = getattr(judge, "name", self.judge_id)
+        self.hits = 0
+        self.misses = 0
+
+    def __getattr__(self, item):  # expose the wrapped judge's attributes (template_name, stats, ...)
+        if item == "judge":
+            raise AttributeError(item)
+        return getattr(self.judge, item)
+
+    def prefer(self, prompts, a, b, references=None) -> list[float]:
+        n = len(prompts)
+        if not (len(a) == len(b) == n) or (references is not None and len(references) != n):
+            raise ValueError("prompts, a, b (and references) must have the same length")
+        refs = list(references) if references is not None else [None] * n
+        keys = [content_key(self.judge_id, p, x, y, r) for p, x, y, r in zip(prompts, a, b, refs)]
+        out: list[float] = [float("nan")] * n
+        todo = []
+        for i, k in enumerate(keys):
+            if k in self.cache:
+                out[i] = float(self.cache.get(k))
+                self.hits += 1
+            else:
+                todo.append(i)
+        # identical items within one call are annotated once
+        first_of: dict[str, int] = {}
+        unique = []
+        for i in todo:
+            if keys[i] not in first_of:
+                first_of[keys[i]] = i
+                unique.append(i)
+        for start in range(0, len(unique), self.chunk_size):
+            idx = unique[start:start + self.chunk_size]
+            prefs = self.judge.prefer([prompts[i] for i in idx], [a[i] for i in idx], [b[i] for i in idx],
+                                      None if references is None else [refs[i] for i in idx])
+            self.misses += len(idx)
+            records = []
+            for i, v in zip(idx, prefs):
+                v = float(v)
+                out[i] = v
+                if not math.isnan(v):
+                    records.append((keys[i], v, {"judge": self.judge_id}))
+            self.cache.put_many(records)
+        for i in todo:
+            out[i] = out[first_of[keys[i]]]
+        return out
+
+    def verdicts(self, questions, answers_a, answers_b, references=None) -> list[str | None]:
+        """Cached Arena-Hard style verdicts, for judges that give them."""
+        n = len(questions)
+        refs = list(references) if references is not None else [None] * n
+        keys = [content_key(self.judge_id, q, x, y, r, kind="verdict")
+                for q, x, y, r in zip(questions, answers_a, answers_b, refs)]
+        out: list[str | None] = [None] * n
+        todo = [i for i, k in enumerate(keys) if k not in self.cache]
+        for i, k in enumerate(keys):
+            if k in self.cache:
+                out[i] = self.cache.get(k)
+                self.hits += 1
+        for start in range(0, len(todo), self.chunk_size):
+            idx = todo[start:start + self.chunk_size]
+            got = self.judge.verdicts([questions[i] for i in idx], [answers_a[i] for i in idx],
+                                      [answers_b[i] for i in idx],
+                                      None if references is None else [refs[i] for i in idx])
+            self.misses += len(idx)
+            records = []
+            for i, v in zip(idx, got):
+                out[i] = v
+                if v is not None:
+                    records.append((keys[i], v, {"judge": self.judge_id}))
+            self.cache.put_many(records)
+        return out
