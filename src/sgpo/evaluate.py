@@ -102,14 +102,6 @@ def warn_if_trained_on(model: str, prompts: list[str]) -> int:
     return overlap
 
 
-def _cached(judge, out_dir: Path):
-    try:
-        from .eval.cache import CachedJudge
-    except ImportError:
-        return judge
-    return CachedJudge(judge, out_dir / "annotations-cache.jsonl")
-
-
 def _prob_to_verdict(p: float) -> str | None:
     """A preference probability for A as an Arena-Hard label (for judges that give no labels)."""
     if p is None or (isinstance(p, float) and math.isnan(p)):
@@ -140,7 +132,7 @@ def evaluate(model: str, benchmark: str, judge_spec: str, *, output: str | Path,
             raise ValueError(f"the reference judge compares two candidates against a reference text; it cannot "
                              f"judge a model against the {benchmark} baseline itself. Use an API or local LM judge "
                              "(openai:MODEL[@URL], hf:PATH, reward:PATH), or a head-to-head: --versus MODEL_B")
-        judge = _cached(make_judge(judge_spec), out)
+        judge = make_judge(judge_spec, cache=str(out / "annotations-cache.jsonl"))
         row["judge"] = judge_spec
         row["judge_template"] = getattr(judge, "template_name", "sgpo")
         if benchmark == "alpaca_eval":
@@ -199,14 +191,13 @@ def head_to_head(model_a: str, model_b: str, prompts: str, judge_spec: str, *, o
     a = generate_answers(model_a, items, settings, out, seed)
     b = generate_answers(model_b, items, settings, out, seed)
     refs = [r.reference for r in records]
-    judge = _cached(make_judge(judge_spec), out)
+    judge = make_judge(judge_spec, cache=str(out / "annotations-cache.jsonl"))
     prefs = judge.prefer([r.prompt_text for r in records], [a[r.id] for r in records], [b[r.id] for r in records],
                          refs if all(refs) else None)
-    valid = [p for p in prefs if p is not None and not math.isnan(p)]
-    w = win_rate(valid)
+    w = win_rate(prefs)
     res = {"model_a": str(model_a), "model_b": str(model_b), "prompts": prompts, "judge": judge_spec,
            "win_rate": w["win_rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"], "n": w["n"],
-           "failed": len(prefs) - len(valid),
+           "failed": w["failed"],
            "length_a": sum(len(a[r.id].split()) for r in records) / max(1, len(records)),
            "length_b": sum(len(b[r.id].split()) for r in records) / max(1, len(records))}
     atomic_write_json(out / "head_to_head.json", res)

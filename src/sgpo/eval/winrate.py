@@ -9,17 +9,20 @@ import numpy as np
 def win_rate(preferences: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Mean preference (1 win, 0.5 tie, 0 loss) with a percentile bootstrap CI over prompts.
 
-    Returns ``{"win_rate", "ci_low", "ci_high", "n"}``, rates in [0, 1]; NaN when there are no prompts.
+    Failed annotations (None / NaN) are left out and counted in ``failed``.
+    Returns ``{"win_rate", "ci_low", "ci_high", "n", "failed"}``, rates in [0, 1]; NaN when no prompt is left.
     """
-    p = np.asarray(preferences, dtype=float)
+    p = np.asarray([np.nan if x is None else x for x in preferences], dtype=float)
+    failed = int(np.isnan(p).sum())
+    p = p[~np.isnan(p)]
     n = len(p)
     if n == 0:
-        return {"win_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+        return {"win_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0, "failed": failed}
     rng = np.random.default_rng(seed)
     boot = p[rng.integers(0, n, size=(n_boot, n))].mean(1)
     alpha = (1 - level) / 2
     return {"win_rate": float(p.mean()), "ci_low": float(np.quantile(boot, alpha)),
-            "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n}
+            "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n, "failed": failed}
 
 
 def format_win_rate(w: dict) -> str:
