@@ -105,6 +105,6 @@ def format_plan(p: dict) -> str:
                      f"{_v(s.get('pairs', '')):>9} {_v(s.get('dpo_steps', '')):>12}  {s.get('what', '')}")
     t = p["totals"]
     lines += ["", f"total: {_v(t['generations'])} generations, {_v(t['sft_steps'])} SFT/improver steps, "
-              f"{_v(t['dpo_steps'])} DPO steps over {_v(t['pairs'])} pairs (steps per process; '?' = depends on "
-              "the size of a hub dataset)"]
+              f"{_v(t['dpo_steps'])} DPO steps over {_v(t['pairs'])} pairs", "(steps with one process: divide by the "
+              "number of processes for data-parallel runs; '?' = depends on the size of a hub dataset)"]
     return "\n".join(lines)
