@@ -34,7 +34,7 @@ DEFAULT_METHODS = ("sft", "dpo", "spin", "synpo", "sgpo")
 class EvalJob:
     method: str
     cfg: Config                  # the method's resolved config
-    run_dir: Path                # its run directory (final model in ``final/model``)
+    run_dir: Path                # its run directory
     out_dir: Path                # where this benchmark keeps its files for the whole comparison (shared by methods)
     judge_spec: str
     limit: int | None = None
@@ -42,7 +42,9 @@ class EvalJob:
 
     @property
     def model_path(self) -> str:
-        return str(self.run_dir / "final" / "model")
+        """The run's final model: ``final/model``, or ``final/`` itself where the run keeps the model there."""
+        inner = self.run_dir / "final" / "model"
+        return str(inner if (inner / "config.json").exists() else self.run_dir / "final")
 
     @property
     def judge(self):
