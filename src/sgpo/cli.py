@@ -41,7 +41,10 @@ def cmd_run(args) -> int:
         cfg = config.load(args.config, (args.set or []) + [f"method={args.method}"])
     out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}")
     if args.dry_run:
+        from .plan import format_plan, plan
+
         print(config.dump(cfg))
+        print(format_plan(plan(cfg)))
         return 0
     logging.getLogger("sgpo").info("run directory: %s", out)
     recipe.run(cfg, out, force_restart=args.force_restart)
@@ -83,6 +86,25 @@ def cmd_metrics(args) -> int:
 
         res = main_metrics(args.file, version=args.version)
     print(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import config
+    from .compare import compare
+
+    methods = args.methods.split(",")
+    if args.dry_run:
+        from .plan import format_plan, plan
+
+        for m in methods:
+            cfg = config.load(args.config, (args.set or []) + [f"method={m.strip()}", f"eval.judge={args.judge}"])
+            print(format_plan(plan(cfg)) + "\n")
+        return 0
+    out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
+    logging.getLogger("sgpo").info("comparison directory: %s", out)
+    print(compare(args.config, methods, args.eval.split(","), args.judge, out, overrides=args.set or [],
+                  limit=args.limit))
     return 0
 
 
@@ -132,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--version", default="v0.1", choices=("v0.1", "v2.0"), help="arena-hard scoring")
     mt.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     mt.set_defaults(func=cmd_metrics)
+
+    c = sub.add_parser("compare", help="run several methods from the same start and budget, judge them alike, "
+                                       "write comparison.md and a bar chart")
+    c.add_argument("config", nargs="?", help="YAML config shared by all methods (omit for the embedded default)")
+    c.add_argument("--methods", default="sft,dpo,spin,synpo,sgpo", help="comma-separated methods")
+    c.add_argument("--eval", default="dev", help="comma-separated benchmarks: dev, alpaca_eval")
+    c.add_argument("--judge", default="reference", help="judge spec used for every method (e.g. reference)")
+    c.add_argument("--limit", type=int, help="evaluate on the first N benchmark prompts only")
+    c.add_argument("--output", "-o", help="comparison directory (re-running skips finished methods)")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every method")
+    c.add_argument("--dry-run", action="store_true", help="print each method's plan, run nothing")
+    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    c.set_defaults(func=cmd_compare)
 
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir")

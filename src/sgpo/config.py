@@ -64,6 +64,10 @@ class DataConfig:
     "What to do with a longer prompt: truncate (keep the start, say how many) or skip (drop it, counted)."
     max_reference_tokens: int = 96
     "References are cut at a sentence boundary under this many tokens (then EOS is trained after them)."
+    preference: str = ""
+    "Preference data for method dpo (prompt/chosen/rejected, plain or conversational; a file or an HF dataset name, e.g. HuggingFaceH4/ultrafeedback_binarized). Empty = built offline: each SFT reference (chosen) against the start model's own answer (rejected)."
+    preference_split: str = "train"
+    "Split of `preference` for HF datasets (ultrafeedback_binarized: train_prefs)."
     on_error: str = "raise"
     "A malformed row: raise (error naming file, line and field) or skip (skipped rows counted by reason)."
     split_seed: int = 1234

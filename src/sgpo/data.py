@@ -85,7 +85,12 @@ def parse_row(row: Any, where: str) -> Record:
     """One row of any accepted shape → Record; ``where`` is 'file:line' for error messages."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if "messages" in row and row["messages"] is not None:
+    if "chosen" in row and "rejected" in row and "prompt" not in row and isinstance(row["chosen"], list):
+        # conversational preference rows with an implicit prompt: the turns before the last one of ``chosen``
+        if len(row["chosen"]) < 2:
+            raise DataError(f"{where}: field 'chosen' needs the prompt turns before the response (no 'prompt')")
+        row = {**row, "prompt": row["chosen"][:-1]}
+    if "messages" in row and row["messages"] is not None and not ("prompt" in row and "chosen" in row):
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: field 'messages' must be a non-empty list")

@@ -23,7 +23,7 @@ from .eval.judges import make_judge
 from .eval.winrate import format_win_rate, win_rate
 from .generation import Settings
 from .improver import GUIDED_INSTRUCTION, examples_from_draft
-from .methods import Context, get_method
+from .methods import Context, get_method, has_prepare
 from .models import load_model, load_tokenizer, resolve
 from .pairs import Pair, filter_pairs, pair_metrics
 from .rollout import rollout
@@ -203,6 +203,20 @@ def _pairs_to_tokens(r: Runner, pairs: list[Pair], improver_drafts: bool) -> lis
     return out
 
 
+def _context(r: Runner, stage: str, t: int, records: list[Record], initial_path: str, plan=()) -> Context:
+    cfg = r.cfg
+
+    def load(path):
+        return load_model(path, device=cfg.model.device, dtype=cfg.model.dtype)
+
+    return Context(cfg, r.run, r.tokenizer, r.model, t, records,
+                   rollout=lambda role, recs, *, name, drafts=None, model=None:
+                   r.rollout(stage, t, role, recs, name=name, drafts=drafts, model=model),
+                   model_path=r.model_path,
+                   initial=lambda: r.model if initial_path == r.model_path else load(initial_path),
+                   load_model=load, plan=list(plan))
+
+
 def _round_stage(r: Runner, method, t: int, records: list[Record], initial_path: str) -> dict:
     cfg = r.cfg
     stage = f"round_{t}"
@@ -211,9 +225,7 @@ def _round_stage(r: Runner, method, t: int, records: list[Record], initial_path:
         kept = [Pair.from_json(d) for d in read_jsonl(pairs_path)]
         m = dict(read_jsonl(r.run.path(stage, "pair_stats.jsonl"))[0])
     else:
-        ctx = Context(cfg, r.run, r.tokenizer, r.model, t, records,
-                      rollout=lambda role, recs, *, name, drafts=None, model=None:
-                      r.rollout(stage, t, role, recs, name=name, drafts=drafts, model=model))
+        ctx = _context(r, stage, t, records, initial_path)
         kept, dropped = filter_pairs(method.make_pairs(ctx), cfg.pairs.require_eos)
         if cfg.pairs.verify and kept:
             judge = make_judge(cfg.pairs.verify)
@@ -297,24 +309,35 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
     start_dev = {row["id"]: row["text"] for row in read_jsonl(run_dir.path("round_0", "dev_policy.jsonl"))} \
         if run_dir.path("round_0", "dev_policy.jsonl").exists() else None
 
-    # 1. optional SFT on the references
-    if cfg.sft or cfg.method == "sft":
-        stage("sft", lambda: r.train_nll(r.nll_examples_policy(data.train), "sft", cfg.seed), saves_model=True)
+    # 1. optional SFT on the references (a method with no rounds gets its final figures here)
+    rounds = cfg.rounds if getattr(method, "preference_rounds", True) else 0
+    m_sft = {}
+    if cfg.sft or getattr(method, "runs_sft", False):
+        m_sft = stage("sft", lambda: {**r.train_nll(r.nll_examples_policy(data.train), "sft", cfg.seed),
+                                      **(_figures_on_dev(r, "sft", data.dev, start_dev, 0) if not rounds else {})},
+                      saves_model=True)
 
-    # 2. improver training (the same weights learn to refine their own drafts)
+    # 2. improver training (the same weights learn to refine their own drafts). The improver slice of the pool is
+    # reserved for every method, so that all methods see the same round prompts.
     cursor = 0
+    imp_records = take(data.train, cursor, cfg.data.improver_size)
+    cursor += len(imp_records)
     if method.trains_improver:
-        imp_records = take(data.train, cursor, cfg.data.improver_size)
-        cursor += len(imp_records)
         stage("improver", lambda: {**_improver_stage(r, imp_records),
                                    **_figures_on_dev(r, "improver", data.dev, start_dev, 0)}, saves_model=True)
     initial_path = r.model_path
+    plan = []
+    for _ in range(rounds):
+        plan.append(take(data.train, cursor, cfg.data.round_size))
+        cursor += len(plan[-1])
+
+    # 2b. the method's one-off preparation (a separate improver, an offline preference set), if it has one
+    if has_prepare(method):
+        stage("prepare", lambda: method.prepare(_context(r, "prepare", 0, imp_records, initial_path, plan)))
 
     # 3. rounds of self-generated preference pairs + DPO
     per_round = []
-    for t in range(1, cfg.rounds + 1 if cfg.method != "sft" else 1):
-        records = take(data.train, cursor, cfg.data.round_size)
-        cursor += len(records)
+    for t, records in enumerate(plan, 1):
         per_round.append(stage(f"round_{t}", lambda: {**_round_stage(r, method, t, records, initial_path),
                                                       **_figures_on_dev(r, f"round_{t}", data.dev, start_dev, t)},
                                saves_model=True))
@@ -323,7 +346,7 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
     if not run_dir.done("final"):
         with run_dir.stage("final"):
             r.save("final")
-    last = per_round[-1] if per_round else (m0 if not method.trains_improver else {})
+    last = per_round[-1] if per_round else (m_sft or (m0 if not method.trains_improver else {}))
     summary = {k: v for k, v in last.items() if k.startswith("eval/") or k.startswith("improver/")}
     atomic_write_json(run_dir.path("summary.json"), summary)
     if "eval/dev/win_rate_vs_start" in summary:

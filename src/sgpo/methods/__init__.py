@@ -1,17 +1,26 @@
 """Alignment methods. A method says how a round makes its preference pairs and which model is the reference;
-the loop (``sgpo.recipe``) does everything else. Add one by writing a module with a ``Method`` and registering it."""
+the loop (``sgpo.recipe``) does everything else. Add one by writing a module with a ``Method`` and registering it
+in ``METHODS`` (name → "module:Class")."""
 from __future__ import annotations
 
-from .base import Context, Method
+import importlib
+
+from .base import Context, Method, MethodBase, has_prepare
+
+METHODS = {
+    "sgpo": "sgpo:SGPO",
+    "spin": "spin:SPIN",
+    "synpo": "synpo:SynPO",
+    "dpo": "dpo:DPO",
+    "sft": "sft:SFT",
+}
 
 
 def get_method(name: str) -> Method:
-    from . import sgpo
-
-    methods = {"sgpo": sgpo.SGPO}
-    if name not in methods:
-        raise ValueError(f"unknown method '{name}' (known: {', '.join(sorted(methods))})")
-    return methods[name]()
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
 
 
-__all__ = ["Context", "Method", "get_method"]
+__all__ = ["Context", "METHODS", "Method", "MethodBase", "get_method", "has_prepare"]

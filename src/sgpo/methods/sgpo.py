@@ -30,3 +30,8 @@ class SGPO:
                      rejected=drafts[r.id].text, chosen_finished=rewrites[r.id].finished,
                      rejected_finished=drafts[r.id].finished, meta={"round": ctx.round})
                 for r in ctx.records]
+
+    def plan_round(self, cfg, t: int) -> dict:
+        """Dry runs: drafts + rewrites (extra rewrite samples counted as an upper bound)."""
+        n = cfg.data.round_size
+        return {"generations": n * (1 + cfg.improver.rewrite_samples), "pairs": n}

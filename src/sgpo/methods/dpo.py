@@ -1,0 +1,89 @@
+"""Offline DPO: a fixed preference set, made or read once, reference model = π_0 in every round.
+
+prepare (once) builds ``prepare/preference.jsonl``, as many pairs as the rounds will use (rounds × round_size):
+- ``data.preference`` set: an external prompt/chosen/rejected dataset (a file or an HF dataset name such as
+  UltraFeedback), shuffled with ``data.split_seed``. A response longer than the response-token limit is cut at a
+  sentence boundary and marked unfinished (no EOS is trained after it; ``pairs.require_eos`` drops such pairs).
+- empty (the offline default): chosen = the SFT reference, rejected = the start model's own answer to the same
+  prompt, generated once, on the prompts the rounds use. This is a single off-policy pass with π_0 as reference,
+  which makes it close to SPIN's first round (SPIN then regenerates with the current model in later rounds).
+Round t trains on the t-th slice of that set, so every method gets the same number of pairs per round.
+"""
+from __future__ import annotations
+
+import random
+
+from .. import templates
+from ..data import cut_reference, load_records
+from ..pairs import Pair
+from ..runs import read_jsonl, write_jsonl
+from .base import Context, MethodBase
+
+PREFERENCE_FILE = "preference.jsonl"
+
+
+class DPO(MethodBase):
+    name = "dpo"
+
+    def reference(self, cfg) -> str:
+        return "initial"
+
+    def prepare(self, ctx: Context) -> dict:
+        cfg = ctx.cfg
+        n = cfg.rounds * cfg.data.round_size
+        if cfg.data.preference:
+            pairs = self._external(ctx, n)
+        else:
+            pairs = self._offline(ctx)
+        write_jsonl(ctx.run.path("prepare", PREFERENCE_FILE), [p.to_json() for p in pairs])
+        return {"dpo/preference_pairs": len(pairs), "dpo/preference_external": int(bool(cfg.data.preference))}
+
+    def _external(self, ctx: Context, n: int) -> list[Pair]:
+        cfg, tok = ctx.cfg, ctx.tokenizer
+        records, report = load_records(cfg.data.preference, split=cfg.data.preference_split,
+                                       on_error=cfg.data.on_error, need="preference")
+        order = list(range(len(records)))
+        random.Random(cfg.data.split_seed).shuffle(order)
+        limit = max(cfg.data.max_reference_tokens, cfg.generation.max_new_tokens)
+        out = []
+        for i in order[:n]:
+            r = records[i]
+            sides = []
+            for text in (r.chosen, r.rejected):
+                cut = cut_reference(text, tok, limit)
+                sides.append((cut, cut == text.strip()))
+            out.append(Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=sides[0][0],
+                            rejected=sides[1][0], chosen_finished=sides[0][1], rejected_finished=sides[1][1],
+                            meta={"source": cfg.data.preference}))
+        return out
+
+    def _offline(self, ctx: Context) -> list[Pair]:
+        flat = [r for recs in ctx.plan for r in recs if r.reference]
+        unique = list({r.id: r for r in flat}.values())
+        answers = ctx.rollout("policy", unique, name="start_answers")
+        return [Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=r.reference,
+                     rejected=answers[r.id].text, chosen_finished=True, rejected_finished=answers[r.id].finished,
+                     meta={"source": "start_model", "chosen": "reference", "rejected": "start_model"})
+                for r in flat]
+
+    def make_pairs(self, ctx: Context) -> list[Pair]:
+        pool = [Pair.from_json(d) for d in read_jsonl(ctx.run.path("prepare", PREFERENCE_FILE))]
+        if not pool:
+            return []
+        size = ctx.cfg.data.round_size
+        start = (ctx.round - 1) * size
+        out = []
+        for i in range(min(size, len(pool))):
+            p = pool[(start + i) % len(pool)]
+            p.meta = {**p.meta, "round": ctx.round}
+            out.append(p)
+        return out
+
+    def plan_prepare(self, cfg) -> dict:
+        n = cfg.rounds * cfg.data.round_size
+        if cfg.data.preference:
+            return {"prompts": n, "generations": 0, "what": f"read {n} pairs of {cfg.data.preference}"}
+        return {"prompts": n, "generations": n, "what": "preference set: SFT references vs the start model's answers"}
+
+    def plan_round(self, cfg, t: int) -> dict:
+        return {"generations": 0, "pairs": cfg.data.round_size}

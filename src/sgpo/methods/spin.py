@@ -1,0 +1,28 @@
+"""SPIN (Chen et al. 2024, self-play fine-tuning): the SFT reference against the current model's own answer.
+
+Round t: y ~ π_t(P(x)); pair (chosen = y*, the SFT reference; rejected = y); reference model = π_t. Over the rounds
+the model is pushed to tell its own answers from the human-written ones until it cannot.
+"""
+from __future__ import annotations
+
+from .. import templates
+from ..pairs import Pair
+from .base import Context, MethodBase
+
+
+class SPIN(MethodBase):
+    name = "spin"
+
+    def reference(self, cfg) -> str:
+        return "round_start"  # the opponent of round t is the model of round t - 1, i.e. the round-start model
+
+    def make_pairs(self, ctx: Context) -> list[Pair]:
+        records = [r for r in ctx.records if r.reference]
+        own = ctx.rollout("policy", records, name="policy")
+        return [Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=r.reference,
+                     rejected=own[r.id].text, chosen_finished=True, rejected_finished=own[r.id].finished,
+                     meta={"round": ctx.round, "chosen": "reference", "rejected": "policy"})
+                for r in records]
+
+    def plan_round(self, cfg, t: int) -> dict:
+        return {"generations": cfg.data.round_size, "pairs": cfg.data.round_size}

@@ -1,0 +1,102 @@
+"""SynPO's response improver (Dong et al. 2024), without its prompt generator: a SEPARATE improver model.
+
+prepare (once): drafts y0 ~ π_0(P(x)) on the improver slice; a copy of π_0 is trained, in improver mode, to turn
+each draft into its SFT reference (the full jump I(x, y0) → y*); it is saved as ``prepare/improver_model`` and never
+trained again. The policy's own weights never learn the improver role.
+
+Round t: y ~ π_t(P(x)); chosen = R(I(x, y)), the separate improver's refinement of it; rejected = y' ~ π_0(P(x)), the
+initial model's answer to the same prompt (in round 1, where π_t = π_0, that is y itself); reference model = π_t.
+Pairs accumulate: round t trains on its new pairs and on every pair kept in rounds 1..t-1 (their reference
+log-probabilities are recomputed under π_t).
+"""
+from __future__ import annotations
+
+import math
+
+from .. import templates
+from ..improver import examples_from_draft
+from ..pairs import Pair
+from ..runs import read_jsonl, write_jsonl
+from ..training.sft import NLLExample, train_nll
+from .base import Context, MethodBase
+
+IMPROVER_DIR = "improver_model"
+
+
+class SynPO(MethodBase):
+    name = "synpo"
+    uses_improver_prompts = True
+
+    def reference(self, cfg) -> str:
+        return "round_start"
+
+    # -- once: the separate improver R ----------------------------------------------------------------------------
+    def prepare(self, ctx: Context) -> dict:
+        cfg, tok = ctx.cfg, ctx.tokenizer
+        records = [r for r in ctx.records if r.reference]
+        drafts = ctx.rollout("draft", records, name="improver_drafts")
+        examples = []
+        for r in records:
+            examples += examples_from_draft(r.id, drafts[r.id].text, r.reference, "reference", 1.0, 1)
+        write_jsonl(ctx.run.path("prepare", "improver_examples.jsonl"), [e.__dict__ for e in examples])
+        by_id = {r.id: r for r in records}
+        nll = [NLLExample(tuple(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source,
+                                                       cfg.improver.instruction)),
+                          tuple(templates.completion_ids(tok, e.target)), "improver") for e in examples]
+        improver = ctx.load_model(ctx.model_path)  # a separate copy of π_0: the policy is not touched
+        t = cfg.train
+        m = train_nll(improver, nll, pad_id=tok.pad_token_id, batch_size=t.batch_size, epochs=t.epochs, lr=t.lr,
+                      seed=cfg.seed + 1, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                      max_grad_norm=t.max_grad_norm, desc="synpo: separate improver")
+        path = ctx.run.path("prepare", IMPROVER_DIR)
+        improver.save_pretrained(path)
+        tok.save_pretrained(path)
+        del improver
+        return {**m, "improver/train_examples": len(examples)}
+
+    # -- every round ----------------------------------------------------------------------------------------------
+    def make_pairs(self, ctx: Context) -> list[Pair]:
+        records = ctx.records
+        drafts = ctx.rollout("policy", records, name="policy")
+        texts = {i: g.text for i, g in drafts.items()}
+        improver = ctx.load_model(str(ctx.run.path("prepare", IMPROVER_DIR)))
+        refined = ctx.rollout("improver", records, name="improver", drafts=texts, model=improver)
+        del improver
+        initial = ctx.initial()
+        if initial is ctx.model:
+            rejected = drafts
+        else:
+            rejected = ctx.rollout("initial-policy", records, name="initial_policy", model=initial)
+        del initial
+        new = [Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=refined[r.id].text,
+                    rejected=rejected[r.id].text, chosen_finished=refined[r.id].finished,
+                    rejected_finished=rejected[r.id].finished,
+                    meta={"round": ctx.round, "chosen": "separate_improver(policy)", "rejected": "initial_policy"})
+               for r in records]
+        return self.earlier_pairs(ctx) + new
+
+    @staticmethod
+    def earlier_pairs(ctx: Context) -> list[Pair]:
+        """The pairs kept in round t-1 (which already hold those of earlier rounds), reference log-probs cleared."""
+        if ctx.round <= 1:
+            return []
+        path = ctx.run.path(f"round_{ctx.round - 1}", "pairs.jsonl")
+        if not path.exists():
+            raise FileNotFoundError(f"synpo accumulates pairs over rounds but {path} is missing")
+        out = []
+        for d in read_jsonl(path):
+            p = Pair.from_json(d)
+            p.ref_chosen_logp = p.ref_rejected_logp = None
+            out.append(p)
+        return out
+
+    # -- dry runs ------------------------------------------------------------------------------------------------
+    def plan_prepare(self, cfg) -> dict:
+        n = cfg.data.improver_size
+        return {"generations": n, "sft_examples": n,
+                "sft_steps": math.ceil(n / cfg.train.batch_size) * cfg.train.epochs,
+                "what": "separate improver: π_0 drafts → SFT references (full jump)"}
+
+    def plan_round(self, cfg, t: int) -> dict:
+        n = cfg.data.round_size
+        return {"generations": n * (2 if t == 1 else 3), "pairs": n * t}
