@@ -42,9 +42,8 @@ class EvalJob:
 
     @property
     def model_path(self) -> str:
-        """The run's final model: ``final/model``, or ``final/`` itself where the run keeps the model there."""
-        inner = self.run_dir / "final" / "model"
-        return str(inner if (inner / "config.json").exists() else self.run_dir / "final")
+        """The run's final model (``RUN/final``)."""
+        return str(self.run_dir / "final")
 
     @property
     def judge(self):
