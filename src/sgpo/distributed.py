@@ -87,7 +87,24 @@ def setup(device: str = "auto") -> Dist:
     """A ``Dist`` for this process: with an Accelerator when launched by a multi-process launcher."""
     if not launched_distributed():
         return Dist(None)
+    import torch
     from accelerate import Accelerator
 
-    acc = Accelerator(cpu=(device == "cpu"))
+    # On a machine without a GPU (or with model.device=cpu) the processes talk over gloo on the CPU. Accelerate only
+    # sets the process group up on CPU when asked, so ask whenever there is no GPU to use.
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu)
+    if acc.num_processes != int(os.environ.get("WORLD_SIZE", "1") or 1):
+        raise RuntimeError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but accelerate set up "
+                           f"{acc.num_processes}: check the accelerate config")
+    wanted = [k.split("_")[-1] for k in _LAUNCHER_FLAGS if os.environ.get(k, "").lower() in ("1", "true")]
+    if wanted and not is_sharded(acc) and acc.is_main_process:
+        import logging
+
+        logging.getLogger("sgpo").warning("%s was asked for but accelerate set up %s (FSDP and DeepSpeed need GPUs); "
+                                          "training runs data-parallel", wanted[0], acc.distributed_type)
+    if not acc.is_main_process:  # one process reports; the others only speak up for problems
+        import logging
+
+        logging.getLogger("sgpo").setLevel(logging.WARNING)
     return Dist(acc)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-import shutil
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -342,6 +342,7 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
 
 def _run(cfg: Config, out_dir, force_restart: bool, dist: distributed.Dist) -> dict:
     run_dir = _open_run(out_dir, cfg, force_restart, dist)
+    run_dir.tidy()
     atomic_write_text(run_dir.path("config.yaml"), config_mod.dump(cfg))
     torch.manual_seed(cfg.seed)
     method = get_method(cfg.method)
@@ -366,6 +367,7 @@ def _run(cfg: Config, out_dir, force_restart: bool, dist: distributed.Dist) -> d
         if run_dir.done(name):
             if saves_model:
                 r.resume_from(name)
+            run_dir.tidy(name)
             log.info("%s: done earlier, skipped", name)
             import json
             try:
@@ -374,17 +376,16 @@ def _run(cfg: Config, out_dir, force_restart: bool, dist: distributed.Dist) -> d
                 raise RunError(f"{metrics_path} is corrupted; delete it and the '{name}' entry of the manifest "
                                "to redo the stage, or --force-restart") from None
         r.stage_name = name
-        with run_dir.stage(name, h) as entry:
+        with run_dir.stage(name, h):
+            t0 = time.perf_counter()
             m = fn()
             if saves_model:
                 r.save(name)
-        m[f"time/{name}_s"] = entry["seconds"]
-        atomic_write_json(metrics_path, m)
-        run_dir.save_manifest()
-        if is_writer():  # the stage's model is saved: its resumable training checkpoints are no longer needed
-            shutil.rmtree(run_dir.path(name, "checkpoints"), ignore_errors=True)
+            m[f"time/{name}_s"] = round(time.perf_counter() - t0, 2)
+            atomic_write_json(metrics_path, m)  # before the stage is marked done: a kill never loses them
+        run_dir.tidy(name)  # the stage's model is saved: its resumable training checkpoints are no longer needed
         dist.barrier()
-        log.info("%s: done in %.0fs %s", name, entry["seconds"], _headline(m))
+        log.info("%s: done in %.0fs %s", name, m[f"time/{name}_s"], _headline(m))
         return m
 
     # 0. the start model on the development prompts (the yardstick for every later model)

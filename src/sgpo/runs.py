@@ -244,6 +244,21 @@ class RunDir:
                 self.path(name).unlink(missing_ok=True)
         self.manifest = {"format": MANIFEST_FORMAT, "stages": {}}
 
+    def tidy(self, stage: str | None = None) -> None:
+        """Remove what a killed process can leave behind: temporary files of interrupted atomic writes and, for a
+        finished ``stage``, its resumable training checkpoints (its model is saved)."""
+        if not _WRITER:
+            return
+        folder = self.root if stage is None else self.path(stage)
+        if stage is not None:
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp*"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+
     def check_inputs(self, stage: str, inputs_hash: str | None) -> None:
         """A stage recorded with other inputs (the data or an earlier stage changed) cannot be resumed or reused."""
         s = self.manifest["stages"].get(stage)

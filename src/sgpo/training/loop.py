@@ -214,6 +214,7 @@ def run_steps(model, batches: list, step_fn: Callable, *, lr: float, weight_deca
     pmodel, popt = model, optimizer
     if accelerator is not None:
         accelerator.free_memory()
+        _deepspeed_batch_sizes(accelerator, batches, world)
         pmodel, popt = accelerator.prepare(model, optimizer)
         if latest is not None and sharded:
             start, history = ckpt.load(latest, pmodel, popt, scheduler, fingerprint, rank)
@@ -254,6 +255,19 @@ def run_steps(model, batches: list, step_fn: Callable, *, lr: float, weight_deca
         accelerator.free_memory()
     model.eval()
     return history
+
+
+def _deepspeed_batch_sizes(accelerator, batches: list, world: int) -> None:
+    """DeepSpeed wants batch sizes at ``prepare`` time (normally read from a dataloader, which this loop has not)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not batches:
+        return
+    conf = plugin.deepspeed_config
+    per_rank = max(1, -(-max(len(b) for b in batches) // world))
+    if conf.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        conf["train_micro_batch_size_per_gpu"] = per_rank
+    if conf.get("train_batch_size", "auto") == "auto":
+        conf["train_batch_size"] = per_rank * world * int(conf.get("gradient_accumulation_steps", 1) or 1)
 
 
 def exported_weights(checkpoint_dir: str | Path) -> Path:
