@@ -40,10 +40,20 @@ def is_writer() -> bool:
     return _WRITER
 
 
+def write_error(path, e: BaseException) -> RunError:
+    """A one-line error for a failed write. Libraries that write through their own streams (torch.save,
+    safetensors) report a full disk as a RuntimeError, so those are named as a failed write too."""
+    if isinstance(e, OSError):
+        return _os_error(path, e)
+    first = (str(e).splitlines() or [""])[0][:160]
+    return RunError(f"cannot write {path}: the write failed ({type(e).__name__}: {first}); is the disk full or "
+                    "the output directory not writable?")
+
+
 def _os_error(path, e: OSError) -> RunError:
     why = e.strerror or str(e)
-    if e.errno == errno.ENOSPC:
-        why += " (the disk is full; free space and run again: the run resumes)"
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        why += " (no room to write: free space and run again, the run resumes)"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         why += " (the output directory is not writable)"
     return RunError(f"cannot write {path}: {why}")
@@ -116,9 +126,9 @@ def atomic_dir(path: Path):
         os.replace(tmp, path)
         fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(path, e) from None
+        raise write_error(path, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

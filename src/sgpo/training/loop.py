@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..runs import RunError, atomic_write_text, fsync_dir, is_writer
+from ..runs import RunError, atomic_write_text, fsync_dir, is_writer, write_error
 
 CHECKPOINT_FORMAT = 1
 
@@ -121,10 +121,10 @@ class Checkpoints:
                 meta = {"format": CHECKPOINT_FORMAT, "step": step, "fingerprint": fingerprint, "history": history,
                         "world_size": self.acc.num_processes if self.acc is not None else 1, "sharded": self.sharded}
                 atomic_write_text(tmp / "meta.json", json.dumps(meta) + "\n")
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             if self.writer:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise RunError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+            raise write_error(final, e) from None
         self._barrier()
         if self.writer:
             for f in tmp.rglob("*"):
@@ -221,34 +221,36 @@ def run_steps(model, batches: list, step_fn: Callable, *, lr: float, weight_deca
     pmodel.train()
     bar = tqdm(total=len(batches), initial=start, desc=desc, leave=False,
                disable=not show_progress or rank != 0, unit="step")
-    for i in range(start, len(batches)):
-        part, share = _split(batches[i], weight_fn, rank, world)
-        loss, metrics = step_fn(pmodel, part)
-        if world > 1:
-            loss = loss * (share * world)
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
-        if max_grad_norm and max_grad_norm > 0:
+    try:
+        for i in range(start, len(batches)):
+            part, share = _split(batches[i], weight_fn, rank, world)
+            loss, metrics = step_fn(pmodel, part)
+            if world > 1:
+                loss = loss * (share * world)
             if accelerator is not None:
-                accelerator.clip_grad_norm_(pmodel.parameters(), max_grad_norm)
+                accelerator.backward(loss)
             else:
-                torch.nn.utils.clip_grad_norm_([p for p in pmodel.parameters() if p.grad is not None],
-                                               max_grad_norm)
-        popt.step()
-        scheduler.step()
-        popt.zero_grad(set_to_none=True)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        if world > 1:
-            metrics = _combine(accelerator, metrics, share)
-        history.append(metrics)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
-        last = i + 1 == len(batches)
-        if ckpt and (last or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
-            ckpt.save(i + 1, model, optimizer, scheduler, history, fingerprint)
-    bar.close()
+                loss.backward()
+            if max_grad_norm and max_grad_norm > 0:
+                if accelerator is not None:
+                    accelerator.clip_grad_norm_(pmodel.parameters(), max_grad_norm)
+                else:
+                    torch.nn.utils.clip_grad_norm_([p for p in pmodel.parameters() if p.grad is not None],
+                                                   max_grad_norm)
+            popt.step()
+            scheduler.step()
+            popt.zero_grad(set_to_none=True)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if world > 1:
+                metrics = _combine(accelerator, metrics, share)
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+            last = i + 1 == len(batches)
+            if ckpt and (last or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
+                ckpt.save(i + 1, model, optimizer, scheduler, history, fingerprint)
+    finally:
+        bar.close()
     if sharded and checkpoint_dir is not None:
         _export(accelerator, pmodel, exported_weights(checkpoint_dir))
     if accelerator is not None:
