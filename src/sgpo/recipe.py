@@ -110,10 +110,10 @@ class Runner:
 
     def save(self, stage: str, model=None) -> None:
         """Save the model into the stage folder atomically (main process only; the others wait)."""
-        model = model or self.model
         path = self.run.path(stage, "model")
         with atomic_dir(path) as tmp:
             if is_writer():
+                model = model or self.model
                 model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
         self.dist.barrier()
