@@ -178,3 +178,43 @@ def test_changed_config_on_resume_names_the_keys(tmp_path, data, uninterrupted):
     assert "Traceback" not in p.stderr
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before  # nothing was touched
+
+
+def test_changed_data_on_resume_is_refused(tmp_path, data, uninterrupted):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    changed = tmp_path / "train.jsonl"  # same path in the config would hide it; the content is what counts
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    changed.write_text("".join(json.dumps({**r, "response": "Indeed, " + r["response"]}) + "\n" for r in rows))
+    cfg = (out / "config.yaml").read_text().replace(str(data), str(changed))
+    (out / "config.yaml").write_text(cfg)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    p = subprocess.run(command(out, changed), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = [x for x in p.stderr.splitlines() if x.startswith("sgpo: error:")][-1]
+    assert "stage 'round_0' was done with different inputs" in last and "Traceback" not in p.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_force_restart_forgets_the_run_but_nothing_else(tmp_path):
+    from sgpo import config
+    from sgpo.recipe import check_resume
+    from sgpo.runs import RunDir
+
+    out = tmp_path / "run"
+    run = RunDir(out)
+    for stage in ("round_0", "improver"):
+        (out / stage).mkdir()
+        (out / stage / "drafts.jsonl").write_text("{}\n")
+        run.manifest["stages"][stage] = {"status": "done"}
+    run.save_manifest()
+    (out / "config.yaml").write_text(config.dump(config.load(None, ["seed=1"])))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="changed: seed"):
+        check_resume(RunDir(out), config.load(None, ["seed=2"]), False)
+    run = RunDir(out)
+    check_resume(run, config.load(None, ["seed=2"]), True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+    assert run.manifest["stages"] == {}
