@@ -100,11 +100,22 @@ blank = st.sampled_from([b"\n", b"   \n", b"\t\n"]).map(lambda b: (b, ("blank", 
 lines = st.lists(st.one_of(good_line(), good_line(), bad_line(), blank), min_size=0, max_size=25)
 
 
+_DIR = Path(tempfile.mkdtemp(prefix="sgpo-fuzz-"))
+
+
 def _write(data: bytes, suffix: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="sgpo-fuzz-"))
-    p = d / f"data{suffix}"
+    """One file per suffix, rewritten for every example (nothing piles up in the temporary directory)."""
+    p = _DIR / f"data{suffix}"
     p.write_bytes(data)
     return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cleanup():
+    yield
+    import shutil
+
+    shutil.rmtree(_DIR, ignore_errors=True)
 
 
 def _assert_clean_error(e: DataError, path: Path) -> None:
