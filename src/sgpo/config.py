@@ -116,7 +116,7 @@ class TrainConfig:
     epochs: int = 1
     "Passes over the examples."
     batch_size: int = 4
-    "Examples per optimizer step (per process)."
+    "Examples per optimizer step, all processes together (each process takes a disjoint slice of every batch)."
     lr: float = 2e-5
     "Peak learning rate (AdamW, linear warm-up then constant)."
     warmup_steps: int = 0
@@ -125,6 +125,8 @@ class TrainConfig:
     "AdamW weight decay."
     max_grad_norm: float = 1.0
     "Gradient clipping."
+    checkpoint_every: int = 50
+    "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
 
 
 @dataclass
@@ -136,13 +138,15 @@ class DPOConfig:
     epochs: int = 1
     "Passes over a round's pairs."
     batch_size: int = 4
-    "Pairs per optimizer step (per process)."
+    "Pairs per optimizer step, all processes together (each process takes a disjoint slice of every batch)."
     reference: str = "round_start"
     "Reference model: round_start (the model at the start of each round) or initial (the start model)."
     improver_nll_coef: float = 0.0
     "Weight of an improver NLL term (draft → chosen in improver mode) added to the DPO loss."
     max_grad_norm: float = 1.0
     "Gradient clipping."
+    checkpoint_every: int = 50
+    "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
 
 
 @dataclass
@@ -235,8 +239,10 @@ def validate(cfg: Config) -> Config:
         if v not in allowed:
             raise ConfigError(f"{key}: '{v}' is not one of {', '.join(allowed)}")
     for key in ("rounds", "data.dev_size", "data.improver_size", "data.round_size", "improver.chain",
-                "generation.max_new_tokens", "generation.batch_size", "train.batch_size", "dpo.batch_size"):
-        lo = 0 if key in ("rounds", "data.dev_size", "data.improver_size") else 1
+                "generation.max_new_tokens", "generation.batch_size", "train.batch_size", "dpo.batch_size",
+                "train.checkpoint_every", "dpo.checkpoint_every"):
+        lo = 0 if key in ("rounds", "data.dev_size", "data.improver_size", "train.checkpoint_every",
+                          "dpo.checkpoint_every") else 1
         if get(cfg, key) < lo:
             raise ConfigError(f"{key}: must be ≥ {lo}, got {get(cfg, key)}")
     if not 0 < cfg.improver.step <= 1:

@@ -21,7 +21,28 @@ from typing import Any, Iterator
 
 
 class DataError(Exception):
-    """A data problem; the message names the file, line and field."""
+    """A data problem; the message names the file, line and field (one line). ``reason``: the kind, for counts."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        message = " ".join(str(message).split("\n"))
+        super().__init__(message)
+        self.reason = reason or message.split(": ", 1)[-1].split(" (")[0]
+
+
+def _show(name: Any, limit: int = 40) -> str:
+    """A field name from the data, safe to put in a one-line message."""
+    s = repr(name) if not isinstance(name, str) or not name.isprintable() else name
+    return s if len(s) <= limit else s[:limit] + "…"
+
+
+def _check_text(v: str, where: str, name: str) -> str:
+    """Strings from JSON may hold lone surrogates (\\ud800), which no tokenizer or file can encode."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: field '{name}' holds invalid Unicode (a lone surrogate escape)",
+                        "invalid Unicode") from None
+    return v
 
 
 @dataclass(frozen=True)
@@ -65,26 +86,30 @@ def _text(row: dict, name: str, where: str, required: bool = True) -> str | None
         return None
     v = row[name]
     if not isinstance(v, str):
-        raise DataError(f"{where}: field '{name}' must be a string, got {type(v).__name__}")
+        raise DataError(f"{where}: field '{name}' must be a string, got {type(v).__name__}",
+                        f"field '{name}' is not a string")
     if required and not v.strip():
         raise DataError(f"{where}: field '{name}' is empty")
-    return v
+    return _check_text(v, where, name)
 
 
-def _message_text(content: Any, where: str) -> str:
+def _message_text(content: Any, where: str, name: str = "messages") -> str:
     if isinstance(content, str):
-        return content
+        return _check_text(content, where, name)
     if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}]
         parts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
         if parts:
-            return "".join(parts)
-    raise DataError(f"{where}: field 'messages' holds a message whose 'content' is not text")
+            return _check_text("".join(parts), where, name)
+    raise DataError(f"{where}: field '{name}' holds a message whose 'content' is not text")
+
+
+_ROLES = ("system", "user", "assistant")
 
 
 def parse_row(row: Any, where: str) -> Record:
     """One row of any accepted shape → Record; ``where`` is 'file:line' for error messages."""
     if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "a row is not an object")
     if "chosen" in row and "rejected" in row and "prompt" not in row and isinstance(row["chosen"], list):
         # conversational preference rows with an implicit prompt: the turns before the last one of ``chosen``
         if len(row["chosen"]) < 2:
@@ -97,8 +122,12 @@ def parse_row(row: Any, where: str) -> Record:
         turns = []
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: field 'messages[{i}]' needs 'role' and 'content'")
-            turns.append((str(m["role"]), _message_text(m["content"], where)))
+                raise DataError(f"{where}: field 'messages[{i}]' needs 'role' and 'content'",
+                                "a message without 'role' or 'content'")
+            if not isinstance(m["role"], str) or m["role"] not in _ROLES:
+                raise DataError(f"{where}: field 'messages[{i}].role' must be one of {', '.join(_ROLES)}",
+                                "a message with an unknown role")
+            turns.append((m["role"], _message_text(m["content"], where)))
         reference = None
         if turns[-1][0] == "assistant":
             reference = turns.pop()[1]
@@ -125,8 +154,10 @@ def parse_row(row: Any, where: str) -> Record:
             text = f"{text}\n\n{extra}"
         prompt = (("user", text),)
         return Record(record_id(prompt), prompt, _text(row, "output", where, required=False) or None)
+    found = sorted(map(_show, row))
     raise DataError(f"{where}: missing field 'prompt' (or 'messages', or 'instruction'); found fields: "
-                    f"{', '.join(sorted(map(str, row))) or 'none'}")
+                    f"{', '.join(found[:10]) + (', …' if len(found) > 10 else '') or 'none'}",
+                    "missing field 'prompt'")
 
 
 def _preference(prompt: tuple, row: dict, where: str) -> Record:
@@ -135,7 +166,7 @@ def _preference(prompt: tuple, row: dict, where: str) -> Record:
         if isinstance(v, list):  # conversational side: the last assistant message
             if not v or not isinstance(v[-1], dict) or "content" not in v[-1]:
                 raise DataError(f"{where}: field '{name}' must end with an assistant message")
-            return _message_text(v[-1]["content"], where)
+            return _message_text(v[-1]["content"], where, name)
         return _text(row, name, where)
 
     return Record(record_id(prompt), prompt, None, side("chosen"), side("rejected"))
@@ -148,23 +179,21 @@ def _iter_file(path: Path) -> Iterator[tuple[Any, str]]:
             for n, raw in enumerate(f, 1):
                 where = f"{path}:{n}"
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     yield DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"), where
                     continue
                 if not line.strip():
                     continue
-                try:
-                    yield json.loads(line), where
-                except json.JSONDecodeError as e:
-                    yield DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})"), where
+                yield _json_or_error(line, where), where
     elif suffix == ".json":
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        data = _json_or_error(text, str(path))
+        if isinstance(data, DataError):
+            raise data
         if isinstance(data, dict):
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
@@ -185,6 +214,19 @@ def _iter_file(path: Path) -> Iterator[tuple[Any, str]]:
             yield row, f"{path}:row {i}"
     else:
         raise DataError(f"{path}: unknown file type '{suffix}' (use .jsonl, .json or .parquet)")
+
+
+def _json_or_error(text: str, where: str) -> Any:
+    """Parsed JSON, or a ``DataError`` (returned, not raised) saying why not."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        line = f":{e.lineno}" if "\n" in text.strip() else ""
+        return DataError(f"{where}{line}: invalid JSON ({e.msg} at column {e.colno})", "invalid JSON")
+    except RecursionError:
+        return DataError(f"{where}: invalid JSON (nested too deeply)", "invalid JSON")
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        return DataError(f"{where}: invalid JSON ({str(e).splitlines()[0][:80]})", "invalid JSON")
 
 
 def _iter_hf(name: str, split: str) -> Iterator[tuple[Any, str]]:
@@ -258,14 +300,15 @@ def load_records(source: str, *, split: str = "train", on_error: str = "raise",
                 raise row
             rec = parse_row(row, where)
             if need == "reference" and not (rec.reference and rec.reference.strip()):
-                raise DataError(f"{where}: missing field 'response' (SFT data needs a reference response)")
+                raise DataError(f"{where}: missing field 'response' (SFT data needs a reference response)",
+                                "no reference response")
             if need == "preference" and rec.chosen is None:
-                raise DataError(f"{where}: missing field 'chosen' (preference data needs prompt/chosen/rejected)")
+                raise DataError(f"{where}: missing field 'chosen' (preference data needs prompt/chosen/rejected)",
+                                "missing field 'chosen'")
         except DataError as e:
             if on_error == "raise":
                 raise
-            reason = str(e).split(": ", 1)[-1].split(" (")[0]
-            report.skipped[reason] += 1
+            report.skipped[e.reason] += 1
             continue
         if rec.id in seen:
             report.skipped["duplicate prompt"] += 1

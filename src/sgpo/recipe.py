@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,7 +17,7 @@ from pathlib import Path
 import torch
 
 from . import config as config_mod
-from . import templates
+from . import distributed, templates
 from .config import Config
 from .data import Record, cut_reference, load_records, split_dev
 from .eval.improver import improver_figures
@@ -27,8 +29,10 @@ from .methods import Context, get_method, has_prepare
 from .models import load_model, load_tokenizer, resolve
 from .pairs import Pair, filter_pairs, pair_metrics
 from .rollout import rollout
-from .runs import RunDir, RunError, atomic_write_json, atomic_write_text, content_hash, read_jsonl, write_jsonl
+from .runs import (RunDir, RunError, atomic_dir, atomic_write_json, atomic_write_text, content_hash, is_writer,
+                   read_jsonl, set_writer, write_jsonl)
 from .training.dpo import TokenPair, reference_logps, train_dpo
+from .training.loop import exported_weights
 from .training.sft import NLLExample, train_nll
 
 log = logging.getLogger("sgpo")
@@ -75,9 +79,13 @@ def take(pool: list[Record], start: int, n: int) -> list[Record]:
 class Runner:
     """Holds what the stages share: config, run directory, tokenizer, the current model (loaded lazily)."""
 
-    def __init__(self, cfg: Config, run: RunDir):
+    def __init__(self, cfg: Config, run: RunDir, dist: distributed.Dist | None = None):
         self.cfg = cfg
         self.run = run
+        self.dist = dist or distributed.Dist(None)
+        # under a launcher every process uses the device the launcher gave it
+        self.device = str(self.dist.device) if self.dist.accelerator is not None else cfg.model.device
+        self.stage_name = "train"  # the stage now running (training checkpoints go into its folder)
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.start_path = resolve(cfg.model.name)
         self.model_path = self.start_path
@@ -90,7 +98,7 @@ class Runner:
     @property
     def model(self):
         if self._model is None:
-            self._model = load_model(self.model_path, device=self.cfg.model.device, dtype=self.cfg.model.dtype)
+            self._model = load_model(self.model_path, device=self.device, dtype=self.cfg.model.dtype)
         return self._model
 
     def checkpoint(self, stage: str) -> str:
@@ -101,12 +109,25 @@ class Runner:
         self.model_path, self._model = self.checkpoint(stage), None
 
     def save(self, stage: str, model=None) -> None:
-        """Save the current model as the stage's checkpoint (``final/`` holds the model itself)."""
-        model = model or self.model
+        """Save the model as the stage's checkpoint atomically (main process only; the others wait).
+        ``final/`` holds the model itself, every other stage keeps it in ``<stage>/model``."""
         path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        with atomic_dir(path) as tmp:
+            if is_writer():
+                model = model or self.model
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+        self.dist.barrier()
         self.model_path = str(path)
+
+    def checkpoint_dir(self, desc: str) -> Path:
+        """Resumable training checkpoints of one training call of the running stage."""
+        return self.run.path(self.stage_name, "checkpoints", re.sub(r"[^A-Za-z0-9_.-]+", "_", desc).strip("_"))
+
+    def after_training(self, checkpoint_dir: Path) -> None:
+        """Sharded training (FSDP/DeepSpeed) leaves the weights split across ranks: continue from their export."""
+        if self.dist.sharded:
+            self.model_path, self._model = str(exported_weights(checkpoint_dir)), None
 
     @property
     def judge(self):
@@ -120,7 +141,7 @@ class Runner:
                        round_=round_, drafts=drafts,
                        instruction=self.cfg.improver.instruction if instruction is None else instruction,
                        shard=self.run.path(stage, f"{name}.jsonl"), max_prompt_tokens=self.cfg.data.max_prompt_tokens,
-                       desc=f"{stage}: {name}")
+                       desc=f"{stage}: {name}", dist=self.dist)
 
     # -- training helpers --------------------------------------------------------------------------------------
     def nll_examples_policy(self, records: list[Record]) -> list[NLLExample]:
@@ -130,9 +151,13 @@ class Runner:
 
     def train_nll(self, examples, desc: str, seed: int) -> dict:
         t = self.cfg.train
-        return train_nll(self.model, examples, pad_id=self.tokenizer.pad_token_id, batch_size=t.batch_size,
-                         epochs=t.epochs, lr=t.lr, seed=seed, warmup_steps=t.warmup_steps,
-                         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, desc=desc)
+        ckpt = self.checkpoint_dir(desc)
+        m = train_nll(self.model, examples, pad_id=self.tokenizer.pad_token_id, batch_size=t.batch_size,
+                      epochs=t.epochs, lr=t.lr, seed=seed, warmup_steps=t.warmup_steps,
+                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, desc=desc,
+                      accelerator=self.dist.accelerator, checkpoint_dir=ckpt, checkpoint_every=t.checkpoint_every)
+        self.after_training(ckpt)
+        return m
 
 
 def _figures_on_dev(r: Runner, stage: str, dev: list[Record], start_dev: dict | None, round_: int) -> dict:
@@ -237,7 +262,7 @@ def _round_stage(r: Runner, method, t: int, records: list[Record], initial_path:
         if kept:
             ref_model = r.model
             if method.reference(cfg) == "initial" and initial_path != r.model_path:
-                ref_model = load_model(initial_path, device=cfg.model.device, dtype=cfg.model.dtype)
+                ref_model = load_model(initial_path, device=r.device, dtype=cfg.model.dtype)
             tp = _pairs_to_tokens(r, kept, False)
             reference_logps(ref_model, tp, pad_id=r.tokenizer.pad_token_id, batch_size=cfg.dpo.batch_size * 2)
             for p, x in zip(kept, tp):
@@ -249,63 +274,135 @@ def _round_stage(r: Runner, method, t: int, records: list[Record], initial_path:
              {k.split("/")[-1]: v for k, v in m.items() if k.startswith("pairs/dropped/") and v})
     if kept:
         d = cfg.dpo
+        ckpt = r.checkpoint_dir("dpo")
         m.update(train_dpo(r.model, _pairs_to_tokens(r, kept, d.improver_nll_coef > 0), pad_id=r.tokenizer.pad_token_id,
                            beta=d.beta, batch_size=d.batch_size, epochs=d.epochs, lr=d.lr, seed=cfg.seed + 100 * t,
                            max_grad_norm=d.max_grad_norm, improver_nll_coef=d.improver_nll_coef,
-                           desc=f"round {t}: dpo"))
+                           desc=f"round {t}: dpo", accelerator=r.dist.accelerator, checkpoint_dir=ckpt,
+                           checkpoint_every=d.checkpoint_every))
+        r.after_training(ckpt)
     else:
         log.warning("round %d: no pairs survived the filters; the model is unchanged this round", t)
     return m
 
 
+def _with_defaults(defaults: dict, old: dict) -> dict:
+    """``old`` with the keys it lacks (added by a later sgpo) at their defaults."""
+    out = dict(old)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_defaults(v, out[k])
+    return out
+
+
 def check_resume(run: RunDir, cfg: Config, force_restart: bool) -> None:
+    """An output directory holding a run with another config is an error naming the changed keys."""
     saved = run.path("config.yaml")
-    if not saved.exists() or force_restart:
-        if force_restart:
-            run.manifest = {"stages": {}}
+    if force_restart:
+        run.clear()
+        return
+    if not saved.exists():
+        if run.manifest["stages"]:
+            raise RunError(f"{run.root} holds a run without its config.yaml; use another --output, or "
+                           "--force-restart to start over")
         return
     import yaml
 
-    old = yaml.safe_load(saved.read_text()) or {}
-    changed = config_mod.diff(old, config_mod.to_dict(cfg))
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise RunError(f"{saved} is corrupted; use another --output, or --force-restart to start over")
+    if isinstance(old.get("version"), int) and old["version"] > config_mod.CONFIG_VERSION:
+        raise RunError(f"{run.root} holds a run made by a newer sgpo (config version {old['version']}; this sgpo "
+                       f"reads up to {config_mod.CONFIG_VERSION}); upgrade sgpo or use another --output")
+    changed = config_mod.diff(_with_defaults(config_mod.to_dict(Config()), old), config_mod.to_dict(cfg))
     if changed:
         raise RunError(f"{run.root} holds a run with a different config (changed: {', '.join(changed)}); "
                        "use another --output, or --force-restart to start over")
 
 
+def _open_run(out_dir, cfg: Config, force_restart: bool, dist: distributed.Dist) -> RunDir:
+    """Open (or create) the run directory on every process; all of them fail together or none does."""
+    err: Exception | None = None
+    run_dir = None
+    try:
+        run_dir = RunDir(out_dir, writer=dist.is_main)
+        check_resume(run_dir, cfg, force_restart)
+    except RunError as e:
+        err = e
+    if not dist.all_agree(err is None):
+        raise err or RunError(f"{out_dir}: the main process could not open the run directory")
+    dist.barrier()
+    return run_dir
+
+
 def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dict:
-    """Run the whole recipe into ``out_dir`` (resuming what is there). Returns the summary figures."""
-    run_dir = RunDir(out_dir)
-    check_resume(run_dir, cfg, force_restart)
+    """Run the whole recipe into ``out_dir`` (resuming what is there). Returns the summary figures.
+
+    Under ``accelerate launch`` every process runs this; only the main one writes (see ``sgpo.distributed``).
+    """
+    dist = distributed.setup(cfg.model.device)
+    set_writer(dist.is_main)
+    try:
+        return _run(cfg, out_dir, force_restart, dist)
+    finally:
+        set_writer(True)
+
+
+def _run(cfg: Config, out_dir, force_restart: bool, dist: distributed.Dist) -> dict:
+    run_dir = _open_run(out_dir, cfg, force_restart, dist)
+    run_dir.tidy()
     atomic_write_text(run_dir.path("config.yaml"), config_mod.dump(cfg))
     torch.manual_seed(cfg.seed)
     method = get_method(cfg.method)
-    r = Runner(cfg, run_dir)
+    r = Runner(cfg, run_dir, dist)
     data = prepare_data(cfg, r.tokenizer)
     log.info("model: %s | method: %s | %d training prompts, %d development prompts | %d rounds",
              cfg.model.name, cfg.method, len(data.train), len(data.dev), cfg.rounds)
 
-    def stage(name, fn, *, saves_model=False):
-        """Run ``fn`` as stage ``name`` unless done; write its metrics; returns them."""
+    chain = [content_hash(["sgpo-run", cfg.seed])]
+
+    def stage(name, fn, *, saves_model=False, inputs=()):
+        """Run ``fn`` as stage ``name`` unless done; write its metrics; returns them.
+
+        A stage's inputs hash covers its records and the hash of the stage before it (hence every earlier input):
+        a done stage is reused, and a started one resumed, only when it matches.
+        """
+        chain.append(content_hash([chain[-1], name, [(x.id, x.prompt, x.reference) for x in inputs]]))
+        h = chain[-1]
+        dist.barrier()
+        run_dir.check_inputs(name, h)
         metrics_path = run_dir.path(name, "metrics.json")
         if run_dir.done(name):
             if saves_model:
                 r.resume_from(name)
+            run_dir.tidy(name)
             log.info("%s: done earlier, skipped", name)
             import json
-            return json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-        with run_dir.stage(name) as entry:
+            try:
+                return json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise RunError(f"{metrics_path} is corrupted; delete it and the '{name}' entry of the manifest "
+                               "to redo the stage, or --force-restart") from None
+        r.stage_name = name
+        with run_dir.stage(name, h):
+            t0 = time.perf_counter()
             m = fn()
             if saves_model:
                 r.save(name)
-        m[f"time/{name}_s"] = entry["seconds"]
-        atomic_write_json(metrics_path, m)
-        run_dir.save_manifest()
-        log.info("%s: done in %.0fs %s", name, entry["seconds"], _headline(m))
+            m[f"time/{name}_s"] = round(time.perf_counter() - t0, 2)
+            atomic_write_json(metrics_path, m)  # before the stage is marked done: a kill never loses them
+        run_dir.tidy(name)  # the stage's model is saved: its resumable training checkpoints are no longer needed
+        dist.barrier()
+        log.info("%s: done in %.0fs %s", name, m[f"time/{name}_s"], _headline(m))
         return m
 
     # 0. the start model on the development prompts (the yardstick for every later model)
-    m0 = stage("round_0", lambda: _figures_on_dev(r, "round_0", data.dev, None, 0))
+    m0 = stage("round_0", lambda: _figures_on_dev(r, "round_0", data.dev, None, 0), inputs=data.dev)
     start_dev = {row["id"]: row["text"] for row in read_jsonl(run_dir.path("round_0", "dev_policy.jsonl"))} \
         if run_dir.path("round_0", "dev_policy.jsonl").exists() else None
 
@@ -315,7 +412,7 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
     if cfg.sft or getattr(method, "runs_sft", False):
         m_sft = stage("sft", lambda: {**r.train_nll(r.nll_examples_policy(data.train), "sft", cfg.seed),
                                       **(_figures_on_dev(r, "sft", data.dev, start_dev, 0) if not rounds else {})},
-                      saves_model=True)
+                      saves_model=True, inputs=data.train)
 
     # 2. improver training (the same weights learn to refine their own drafts). The improver slice of the pool is
     # reserved for every method, so that all methods see the same round prompts.
@@ -324,7 +421,8 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
     cursor += len(imp_records)
     if method.trains_improver:
         stage("improver", lambda: {**_improver_stage(r, imp_records),
-                                   **_figures_on_dev(r, "improver", data.dev, start_dev, 0)}, saves_model=True)
+                                   **_figures_on_dev(r, "improver", data.dev, start_dev, 0)}, saves_model=True,
+              inputs=imp_records)
     initial_path = r.model_path
     plan = []
     for _ in range(rounds):
@@ -340,7 +438,7 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
     for t, records in enumerate(plan, 1):
         per_round.append(stage(f"round_{t}", lambda: {**_round_stage(r, method, t, records, initial_path),
                                                       **_figures_on_dev(r, f"round_{t}", data.dev, start_dev, t)},
-                               saves_model=True))
+                               saves_model=True, inputs=records))
 
     # 4. the final model, and the number that matters
     if not run_dir.done("final"):
@@ -354,12 +452,14 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
              "ci_high": summary["eval/dev/win_rate_vs_start_ci_high"], "n": summary["eval/dev/win_rate_vs_start_n"]}
         log.info("final vs start, head-to-head on held-out development prompts (judge: %s): %s",
                  cfg.eval.judge, format_win_rate(w))
-    try:
-        from .report import write_report
+    if dist.is_main:
+        try:
+            from .report import write_report
 
-        write_report(run_dir.root)
-    except Exception as e:  # a report problem must not fail a finished run
-        log.warning("report not written: %s", e)
+            write_report(run_dir.root)
+        except Exception as e:  # a report problem must not fail a finished run
+            log.warning("report not written: %s", e)
+    dist.barrier()
     return summary
 
 

@@ -9,17 +9,54 @@ Layout::
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 
+MANIFEST_FORMAT = 1
+
+# Only the main process of a multi-process run writes run files; the others call ``set_writer(False)``.
+_WRITER = True
+
+
 class RunError(Exception):
     """A run-directory problem (unwritable, changed config on resume, corrupted file); the message says which."""
+
+
+def set_writer(flag: bool) -> None:
+    """Whether this process writes run files (False on every rank but the main one)."""
+    global _WRITER
+    _WRITER = bool(flag)
+
+
+def is_writer() -> bool:
+    return _WRITER
+
+
+def write_error(path, e: BaseException) -> RunError:
+    """A one-line error for a failed write. Libraries that write through their own streams (torch.save,
+    safetensors) report a full disk as a RuntimeError, so those are named as a failed write too."""
+    if isinstance(e, OSError):
+        return _os_error(path, e)
+    first = (str(e).splitlines() or [""])[0][:160]
+    return RunError(f"cannot write {path}: the write failed ({type(e).__name__}: {first}); is the disk full or "
+                    "the output directory not writable?")
+
+
+def _os_error(path, e: OSError) -> RunError:
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        why += " (no room to write: free space and run again, the run resumes)"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why += " (the output directory is not writable)"
+    return RunError(f"cannot write {path}: {why}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,19 +74,64 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file, fsync and rename: readers see the old file or the new one, never a torn one."""
+    if not _WRITER:
+        return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise _os_error(path, e) from None
     fsync_dir(path.parent)
+
+
+@contextmanager
+def atomic_dir(path: Path):
+    """Fill a directory atomically: yields a temporary sibling to write into; on success it replaces ``path``.
+
+    A kill or an error while writing leaves ``path`` as it was (the temporary directory is removed on error, or
+    left behind as ``.<name>.tmp*`` after a kill and cleaned up by the next ``atomic_dir`` on the same path).
+    Only the writer process writes; elsewhere the temporary path is yielded and nothing happens.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if not _WRITER:
+        yield tmp
+        return
+    try:
+        for old in path.parent.glob(f".{path.name}.tmp*"):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise _os_error(tmp, e) from None
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(path, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -91,7 +173,12 @@ class Shard:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not _WRITER:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _os_error(self.path.parent, e) from None
         if self.path.exists():  # drop a torn tail left by a kill, so appends start on a fresh line
             data = self.path.read_bytes()
             if data and not data.endswith(b"\n"):
@@ -103,11 +190,22 @@ class Shard:
         return read_jsonl(self.path) if self.path.exists() else []
 
     def append(self, rows: Iterable[dict]) -> None:
+        """Append whole lines and fsync. A failed write (full disk) is cut back, so the shard stays well formed."""
+        if not _WRITER:
+            return
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-        with open(self.path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "ab") as f:
+                start = f.tell()
+                try:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:
+                    f.truncate(start)
+                    raise
+        except OSError as e:
+            raise _os_error(self.path, e) from None
 
 
 def content_hash(obj: Any) -> str:
@@ -133,11 +231,51 @@ class RunDir:
 
     def _read_manifest(self) -> dict:
         if not self.manifest_path.exists():
-            return {"stages": {}}
+            return {"format": MANIFEST_FORMAT, "stages": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
+            m = json.loads(self.manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RunError(f"{self.manifest_path} is corrupted; use a new --output or --force-restart") from None
+            m = None
+        if not isinstance(m, dict) or not isinstance(m.get("stages"), dict):
+            raise RunError(f"{self.manifest_path} is corrupted; use a new --output or --force-restart")
+        if not isinstance(m.get("format", 1), int) or m.get("format", 1) > MANIFEST_FORMAT:
+            raise RunError(f"{self.manifest_path} was written by a newer sgpo (manifest format {m.get('format')}; "
+                           f"this sgpo reads up to {MANIFEST_FORMAT}); upgrade sgpo or use a new --output")
+        return m
+
+    def clear(self) -> None:
+        """Forget the run here (``--force-restart``): remove the manifest and every stage folder it lists."""
+        for name in list(self.manifest.get("stages", {})):
+            target = self.path(name)
+            if _WRITER and target.is_dir() and target.parent == self.root:
+                shutil.rmtree(target, ignore_errors=True)
+        for name in ("manifest.json", "summary.json"):
+            if _WRITER:
+                self.path(name).unlink(missing_ok=True)
+        self.manifest = {"format": MANIFEST_FORMAT, "stages": {}}
+
+    def tidy(self, stage: str | None = None) -> None:
+        """Remove what a killed process can leave behind: temporary files of interrupted atomic writes and, for a
+        finished ``stage``, its resumable training checkpoints (its model is saved)."""
+        if not _WRITER:
+            return
+        folder = self.root if stage is None else self.path(stage)
+        if stage is not None:
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp*"):
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
+
+    def check_inputs(self, stage: str, inputs_hash: str | None) -> None:
+        """A stage recorded with other inputs (the data or an earlier stage changed) cannot be resumed or reused."""
+        s = self.manifest["stages"].get(stage)
+        if s and inputs_hash and s.get("inputs") and s["inputs"] != inputs_hash:
+            raise RunError(f"{self.root}: stage '{stage}' was {'done' if s.get('status') == 'done' else 'started'} "
+                           "with different inputs (the data or an earlier stage changed since); use another "
+                           "--output, or --force-restart to start over")
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
@@ -153,6 +291,7 @@ class RunDir:
     @contextmanager
     def stage(self, name: str, inputs_hash: str | None = None):
         """Mark a stage running, then done with its wall time (``time/<name>_s``); a failure leaves it 'running'."""
+        self.check_inputs(name, inputs_hash)
         entry = self.manifest["stages"].setdefault(name, {})
         entry.update(status="running", inputs=inputs_hash, started=time.time())
         self.save_manifest()

@@ -1,11 +1,30 @@
-"""The shared optimisation loop: AdamW, warm-up, clipping, accelerate for devices and processes, checkpoints."""
+"""The shared optimisation loop: AdamW, warm-up, clipping, accelerate for devices and processes, checkpoints.
+
+Several processes: ``batches`` is the global plan (the same on every rank). Each global batch is split into
+disjoint slices, ``batch[rank::world]``; each rank's loss is scaled by its share of the batch's weight (examples, or
+completion tokens for NLL) times the world size, so that the gradient averaged across ranks is the gradient of the
+whole batch's loss. ``train.batch_size``/``dpo.batch_size`` therefore mean examples per optimizer step over all
+processes, and a run with N processes follows the same trajectory as a run with one (to float tolerance).
+
+Checkpoints (``checkpoint_dir``): every ``checkpoint_every`` steps and after the last step, the model, optimizer,
+scheduler, step, metric history and RNG states are written atomically to ``checkpoint_dir/step_<n>``; only the
+latest is kept. A later call with the same ``checkpoint_dir`` and the same batch plan resumes after that step.
+"""
 from __future__ import annotations
 
-import math
+import hashlib
+import json
 import os
-from typing import Callable, Iterable
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
+
+from ..runs import RunError, atomic_write_text, fsync_dir, is_writer, write_error
+
+CHECKPOINT_FORMAT = 1
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0):
@@ -18,42 +37,268 @@ def warmup_schedule(optimizer, warmup_steps: int):
         optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
 
 
+def plan_fingerprint(batches: Sequence, **settings) -> str:
+    """A hash of the batch plan and the optimisation settings: a checkpoint only resumes the run it belongs to."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for b in batches:
+        h.update(repr(b).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _is_sharded(accelerator) -> bool:
+    from ..distributed import is_sharded
+
+    return is_sharded(accelerator)
+
+
+class Checkpoints:
+    """The checkpoints of one training call, in ``root/step_<n>`` folders (the latest complete one counts)."""
+
+    def __init__(self, root: str | Path, accelerator=None):
+        self.root = Path(root)
+        self.acc = accelerator
+        self.sharded = _is_sharded(accelerator)
+
+    def latest(self) -> Path | None:
+        if not self.root.is_dir():
+            return None
+        done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and (p / "meta.json").exists())
+        return done[-1] if done else None
+
+    @property
+    def writer(self) -> bool:
+        return is_writer() and (self.acc is None or self.acc.is_main_process)
+
+    def _barrier(self):
+        if self.acc is not None and self.acc.num_processes > 1:
+            self.acc.wait_for_everyone()
+
+    def _gather(self, obj):
+        if self.acc is None or self.acc.num_processes <= 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([obj]))
+
+    def save(self, step: int, model, optimizer, scheduler, history: list[dict], fingerprint: str) -> None:
+        final = self.root / f"step_{step:07d}"
+        tmp = self.root / f".step_{step:07d}.tmp"
+        rng = self._gather(_rng_state())  # a collective: every rank takes part
+        if self.writer:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                raise RunError(f"cannot write checkpoint {tmp}: {e.strerror or e}") from None
+        self._barrier()
+        try:
+            if self.sharded:  # each rank writes its shard of the weights and optimizer state
+                self.acc.save_state(str(tmp / "accelerate"))
+            if self.writer:
+                extra = {"scheduler": scheduler.state_dict(), "rng": rng}
+                if not self.sharded:
+                    extra.update(model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                 optimizer=optimizer.state_dict())
+                with open(tmp / "state.pt", "wb") as f:
+                    torch.save(extra, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                meta = {"format": CHECKPOINT_FORMAT, "step": step, "fingerprint": fingerprint, "history": history,
+                        "world_size": self.acc.num_processes if self.acc is not None else 1, "sharded": self.sharded}
+                atomic_write_text(tmp / "meta.json", json.dumps(meta) + "\n")
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            if self.writer:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(final, e) from None
+        self._barrier()
+        if self.writer:
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            fsync_dir(self.root)
+            for old in self.root.glob("step_*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def load(self, path: Path, model, optimizer, scheduler, fingerprint: str, rank: int) -> tuple[int, list[dict]]:
+        """Restore a checkpoint into model/optimizer/scheduler/RNG; returns (steps done, metric history)."""
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            step, history = int(meta["step"]), list(meta["history"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"training checkpoint {path} is corrupted ({type(e).__name__}); delete it to redo this "
+                           "stage's training from its start") from None
+        if meta.get("format", 1) > CHECKPOINT_FORMAT:
+            raise RunError(f"training checkpoint {path} was written by a newer sgpo")
+        if meta.get("fingerprint") != fingerprint:
+            raise RunError(f"training checkpoint {path} belongs to other training data or settings; delete it to "
+                           "redo this stage's training from its start")
+        if bool(meta.get("sharded")) != self.sharded:
+            raise RunError(f"training checkpoint {path} was written "
+                           f"{'with' if meta.get('sharded') else 'without'} sharded training (FSDP/DeepSpeed); "
+                           "resume it with the same launcher configuration")
+        try:
+            with open(path / "state.pt", "rb") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+            if self.sharded:
+                self.acc.load_state(str(path / "accelerate"))
+            else:
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rng = state["rng"]
+            _set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+        except Exception as e:  # truncated or tampered file: say which and how to recover
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            raise RunError(f"training checkpoint {path} is corrupted ({type(e).__name__}: {msg}); delete it to "
+                           "redo this stage's training from its start") from None
+        return step, history
+
+
+def _split(batch, weight_fn, rank: int, world: int):
+    """This rank's slice of a global batch and its share of the batch's weight (0 for a padding slice)."""
+    if world <= 1:
+        return batch, 1.0
+    part = batch[rank::world]
+    total = weight_fn(batch)
+    share = (weight_fn(part) / total) if (part and total) else 0.0
+    if not part:  # fewer items than ranks: run one item with weight 0 so every rank joins the gradient sync
+        part = batch[:1]
+    return part, share
+
+
 def run_steps(model, batches: list, step_fn: Callable, *, lr: float, weight_decay: float = 0.0,
               warmup_steps: int = 0, max_grad_norm: float = 1.0, accelerator=None, desc: str = "train",
-              show_progress: bool = True) -> list[dict]:
-    """Run one optimizer step per batch. ``step_fn(model, batch) -> (loss, metrics dict)``.
+              show_progress: bool = True, weight_fn: Callable[[list], float] = len,
+              checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0) -> list[dict]:
+    """Run one optimizer step per global batch. ``step_fn(model, batch) -> (loss, metrics dict)``, the loss being a
+    mean over ``batch`` weighted as ``weight_fn`` counts it (examples by default).
 
-    Returns the per-step metrics (averaged across processes by the caller when needed).
+    Returns the per-step metrics, already averaged across processes (weighted by each rank's share).
+    With sharded training (FSDP/DeepSpeed) and a ``checkpoint_dir``, the trained weights are also exported as an
+    ordinary HF checkpoint to ``checkpoint_dir/weights`` (see ``exported_weights``).
     """
     from tqdm.auto import tqdm
 
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    sharded = _is_sharded(accelerator)
     optimizer = make_optimizer(model, lr, weight_decay)
     scheduler = warmup_schedule(optimizer, warmup_steps)
+    fingerprint = plan_fingerprint(batches, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                   max_grad_norm=max_grad_norm)
+    ckpt = Checkpoints(checkpoint_dir, accelerator) if checkpoint_dir is not None else None
+    start, history = 0, []
+    latest = ckpt.latest() if ckpt else None
+    if latest is not None and not sharded:  # restore before wrapping: every rank reads the same files
+        start, history = ckpt.load(latest, model, optimizer, scheduler, fingerprint, rank)
+    pmodel, popt = model, optimizer
     if accelerator is not None:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    history = []
-    bar = tqdm(batches, desc=desc, leave=False, disable=not show_progress, unit="step")
-    for batch in bar:
-        loss, metrics = step_fn(model, batch)
-        if accelerator is not None:
-            accelerator.backward(loss)
-        else:
-            loss.backward()
-        if max_grad_norm and max_grad_norm > 0:
-            params = [p for p in model.parameters() if p.grad is not None]
+        accelerator.free_memory()
+        _deepspeed_batch_sizes(accelerator, batches, world)
+        pmodel, popt = accelerator.prepare(model, optimizer)
+        if latest is not None and sharded:
+            start, history = ckpt.load(latest, pmodel, popt, scheduler, fingerprint, rank)
+    pmodel.train()
+    bar = tqdm(total=len(batches), initial=start, desc=desc, leave=False,
+               disable=not show_progress or rank != 0, unit="step")
+    try:
+        for i in range(start, len(batches)):
+            part, share = _split(batches[i], weight_fn, rank, world)
+            loss, metrics = step_fn(pmodel, part)
+            if world > 1:
+                loss = loss * (share * world)
             if accelerator is not None:
-                accelerator.clip_grad_norm_(params, max_grad_norm)
+                accelerator.backward(loss)
             else:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        metrics = {k: float(v) for k, v in metrics.items()}
-        history.append(metrics)
-        bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+                loss.backward()
+            if max_grad_norm and max_grad_norm > 0:
+                if accelerator is not None:
+                    accelerator.clip_grad_norm_(pmodel.parameters(), max_grad_norm)
+                else:
+                    torch.nn.utils.clip_grad_norm_([p for p in pmodel.parameters() if p.grad is not None],
+                                                   max_grad_norm)
+            popt.step()
+            scheduler.step()
+            popt.zero_grad(set_to_none=True)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            if world > 1:
+                metrics = _combine(accelerator, metrics, share)
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+            last = i + 1 == len(batches)
+            if ckpt and (last or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
+                ckpt.save(i + 1, model, optimizer, scheduler, history, fingerprint)
+    finally:
+        bar.close()
+    if sharded and checkpoint_dir is not None:
+        _export(accelerator, pmodel, exported_weights(checkpoint_dir))
+    if accelerator is not None:
+        accelerator.free_memory()
     model.eval()
     return history
+
+
+def _deepspeed_batch_sizes(accelerator, batches: list, world: int) -> None:
+    """DeepSpeed wants batch sizes at ``prepare`` time (normally read from a dataloader, which this loop has not)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not batches:
+        return
+    conf = plugin.deepspeed_config
+    per_rank = max(1, -(-max(len(b) for b in batches) // world))
+    if conf.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        conf["train_micro_batch_size_per_gpu"] = per_rank
+    if conf.get("train_batch_size", "auto") == "auto":
+        conf["train_batch_size"] = per_rank * world * int(conf.get("gradient_accumulation_steps", 1) or 1)
+
+
+def exported_weights(checkpoint_dir: str | Path) -> Path:
+    """Where sharded training leaves the full trained weights (an HF checkpoint) for generation and saving."""
+    return Path(checkpoint_dir) / "weights"
+
+
+def _export(accelerator, pmodel, out: Path) -> None:
+    state = accelerator.get_state_dict(pmodel)  # gathers the shards (a collective)
+    if accelerator.is_main_process:
+        from ..runs import atomic_dir
+
+        with atomic_dir(out) as tmp:
+            accelerator.unwrap_model(pmodel).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    accelerator.wait_for_everyone()
+
+
+def _combine(accelerator, metrics: dict, share: float) -> dict:
+    """Per-rank means → the mean over the whole global batch (each rank weighted by its share)."""
+    from accelerate.utils import gather_object
+
+    parts = gather_object([(metrics, share)])
+    keys = sorted({k for m, _ in parts for k in m})
+    out = {}
+    for k in keys:
+        num = sum(m[k] * s for m, s in parts if k in m)
+        den = sum(s for m, s in parts if k in m)
+        out[k] = num / den if den else float("nan")
+    return out
 
 
 def mean_metrics(history: list[dict]) -> dict:

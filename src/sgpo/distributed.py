@@ -1,0 +1,110 @@
+"""Several processes (``accelerate launch``): who does what, and the few collectives the recipe needs.
+
+A run started with plain ``python``/``sgpo`` has one process and no Accelerator: every helper here is then a no-op
+or the identity. Under ``accelerate launch`` (or ``torchrun``) every process runs the whole recipe; they agree on
+every decision because every decision is derived from the config, the data and the run directory, and:
+
+* generation: the batches of the fixed plan are dealt out whole (batch k to rank k mod world size); results are
+  gathered on every rank and only the main process appends them to the run files;
+* training: every global batch is split into disjoint slices, one per rank (see ``sgpo.training.loop``);
+* files: only the main process writes; the others wait at a barrier, then read what it wrote.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_LAUNCHER_FLAGS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
+
+
+def launched_distributed() -> bool:
+    """True when this process was started by a multi-process launcher (or asks for DeepSpeed/FSDP)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return True
+    return any(os.environ.get(k, "").lower() in ("1", "true") for k in _LAUNCHER_FLAGS)
+
+
+class Dist:
+    """The process group as the recipe sees it. ``accelerator`` is None in a single plain process."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index if accelerator is not None else 0
+        self.world = accelerator.num_processes if accelerator is not None else 1
+        self.is_main = self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def device(self):
+        return self.accelerator.device if self.accelerator is not None else None
+
+    @property
+    def sharded(self) -> bool:
+        """True when training shards the weights (FSDP, DeepSpeed): trained weights must be gathered to be used."""
+        return is_sharded(self.accelerator)
+
+    def barrier(self) -> None:
+        if self.accelerator is not None and self.world > 1:
+            self.accelerator.wait_for_everyone()
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every rank (picklable objects)."""
+        if self.world <= 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        box = [obj if self.is_main else None]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items`` concatenated in rank order, on every rank."""
+        if self.world <= 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(items)))
+
+    def all_agree(self, ok: bool) -> bool:
+        """True only when ``ok`` holds on every rank (so that all raise, or none does)."""
+        if self.world <= 1:
+            return ok
+        return all(self.gather([bool(ok)]))
+
+
+def is_sharded(accelerator) -> bool:
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def setup(device: str = "auto") -> Dist:
+    """A ``Dist`` for this process: with an Accelerator when launched by a multi-process launcher."""
+    if not launched_distributed():
+        return Dist(None)
+    import torch
+    from accelerate import Accelerator
+
+    # On a machine without a GPU (or with model.device=cpu) the processes talk over gloo on the CPU. Accelerate only
+    # sets the process group up on CPU when asked, so ask whenever there is no GPU to use.
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    acc = Accelerator(cpu=cpu)
+    if acc.num_processes != int(os.environ.get("WORLD_SIZE", "1") or 1):
+        raise RuntimeError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but accelerate set up "
+                           f"{acc.num_processes}: check the accelerate config")
+    wanted = [k.split("_")[-1] for k in _LAUNCHER_FLAGS if os.environ.get(k, "").lower() in ("1", "true")]
+    if wanted and not is_sharded(acc) and acc.is_main_process:
+        import logging
+
+        logging.getLogger("sgpo").warning("%s was asked for but accelerate set up %s (FSDP and DeepSpeed need GPUs); "
+                                          "training runs data-parallel", wanted[0], acc.distributed_type)
+    if not acc.is_main_process:  # one process reports; the others only speak up for problems
+        import logging
+
+        logging.getLogger("sgpo").setLevel(logging.WARNING)
+    return Dist(acc)

@@ -1,0 +1,102 @@
+"""Two processes on the CPU (DDP over gloo, started by ``accelerate launch``) against one process.
+
+What must hold exactly: everything generated before any training (whole batches of the fixed plan per rank), the
+prompts and texts of the pairs, and that only the main process wrote (no duplicated shard rows). What holds to float
+tolerance: trained weights and the reference log-probabilities of the pairs, because a gradient summed over two
+half-batches and all-reduced is not bit-identical to the gradient of the whole batch.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_resume import REPO, cli_env, load_weights, write_data
+
+SETS = ["data.dev_size=2", "data.improver_size=4", "data.round_size=6", "eval.improver_size=0",
+        "eval.head_to_head_size=0", "generation.max_new_tokens=8", "generation.batch_size=2", "improver.chain=1",
+        # 6 NLL examples in batches of 5 → a last batch of 1 (one rank gets an empty slice);
+        # 6 pairs in batches of 4 → a last batch of 2 (one pair per rank)
+        "train.batch_size=5", "dpo.batch_size=4", "train.checkpoint_every=1", "rounds=1"]
+
+
+def command(out: Path, data: Path) -> list[str]:
+    cmd = ["-m", "sgpo", "run", str(REPO / "configs" / "smoke.yaml"), "-o", str(out), "--set", f"data.sft={data}"]
+    for s in SETS:
+        cmd += ["--set", s]
+    return cmd
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    data = write_data(root / "train.jsonl")
+    one, two = root / "one", root / "two"
+    run([sys.executable] + command(one, data))
+    # accelerate's --cpu flag starts a single process (multi-CPU needs mpirun there); --multi_gpu starts the
+    # processes through torch.distributed, and sgpo sets them up on the CPU over gloo when there is no GPU
+    p = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] + command(two, data))
+    return one, two, p
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def test_two_processes_really_ran(runs):
+    _, two, p = runs
+    assert p.stderr.count("run directory:") == 2  # both ranks started
+    assert (two / "final" / "model" / "model.safetensors").exists()
+
+
+def test_generation_before_training_is_identical(runs):
+    one, two, _ = runs
+    for f in ("improver/drafts.jsonl", "improver/examples.jsonl"):
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+
+
+def test_only_the_main_process_wrote(runs):
+    _, two, _ = runs
+    for shard in ("improver/drafts.jsonl", "round_1/policy.jsonl", "round_1/improver.jsonl"):
+        ids = [r["id"] for r in rows(two / shard)]
+        assert len(ids) == len(set(ids)) > 0, shard  # two writers would have appended every row twice
+    assert not list(two.rglob(".*tmp*")) and not list(two.glob("*/checkpoints"))
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert all(s["status"] == "done" for s in manifest["stages"].values())
+
+
+def test_pairs_equal_the_single_process_run(runs):
+    one, two, _ = runs
+    a, b = rows(one / "round_1" / "pairs.jsonl"), rows(two / "round_1" / "pairs.jsonl")
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        for k in ("record_id", "prompt", "chosen", "rejected", "chosen_finished", "rejected_finished", "meta"):
+            assert x[k] == y[k], k
+        for k in ("ref_chosen_logp", "ref_rejected_logp"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-4), k
+
+
+def test_weights_and_losses_match_to_float_tolerance(runs):
+    import torch
+
+    one, two, _ = runs
+    for stage in ("improver", "final"):
+        wa, wb = load_weights(one / stage / "model"), load_weights(two / stage / "model")
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=f"{stage}: {k}")
+    for stage, key in (("improver", "nll/loss"), ("round_1", "dpo/loss"), ("round_1", "rewards/accuracies")):
+        ma = json.loads((one / stage / "metrics.json").read_text())
+        mb = json.loads((two / stage / "metrics.json").read_text())
+        assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-5), (stage, key)
+        assert mb.get("nll/steps") == ma.get("nll/steps") and mb.get("dpo/steps") == ma.get("dpo/steps")

@@ -1,0 +1,220 @@
+"""Kill the CLI with SIGKILL at several points, resume, and compare with an uninterrupted run.
+
+A shrunken smoke config (tiny random model, a 16-row data file, no dev figures) keeps each run to seconds. One run goes
+through uninterrupted; another is killed during generation, during improver training, between stages and during DPO
+training, each time resumed with the same command, and must end with byte-identical pairs and the same final weights.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+SETS = ["data.dev_size=2", "data.improver_size=4", "data.round_size=4", "eval.improver_size=0",
+        "eval.head_to_head_size=0", "generation.max_new_tokens=8", "generation.batch_size=2", "improver.chain=1",
+        "train.batch_size=2", "dpo.batch_size=2", "train.checkpoint_every=1", "dpo.checkpoint_every=1", "rounds=1"]
+
+
+def write_data(path: Path, n: int = 16) -> Path:
+    rng = random.Random(0)
+    words = ("the a model answer question data river mountain light quick brown fox jumps over lazy dog code test "
+             "run value").split()
+    with open(path, "w") as f:
+        for i in range(n):
+            p = f"Question {i}: " + " ".join(rng.choice(words) for _ in range(8)) + "?"
+            r = (" ".join(rng.choice(words) for _ in range(20)) + ". "
+                 + " ".join(rng.choice(words) for _ in range(10)) + ".")
+            f.write(json.dumps({"prompt": p, "response": r}) + "\n")
+    return path
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def command(out: Path, data: Path, extra=()) -> list[str]:
+    cmd = [sys.executable, "-m", "sgpo", "run", str(REPO / "configs" / "smoke.yaml"), "-o", str(out),
+           "--set", f"data.sft={data}"]
+    for s in SETS:
+        cmd += ["--set", s]
+    return cmd + list(extra)
+
+
+def run_to_end(out: Path, data: Path, extra=()) -> subprocess.CompletedProcess:
+    p = subprocess.run(command(out, data, extra), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def run_and_kill(out: Path, data: Path, when, what: str, log: Path) -> None:
+    """Start the run, SIGKILL it as soon as ``when()`` holds; fail if it ended before that."""
+    with open(log, "a") as f:
+        proc = subprocess.Popen(command(out, data), cwd=REPO, env=cli_env(), stdout=f, stderr=f)
+        try:
+            while proc.poll() is None:
+                if when():
+                    proc.send_signal(signal.SIGKILL)
+                    break
+                time.sleep(0.01)
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert rc == -signal.SIGKILL, f"the run ended (rc={rc}) before it could be killed {what}:\n{log.read_text()[-3000:]}"
+
+
+def lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def stage_status(out: Path, stage: str) -> str | None:
+    try:
+        return json.loads((out / "manifest.json").read_text())["stages"].get(stage, {}).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoints(out: Path, stage: str) -> list[Path]:
+    return list((out / stage).glob("checkpoints/*/step_*"))
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def shard_rows(path: Path) -> dict:
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            d = json.loads(line)
+            rows[d["id"]] = d
+    return rows
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    run_to_end(out, data)
+    return out
+
+
+def test_kill_anywhere_then_resume_reproduces_the_run(tmp_path, data, uninterrupted):
+    import torch
+
+    out, log = tmp_path / "killed", tmp_path / "log.txt"
+    # 1. during generation: the first batch of the improver drafts is on disk, the second is not
+    run_and_kill(out, data, lambda: lines(out / "improver" / "drafts.jsonl") >= 2, "during generation", log)
+    assert stage_status(out, "improver") == "running"
+    assert lines(out / "improver" / "drafts.jsonl") < 4
+    # 2. during improver training: a mid-training checkpoint exists, the stage is not done
+    run_and_kill(out, data, lambda: bool(checkpoints(out, "improver")), "during training", log)
+    assert stage_status(out, "improver") == "running"
+    # 3. between stages: the improver stage has just been recorded as done
+    run_and_kill(out, data, lambda: stage_status(out, "improver") == "done", "between stages", log)
+    # 4. during DPO: the round's pairs (with their reference log-probs) are written, training has begun
+    run_and_kill(out, data, lambda: bool(checkpoints(out, "round_1")), "during DPO training", log)
+    assert stage_status(out, "round_1") == "running" and (out / "round_1" / "pairs.jsonl").exists()
+    # 5. resume to the end
+    p = run_to_end(out, data)
+    assert "done earlier, skipped" in p.stderr
+
+    # byte-identical pairs, the same generations, the same metrics, the same weights
+    assert (out / "round_1" / "pairs.jsonl").read_bytes() == (uninterrupted / "round_1" / "pairs.jsonl").read_bytes()
+    for shard in ("improver/drafts.jsonl", "round_1/policy.jsonl", "round_1/improver.jsonl"):
+        assert shard_rows(out / shard) == shard_rows(uninterrupted / shard), shard
+    for stage in ("improver", "round_1"):
+        a = json.loads((out / stage / "metrics.json").read_text())
+        b = json.loads((uninterrupted / stage / "metrics.json").read_text())
+        strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
+        assert strip(a) == strip(b), stage
+    wa, wb = load_weights(out / "final" / "model"), load_weights(uninterrupted / "final" / "model")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
+    # finished runs leave no training checkpoints or temporary files behind
+    assert not list(out.glob("*/checkpoints")), list(out.glob("*/checkpoints"))
+    assert not [p for p in out.rglob(".*tmp*")]
+    # a finished run re-run is a no-op that skips every stage
+    again = run_to_end(out, data)
+    assert again.stderr.count("done earlier, skipped") >= 3
+
+
+def test_changed_config_on_resume_names_the_keys(tmp_path, data, uninterrupted):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    p = subprocess.run(command(out, data, ["--set", "dpo.beta=0.5", "--set", "seed=3"]), cwd=REPO, env=cli_env(),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert err[-1].startswith("sgpo: error:") and "dpo.beta" in err[-1] and "seed" in err[-1]
+    assert "--force-restart" in err[-1]
+    assert "Traceback" not in p.stderr
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing was touched
+
+
+def test_changed_data_on_resume_is_refused(tmp_path, data, uninterrupted):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    changed = tmp_path / "train.jsonl"  # same path in the config would hide it; the content is what counts
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    changed.write_text("".join(json.dumps({**r, "response": "Indeed, " + r["response"]}) + "\n" for r in rows))
+    cfg = (out / "config.yaml").read_text().replace(str(data), str(changed))
+    (out / "config.yaml").write_text(cfg)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    p = subprocess.run(command(out, changed), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = [x for x in p.stderr.splitlines() if x.startswith("sgpo: error:")][-1]
+    assert "stage 'round_0' was done with different inputs" in last and "Traceback" not in p.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_force_restart_forgets_the_run_but_nothing_else(tmp_path):
+    from sgpo import config
+    from sgpo.recipe import check_resume
+    from sgpo.runs import RunDir
+
+    out = tmp_path / "run"
+    run = RunDir(out)
+    for stage in ("round_0", "improver"):
+        (out / stage).mkdir()
+        (out / stage / "drafts.jsonl").write_text("{}\n")
+        run.manifest["stages"][stage] = {"status": "done"}
+    run.save_manifest()
+    (out / "config.yaml").write_text(config.dump(config.load(None, ["seed=1"])))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(Exception, match="changed: seed"):
+        check_resume(RunDir(out), config.load(None, ["seed=2"]), False)
+    run = RunDir(out)
+    check_resume(run, config.load(None, ["seed=2"]), True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+    assert run.manifest["stages"] == {}
