@@ -87,3 +87,17 @@ def test_unwritable_output_directory(tmp_path):
         target = str(ro / "run")
     res = sgpo("run", "configs/smoke.yaml", "-o", target)
     assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_lora_run_saves_merged_full_checkpoints(tmp_path):
+    out = tmp_path / "lora"
+    res = sgpo("run", "configs/smoke.yaml", "-o", str(out), "--set", "model.lora_r=4", "--set", "rounds=1",
+               "--set", "eval.improver_size=0", "--set", "eval.head_to_head_size=0", "--set", "data.improver_size=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    import torch
+    from safetensors.torch import load_file
+
+    final = load_file(out / "final" / "model.safetensors")
+    start = load_file(out / "improver" / "model" / "model.safetensors")
+    assert not any("lora" in k for k in final)  # merged: an ordinary checkpoint
+    assert set(final) == set(start) and any(not torch.equal(final[k], start[k]) for k in final)

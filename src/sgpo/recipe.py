@@ -31,6 +31,7 @@ from .pairs import Pair, filter_pairs, pair_metrics
 from .rollout import rollout
 from .runs import (RunDir, RunError, atomic_dir, atomic_write_json, atomic_write_text, content_hash, is_writer,
                    read_jsonl, set_writer, write_jsonl)
+from .training.adapters import trainable
 from .training.dpo import TokenPair, reference_logps, train_dpo
 from .training.loop import exported_weights
 from .training.sft import NLLExample, train_nll
@@ -149,13 +150,20 @@ class Runner:
         return [NLLExample(tuple(templates.policy_ids(tok, r.prompt)),
                            tuple(templates.completion_ids(tok, r.reference)), "policy") for r in records]
 
+    def trainable(self):
+        """The current model as training sees it: with a fresh LoRA adapter (merged afterwards) when configured."""
+        mc = self.cfg.model
+        return trainable(self.model, lora_r=mc.lora_r, lora_alpha=mc.lora_alpha, lora_dropout=mc.lora_dropout,
+                         gradient_checkpointing=mc.gradient_checkpointing)
+
     def train_nll(self, examples, desc: str, seed: int) -> dict:
         t = self.cfg.train
         ckpt = self.checkpoint_dir(desc)
-        m = train_nll(self.model, examples, pad_id=self.tokenizer.pad_token_id, batch_size=t.batch_size,
+        with self.trainable() as model:
+            m = train_nll(model, examples, pad_id=self.tokenizer.pad_token_id, batch_size=t.batch_size,
                       epochs=t.epochs, lr=t.lr, seed=seed, warmup_steps=t.warmup_steps,
-                      weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, desc=desc,
-                      accelerator=self.dist.accelerator, checkpoint_dir=ckpt, checkpoint_every=t.checkpoint_every)
+                          weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, desc=desc,
+                          accelerator=self.dist.accelerator, checkpoint_dir=ckpt, checkpoint_every=t.checkpoint_every)
         self.after_training(ckpt)
         return m
 
@@ -275,11 +283,13 @@ def _round_stage(r: Runner, method, t: int, records: list[Record], initial_path:
     if kept:
         d = cfg.dpo
         ckpt = r.checkpoint_dir("dpo")
-        m.update(train_dpo(r.model, _pairs_to_tokens(r, kept, d.improver_nll_coef > 0), pad_id=r.tokenizer.pad_token_id,
-                           beta=d.beta, batch_size=d.batch_size, epochs=d.epochs, lr=d.lr, seed=cfg.seed + 100 * t,
-                           max_grad_norm=d.max_grad_norm, improver_nll_coef=d.improver_nll_coef,
-                           desc=f"round {t}: dpo", accelerator=r.dist.accelerator, checkpoint_dir=ckpt,
-                           checkpoint_every=d.checkpoint_every))
+        with r.trainable() as model:
+            m.update(train_dpo(model, _pairs_to_tokens(r, kept, d.improver_nll_coef > 0),
+                               pad_id=r.tokenizer.pad_token_id, beta=d.beta, batch_size=d.batch_size, epochs=d.epochs,
+                               lr=d.lr, seed=cfg.seed + 100 * t, max_grad_norm=d.max_grad_norm,
+                               improver_nll_coef=d.improver_nll_coef, desc=f"round {t}: dpo",
+                               accelerator=r.dist.accelerator, checkpoint_dir=ckpt,
+                               checkpoint_every=d.checkpoint_every))
         r.after_training(ckpt)
     else:
         log.warning("round %d: no pairs survived the filters; the model is unchanged this round", t)
