@@ -56,7 +56,7 @@ def rows(path: Path) -> list[dict]:
 def test_two_processes_really_ran(runs):
     _, two, p = runs
     assert p.stderr.count("run directory:") == 2  # both ranks started
-    assert (two / "final" / "model" / "model.safetensors").exists()
+    assert (two / "final" / "model.safetensors").exists()
 
 
 def test_generation_before_training_is_identical(runs):
@@ -90,11 +90,11 @@ def test_weights_and_losses_match_to_float_tolerance(runs):
     import torch
 
     one, two, _ = runs
-    for stage in ("improver", "final"):
-        wa, wb = load_weights(one / stage / "model"), load_weights(two / stage / "model")
+    for path in ("improver/model", "final"):
+        wa, wb = load_weights(one / path), load_weights(two / path)
         assert wa.keys() == wb.keys()
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=f"{stage}: {k}")
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=f"{path}: {k}")
     for stage, key in (("improver", "nll/loss"), ("round_1", "dpo/loss"), ("round_1", "rewards/accuracies")):
         ma = json.loads((one / stage / "metrics.json").read_text())
         mb = json.loads((two / stage / "metrics.json").read_text())

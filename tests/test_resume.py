@@ -151,7 +151,7 @@ def test_kill_anywhere_then_resume_reproduces_the_run(tmp_path, data, uninterrup
         b = json.loads((uninterrupted / stage / "metrics.json").read_text())
         strip = lambda m: {k: v for k, v in m.items() if not k.startswith("time/")}  # noqa: E731
         assert strip(a) == strip(b), stage
-    wa, wb = load_weights(out / "final" / "model"), load_weights(uninterrupted / "final" / "model")
+    wa, wb = load_weights(out / "final"), load_weights(uninterrupted / "final")
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6, msg=k)
