@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import kv_decoder
+
 
 @dataclass(frozen=True)
 class Request:
@@ -36,29 +38,100 @@ class Settings:
 
 
 def plan_batches(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
-    """Indices of ``requests`` grouped into batches: contiguous in the given order (a fixed plan)."""
-    return [list(range(i, min(i + batch_size, len(requests)))) for i in range(0, len(requests), batch_size)]
+    """Indices of ``requests`` grouped into batches of at most ``batch_size``: a fixed plan, a pure function of the
+    requests (prompts sorted by length, ties by position), so that a batch holds prompts of similar length and
+    little padding. It never depends on the number of processes or on where a run was resumed."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(requests)), key=lambda i: (len(requests[i].prompt_ids), i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _sample(logits: torch.Tensor, gens: list[torch.Generator], s: Settings) -> torch.Tensor:
+def _uniforms(batch: Sequence[Request], steps: int) -> torch.Tensor:
+    """``[rows, steps]`` uniform draws in [0, 1): row i comes only from a generator seeded with request i's seed, so a
+    request's samples do not depend on which other requests share its batch."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(r.seed)), dtype=torch.float64)
+                        for r in batch])
+
+
+def _sample(logits: torch.Tensor, u: torch.Tensor, s: Settings) -> torch.Tensor:
+    """One token per row of ``logits`` (``[rows, vocab]``), by inverse-CDF sampling with the row's uniform ``u``.
+
+    Temperature 0 is greedy (argmax). Otherwise the distribution is softmax(logits / temperature), restricted to the
+    nucleus of mass ``top_p`` when ``top_p < 1`` (sorting only then).
+    """
     if s.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    idx = None
     if s.top_p < 1.0:
-        sorted_p, idx = probs.sort(-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < s.top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-    out = [torch.multinomial(probs[i].cpu(), 1, generator=g) for i, g in enumerate(gens)]
-    return torch.cat(out).to(logits.device)
+        probs, idx = probs.sort(-1, descending=True)
+        keep = probs.cumsum(-1) - probs < s.top_p  # the smallest prefix whose mass reaches top_p
+        probs = probs * keep
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    j = torch.searchsorted(cdf, u.to(cdf.device).unsqueeze(-1) * total, right=True)
+    # u * total < total, so j points at a token of positive mass; guard against rounding at the very end
+    last = (cdf < total).sum(-1, keepdim=True)
+    j = torch.minimum(j, last)
+    if idx is not None:
+        j = idx.gather(-1, j)
+    return j.squeeze(-1)
 
 
 @torch.inference_mode()
-def generate_batch(model, tokenizer, batch: Sequence[Request], s: Settings) -> list[Generation]:
-    """Generate for one batch (left padding, KV cache, finished rows keep emitting pad)."""
-    device = next(model.parameters()).device
+def generate_batch(model, tokenizer, batch: Sequence[Request], s: Settings, decoder=None) -> list[Generation]:
+    """Generate for one batch. Llama-family models use the KV-cache decoder of ``sgpo.kv_decoder`` (finished rows
+    leave the batch); other models go through their own forward with finished rows emitting padding."""
+    if decoder is None and kv_decoder.supports(model):
+        decoder = kv_decoder.KVDecoder(model)
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    u = _uniforms(batch, s.max_new_tokens) if s.temperature > 0 else None
+    if decoder is None:
+        out, finished = _generate_plain(model, batch, s, eos, pad, u)
+    else:
+        out, finished = _generate_kv(decoder, batch, s, eos, pad, u)
+    return [Generation(tokenizer.decode(o, skip_special_tokens=True), tuple(o), f) for o, f in zip(out, finished)]
+
+
+def _generate_kv(decoder, batch, s: Settings, eos: set[int], pad: int, u):
+    n = len(batch)
+    out: list[list[int]] = [[] for _ in batch]
+    finished = [False] * n
+    if s.max_new_tokens <= 0:
+        return out, finished
+    rows = list(range(n))  # live row -> request position in the batch
+    try:
+        logits = decoder.start([r.prompt_ids for r in batch], s.max_new_tokens, pad)
+        for t in range(s.max_new_tokens):
+            nxt = _sample(logits, u[:, t] if u is not None else None, s)
+            done = []
+            for j, tok in enumerate(nxt.tolist()):
+                b = rows[j]
+                if tok in eos:
+                    finished[b] = True
+                    done.append(j)
+                else:
+                    out[b].append(tok)
+            if t + 1 == s.max_new_tokens or len(done) == len(rows):
+                break
+            if done:
+                order = decoder.drop(done)
+                rows = [rows[j] for j in order]
+                sel = torch.tensor(order)
+                nxt = nxt[sel.to(nxt.device)]
+                if u is not None:
+                    u = u[sel]
+            logits = decoder.step(nxt)
+    finally:
+        decoder.release()
+    return out, finished
+
+
+def _generate_plain(model, batch, s: Settings, eos: set[int], pad: int, u):
+    """Any causal LM through its own forward: left padding, its KV cache, finished rows keep emitting pad."""
+    device = next(model.parameters()).device
     width = max(len(r.prompt_ids) for r in batch)
     ids = torch.full((len(batch), width), pad, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -66,31 +139,30 @@ def generate_batch(model, tokenizer, batch: Sequence[Request], s: Settings) -> l
         ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
         mask[i, width - len(r.prompt_ids):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    gens = [torch.Generator().manual_seed(int(r.seed)) for r in batch]
     out: list[list[int]] = [[] for _ in batch]
     done = [False] * len(batch)
     finished = [False] * len(batch)
     past = None
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     step_ids, step_pos = ids, pos
-    for _ in range(s.max_new_tokens):
+    for t in range(s.max_new_tokens):
         res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
                     use_cache=True)
         past = res.past_key_values
-        nxt = _sample(res.logits[:, -1, :], gens, s)
-        for i, t in enumerate(nxt.tolist()):
+        nxt = _sample(res.logits[:, -1, :], u[:, t] if u is not None else None, s)
+        for i, tok in enumerate(nxt.tolist()):
             if done[i]:
                 continue
-            if t in eos:
+            if tok in eos:
                 done[i] = finished[i] = True
             else:
-                out[i].append(t)
+                out[i].append(tok)
         if all(done):
             break
         step_ids = nxt.unsqueeze(-1)
         step_pos = step_pos[:, -1:] + 1
         mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=device)], dim=1)
-    return [Generation(tokenizer.decode(o, skip_special_tokens=True), tuple(o), f) for o, f in zip(out, finished)]
+    return out, finished
 
 
 def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
@@ -110,9 +182,10 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
                unit="seq", leave=False)
     was_training = model.training
     model.eval()
+    decoder = kv_decoder.KVDecoder(model) if kv_decoder.supports(model) else None
     try:
         for b in todo:
-            gens = generate_batch(model, tokenizer, [requests[i] for i in b], s)
+            gens = generate_batch(model, tokenizer, [requests[i] for i in b], s, decoder=decoder)
             for i, g in zip(b, gens):
                 results[i] = g
             if on_batch:
