@@ -7,6 +7,7 @@ requests themselves, never on the number of processes or on where a run was resu
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -142,13 +143,13 @@ def _generate_plain(model, batch, s: Settings, eos: set[int], pad: int, u):
     out: list[list[int]] = [[] for _ in batch]
     done = [False] * len(batch)
     finished = [False] * len(batch)
-    past = None
+    past = {}
+    cache_kw = _cache_kwarg(model)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     step_ids, step_pos = ids, pos
     for t in range(s.max_new_tokens):
-        res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True)
-        past = res.past_key_values
+        res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **past)
+        past = {cache_kw: res.past_key_values}
         nxt = _sample(res.logits[:, -1, :], u[:, t] if u is not None else None, s)
         for i, tok in enumerate(nxt.tolist()):
             if done[i]:
@@ -182,7 +183,7 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
                unit="seq", leave=False)
     was_training = model.training
     model.eval()
-    decoder = kv_decoder.KVDecoder(model) if kv_decoder.supports(model) else None
+    decoder = kv_decoder.KVDecoder(model, rows_hint=s.batch_size) if kv_decoder.supports(model) else None
     try:
         for b in todo:
             gens = generate_batch(model, tokenizer, [requests[i] for i in b], s, decoder=decoder)
@@ -195,6 +196,15 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
         bar.close()
         model.train(was_training)
     return results
+
+
+def _cache_kwarg(model) -> str:
+    """The name under which this transformers version takes the KV cache (``cache`` in newer releases)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
