@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import kv_decoder
 
@@ -55,7 +56,7 @@ def _uniforms(batch: Sequence[Request], steps: int) -> torch.Tensor:
                         for r in batch])
 
 
-def _sample(logits: torch.Tensor, u: torch.Tensor, s: Settings) -> torch.Tensor:
+def _sample(logits: torch.Tensor, u: torch.Tensor | None, s: Settings) -> torch.Tensor:
     """One token per row of ``logits`` (``[rows, vocab]``), by inverse-CDF sampling with the row's uniform ``u``.
 
     Temperature 0 is greedy (argmax). Otherwise the distribution is softmax(logits / temperature), restricted to the
@@ -64,20 +65,35 @@ def _sample(logits: torch.Tensor, u: torch.Tensor, s: Settings) -> torch.Tensor:
     if s.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    idx = None
-    if s.top_p < 1.0:
-        probs, idx = probs.sort(-1, descending=True)
-        keep = probs.cumsum(-1) - probs < s.top_p  # the smallest prefix whose mass reaches top_p
-        probs = probs * keep
-    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    if s.top_p >= 1.0:
+        return _inverse_cdf(probs, u)
+    probs, idx = probs.sort(-1, descending=True)
+    keep = probs.cumsum(-1) - probs < s.top_p  # the smallest prefix whose mass reaches top_p
+    return idx.gather(-1, _inverse_cdf(probs * keep, u).unsqueeze(-1)).squeeze(-1)
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """For each row, the first index whose cumulative (unnormalised) mass exceeds ``u`` times the row's total.
+
+    Two levels, so that no full-vocabulary scan is sequential: pick the block of ``block`` tokens by the cumulative
+    mass of the blocks, then the token inside it. Cumulative sums are in float64. A token of zero mass is never
+    returned.
+    """
+    n, vocab = probs.shape
+    nb = -(-vocab // block)
+    if nb * block != vocab:
+        probs = F.pad(probs, (0, nb * block - vocab))
+    blocks = probs.view(n, nb, block)
+    cdf = blocks.sum(-1).to(torch.float64).cumsum(-1)  # [n, nb]
     total = cdf[:, -1:]
-    j = torch.searchsorted(cdf, u.to(cdf.device).unsqueeze(-1) * total, right=True)
-    # u * total < total, so j points at a token of positive mass; guard against rounding at the very end
-    last = (cdf < total).sum(-1, keepdim=True)
-    j = torch.minimum(j, last)
-    if idx is not None:
-        j = idx.gather(-1, j)
-    return j.squeeze(-1)
+    x = u.to(device=cdf.device, dtype=torch.float64).view(n, 1) * total
+    j = torch.searchsorted(cdf, x, right=True)
+    j = torch.minimum(j, (cdf < total).sum(-1, keepdim=True))  # rounding guard: the last block with mass
+    before = torch.where(j > 0, cdf.gather(-1, (j - 1).clamp(min=0)), torch.zeros_like(x))
+    inner = blocks.gather(1, j.unsqueeze(-1).expand(n, 1, block)).squeeze(1).to(torch.float64).cumsum(-1)
+    k = torch.searchsorted(inner, x - before, right=True)
+    k = torch.minimum(k, (inner < inner[:, -1:]).sum(-1, keepdim=True))  # the last token with mass in the block
+    return (j * block + k).squeeze(-1)
 
 
 @torch.inference_mode()
