@@ -185,3 +185,16 @@ def test_inverse_cdf_follows_the_distribution():
     edge = _inverse_cdf(p.expand(2, -1).contiguous(), torch.tensor([0.0, 1.0 - 1e-16], dtype=torch.float64))
     nz = p.nonzero().view(-1)
     assert edge.tolist() == [nz[0].item(), nz[-1].item()]
+
+
+def test_auto_batch_size_follows_the_memory_budget(tiny):
+    from sgpo.generation import auto_batch_size
+
+    model, _ = tiny
+    reqs = [Request(tuple(range(90)), seed=0), Request(tuple(range(10)), seed=1)]
+    cfg = model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    s = Settings(max_new_tokens=10, batch_size=0, kv_cache_mb=1, max_auto_batch=1000)
+    assert auto_batch_size(model, reqs, s) == 2 ** 20 // (per_token * 100)
+    assert auto_batch_size(model, reqs, Settings(batch_size=0, kv_cache_mb=1024, max_auto_batch=8)) == 8
+    assert auto_batch_size(model, reqs, Settings(max_new_tokens=10 ** 9, batch_size=0)) == 1

@@ -1,6 +1,8 @@
 """The generation engine: batched sampling with a KV cache, stop at EOS, per-prompt seeds.
 
-One interface, ``generate(model, tokenizer, requests, settings)``; backends slot in behind it.
+One interface, ``generate(model, tokenizer, requests, settings)``; backends slot in behind it. Llama-family models
+run on ``sgpo.kv_decoder`` (preallocated KV cache, finished rows leave the batch, shared prompt prefix computed once,
+pre-packed weights on CPU); any other causal LM runs through its own forward.
 Determinism contract (see the project notes): every request carries its own seed, sampling for a request draws only
 from a generator seeded with it, and requests are cut into batches by ``plan_batches`` which depends only on the
 requests themselves, never on the number of processes or on where a run was resumed.
@@ -36,7 +38,9 @@ class Settings:
     max_new_tokens: int = 128
     temperature: float = 0.7  # 0 means greedy
     top_p: float = 1.0
-    batch_size: int = 16
+    batch_size: int = 16  # 0: the largest batch whose KV cache fits ``kv_cache_mb`` (see ``auto_batch_size``)
+    kv_cache_mb: int = 2048
+    max_auto_batch: int = 64
 
 
 def plan_batches(requests: Sequence[Request], batch_size: int) -> list[list[int]]:
@@ -47,6 +51,22 @@ def plan_batches(requests: Sequence[Request], batch_size: int) -> list[list[int]
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i].prompt_ids), i))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def auto_batch_size(model, requests: Sequence[Request], s: Settings) -> int:
+    """The largest batch (at most ``s.max_auto_batch``) whose KV cache for the longest prompt plus ``max_new_tokens``
+    fits in ``s.kv_cache_mb``. It depends only on the model's shape, the requests and the settings, so the plan it
+    gives is still fixed."""
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 1)
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 1)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    itemsize = next(model.parameters()).element_size()
+    longest = max((len(r.prompt_ids) for r in requests), default=1) + s.max_new_tokens
+    per_row = 2 * layers * kv_heads * head_dim * itemsize * longest
+    return max(1, min(s.max_auto_batch, int(s.kv_cache_mb * 2 ** 20 // per_row)))
 
 
 def _uniforms(batch: Sequence[Request], steps: int) -> torch.Tensor:
@@ -193,13 +213,15 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
     from tqdm.auto import tqdm
 
     results: list[Generation | None] = [None] * len(requests)
-    batches = plan_batches(requests, s.batch_size)
+    batch_size = s.batch_size if s.batch_size > 0 else auto_batch_size(model, requests, s)
+    batches = plan_batches(requests, batch_size)
     todo = [b for b in batches if not (skip and all(i in skip for i in b))]
     bar = tqdm(total=sum(len(b) for b in todo), desc=progress or "generate", disable=progress is None,
                unit="seq", leave=False)
     was_training = model.training
     model.eval()
-    decoder = kv_decoder.KVDecoder(model, rows_hint=s.batch_size) if kv_decoder.supports(model) else None
+    # built once per call (the packed weights are a snapshot: the model may be trained between calls)
+    decoder = kv_decoder.KVDecoder(model, rows_hint=batch_size) if todo and kv_decoder.supports(model) else None
     try:
         for b in todo:
             gens = generate_batch(model, tokenizer, [requests[i] for i in b], s, decoder=decoder)
