@@ -10,6 +10,7 @@ requests themselves, never on the number of processes or on where a run was resu
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -118,52 +119,117 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torc
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, batch: Sequence[Request], s: Settings, decoder=None) -> list[Generation]:
-    """Generate for one batch. Llama-family models use the KV-cache decoder of ``sgpo.kv_decoder`` (finished rows
-    leave the batch); other models go through their own forward with finished rows emitting padding."""
+    """Generate for one batch. Llama-family models use the KV-cache decoder of ``sgpo.kv_decoder``; other models go
+    through their own forward with finished rows emitting padding."""
     if decoder is None and kv_decoder.supports(model):
-        decoder = kv_decoder.KVDecoder(model)
+        decoder = kv_decoder.KVDecoder(model, rows_hint=len(batch))
+    if decoder is None:
+        eos = _eos_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+        u = _uniforms(batch, s.max_new_tokens) if s.temperature > 0 else None
+        out, finished = _generate_plain(model, batch, s, eos, pad, u)
+        return [Generation(tokenizer.decode(o, skip_special_tokens=True), tuple(o), f)
+                for o, f in zip(out, finished)]
+    got: list[Generation] = []
+    _run_kv(decoder, model, tokenizer, batch, [list(range(len(batch)))], len(batch), s,
+            lambda idx, gens: got.extend(gens))
+    return got
+
+
+@torch.inference_mode()
+def _run_kv(decoder, model, tokenizer, requests: Sequence[Request], batches: list[list[int]], width: int,
+            s: Settings, deliver: Callable[[list[int], list[Generation]], None],
+            min_shared_prefix: int = 8) -> None:
+    """Generate ``batches`` (in plan order) keeping up to ``width`` sequences in flight.
+
+    A finished sequence leaves at once and the next request of the plan takes its row (in groups of at least a
+    quarter of ``width``, so that prompt passes stay few), so no step decodes padding and the batch does not thin out
+    at the end of each plan batch. ``deliver(batch, generations)`` is called as soon as a plan batch is complete.
+    Every request samples with its own uniforms (``_uniforms``) and rows are computed independently, so the results
+    are those of running each plan batch on its own.
+    """
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
-    u = _uniforms(batch, s.max_new_tokens) if s.temperature > 0 else None
-    if decoder is None:
-        out, finished = _generate_plain(model, batch, s, eos, pad, u)
-    else:
-        out, finished = _generate_kv(decoder, batch, s, eos, pad, u)
-    return [Generation(tokenizer.decode(o, skip_special_tokens=True), tuple(o), f) for o, f in zip(out, finished)]
+    order = [i for b in batches for i in b]
+    if not order:
+        return
+    out: dict[int, list[int]] = {i: [] for i in order}
+    finished: dict[int, bool] = {}
+    left = [len(b) for b in batches]
+    batch_of = {i: k for k, b in enumerate(batches) for i in b}
 
+    def complete(i: int) -> None:
+        k = batch_of[i]
+        left[k] -= 1
+        if left[k] == 0:
+            deliver(batches[k], [Generation(tokenizer.decode(out[j], skip_special_tokens=True), tuple(out[j]),
+                                            finished.get(j, False)) for j in batches[k]])
 
-def _generate_kv(decoder, batch, s: Settings, eos: set[int], pad: int, u):
-    n = len(batch)
-    out: list[list[int]] = [[] for _ in batch]
-    finished = [False] * n
     if s.max_new_tokens <= 0:
-        return out, finished
-    rows = list(range(n))  # live row -> request position in the batch
+        for i in order:
+            complete(i)
+        return
+    prompts = [requests[i].prompt_ids for i in order]
+    decoder.reserve(width, max(len(p) for p in prompts) + s.max_new_tokens)
+    shared = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
+    if shared >= min_shared_prefix and len(order) > 1:
+        decoder.set_prefix(prompts[0][:shared])
+    sampling = s.temperature > 0
+    queue = deque(order)
+    rows: list[int] = []  # live row -> request index
+    u_rows = torch.empty((0, s.max_new_tokens), dtype=torch.float64)
+    logits = None
+    refill = max(1, width // 4)
     try:
-        logits = decoder.start([r.prompt_ids for r in batch], s.max_new_tokens, pad)
-        for t in range(s.max_new_tokens):
-            nxt = _sample(logits, u[:, t] if u is not None else None, s)
+        while queue or rows:
+            free = width - len(rows)
+            if queue and free and (not rows or free >= min(refill, len(queue))):
+                take = [queue.popleft() for _ in range(min(free, len(queue)))]
+                new = decoder.add([requests[i].prompt_ids for i in take], pad)
+                logits = new if not rows else torch.cat([logits, new])
+                rows += take
+                if sampling:
+                    u_rows = torch.cat([u_rows, _uniforms([requests[i] for i in take], s.max_new_tokens)])
+            u = None
+            if sampling:
+                u = u_rows[torch.arange(len(rows)), torch.tensor([len(out[i]) for i in rows])]
+            nxt = _sample(logits, u, s)
             done = []
             for j, tok in enumerate(nxt.tolist()):
-                b = rows[j]
+                i = rows[j]
                 if tok in eos:
-                    finished[b] = True
+                    finished[i] = True
                     done.append(j)
                 else:
-                    out[b].append(tok)
-            if t + 1 == s.max_new_tokens or len(done) == len(rows):
-                break
+                    out[i].append(tok)
+                    if len(out[i]) >= s.max_new_tokens:
+                        done.append(j)
+            for j in done:
+                complete(rows[j])
             if done:
-                order = decoder.drop(done)
-                rows = [rows[j] for j in order]
-                sel = torch.tensor(order)
+                kept = decoder.drop(done)
+                rows = [rows[j] for j in kept]
+                sel = torch.tensor(kept, dtype=torch.long)
                 nxt = nxt[sel.to(nxt.device)]
-                if u is not None:
-                    u = u[sel]
-            logits = decoder.step(nxt)
+                if sampling:
+                    u_rows = u_rows[sel]
+            if rows:
+                logits = decoder.step(nxt)
     finally:
         decoder.release()
-    return out, finished
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(x) for x in seqs)
+    for other in seqs[1:]:
+        i = 0
+        while i < n and other[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return n
 
 
 def _generate_plain(model, batch, s: Settings, eos: set[int], pad: int, u):
@@ -207,8 +273,11 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
              skip: set[int] | None = None, progress: str | None = None) -> list[Generation | None]:
     """Generate for all ``requests`` following ``plan_batches``.
 
-    ``on_batch(indices, generations)`` is called after every batch (used to append results to disk);
-    batches whose indices are all in ``skip`` are not generated (resume) and give ``None`` entries.
+    ``on_batch(indices, generations)`` is called for every batch as soon as it is complete (used to append results
+    to disk; with the KV-cache decoder, sequences of the next batches fill the rows that finished ones free, so a
+    short batch can complete before a longer one planned earlier); batches whose indices are all in ``skip`` are not
+    generated (resume) and give ``None`` entries. ``s.batch_size`` is the number of sequences in flight; 0 picks it
+    from the KV-cache budget (``auto_batch_size``).
     """
     from tqdm.auto import tqdm
 
@@ -220,16 +289,22 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
                unit="seq", leave=False)
     was_training = model.training
     model.eval()
-    # built once per call (the packed weights are a snapshot: the model may be trained between calls)
-    decoder = kv_decoder.KVDecoder(model, rows_hint=batch_size) if todo and kv_decoder.supports(model) else None
+
+    def deliver(b: list[int], gens: list[Generation]) -> None:
+        for i, g in zip(b, gens):
+            results[i] = g
+        if on_batch:
+            on_batch(b, gens)
+        bar.update(len(b))
+
     try:
-        for b in todo:
-            gens = generate_batch(model, tokenizer, [requests[i] for i in b], s, decoder=decoder)
-            for i, g in zip(b, gens):
-                results[i] = g
-            if on_batch:
-                on_batch(b, gens)
-            bar.update(len(b))
+        if todo and kv_decoder.supports(model):
+            # built once per call (packed weights are a snapshot: the model may be trained between calls)
+            decoder = kv_decoder.KVDecoder(model, rows_hint=batch_size)
+            _run_kv(decoder, model, tokenizer, requests, todo, batch_size, s, deliver)
+        else:
+            for b in todo:
+                deliver(b, generate_batch(model, tokenizer, [requests[i] for i in b], s))
     finally:
         bar.close()
         model.train(was_training)

@@ -1,20 +1,16 @@
-"""A slot-based KV-cache decoder for Llama-family causal LMs (Llama, Mistral without a sliding window, Qwen2).
+"""A KV-cache decoder for Llama-family causal LMs (Llama, Mistral without a sliding window, Qwen2).
 
-It runs the model's own weights (no copy) with its own forward pass, written for batched generation:
-- one preallocated KV cache per batch (``[2 * layers, rows, kv_heads, slots, head_dim]``), no per-step concatenation;
-- rows that finish are dropped by moving the last live row into their place (only that row's filled slots are copied),
-  so the batch shrinks instead of decoding padding to the end;
-- a prefix shared by every prompt of the batch (typically the chat template head and system prompt) is run once and
-  its keys/values are broadcast to all rows;
-- the LM head is applied to the last position only;
-- decode-step attention groups query heads by their key/value head (no repeated K/V).
+It runs the model's own weights with its own forward pass, written for batched generation on CPU:
+- one preallocated KV cache, no per-step concatenation; a row keeps its token at position p in slot p, so rows of
+  different lengths share the batch and a row can leave (finished) or join (a new prompt) between two steps;
+- a prefix shared by the prompts (the chat template head and system prompt) is run once and its keys/values copied;
+- q/k/v and gate/up projections fused, and on CPU in fp32 all linear weights pre-packed once for oneDNN (the GEMM
+  kernel then does not re-lay the weights out on every call: about twice as fast at decoding batch sizes);
+- the LM head is applied to each row's last position only; decode attention groups query heads by key/value head.
 
-Slot layout of a row: ``[shared prefix | gap | rest of the prompt | generated tokens]``. The prefix occupies slots
-``0..P-1`` in every row, the rest of each prompt is right-aligned so that every row's prompt ends at the same slot, and
-generated tokens follow; gap slots are masked out. Positions (for the rotary embedding) count only real tokens, so a
-row computes exactly what it would compute alone.
-
-The module does only the model arithmetic; sampling, stopping and scheduling live in ``sgpo.generation``.
+Each row computes what it would compute alone (row-wise linear algebra, per-row positions and masks), so a row's
+output does not depend on which rows share its batch. The module does only the model arithmetic; sampling, stopping
+and scheduling live in ``sgpo.generation``.
 """
 from __future__ import annotations
 
@@ -125,17 +121,22 @@ class _Layer:
 
 
 class KVDecoder:
-    """Batched prefill and decode steps over a preallocated, compactable KV cache.
+    """Batched prefill and decode over a preallocated KV cache whose rows come and go.
 
-    ``start(prompts, max_new_tokens)`` prefills and returns the next-token logits of every row;
-    ``step(tokens)`` appends one token per live row and returns the next logits;
-    ``drop(rows)`` removes finished rows and returns, for each remaining row, its previous row index.
+    Row ``i`` keeps the token at position ``p`` in slot ``p``, so rows of different lengths live side by side and a
+    row can join (``add``) or leave (``drop``) at any step without touching the others:
+
+    - ``reserve(rows, slots)`` allocates the cache (``[2 * layers, rows, kv_heads, slots, head_dim]``);
+    - ``set_prefix(ids)`` runs a prefix shared by the prompts to come once; ``add`` copies its keys/values;
+    - ``add(prompts)`` prefills new rows (appended after the live ones) and returns their next-token logits;
+    - ``step(tokens)`` appends one token to every live row and returns the next logits;
+    - ``drop(rows)`` removes rows by moving the last live rows into their places and returns, for each remaining row,
+      its previous index.
     """
 
-    def __init__(self, model, min_shared_prefix: int = 8, packed: bool | None = None, rows_hint: int = 16):
+    def __init__(self, model, packed: bool | None = None, rows_hint: int = 16):
         cfg = model.config
         inner = model.model
-        self.model = model
         self.embed = inner.embed_tokens.weight.detach()
         if packed is None:
             packed = packed_linear_available(self.embed)
@@ -149,69 +150,81 @@ class KVDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.group = self.n_heads // self.n_kv
         self.scale = self.head_dim ** -0.5
-        self.min_shared_prefix = min_shared_prefix
         self.device = self.embed.device
         self.dtype = self.embed.dtype
         self.cache: torch.Tensor | None = None
+        self.prefix: torch.Tensor | None = None
+        self.prefix_ids: tuple[int, ...] = ()
+        self.n = 0
 
-    # ---------------------------------------------------------------- setup
     def kv_bytes_per_token(self) -> int:
         return 2 * len(self.layers) * self.n_kv * self.head_dim * self.embed.element_size()
 
-    def start(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, pad_id: int = 0) -> torch.Tensor:
-        n = len(prompts)
-        lens = [len(p) for p in prompts]
-        if min(lens) == 0:
-            raise ValueError("empty prompt")
-        shared = _common_prefix_len(prompts)
-        # leave at least one token per row to run through the batched pass (it yields the logits)
-        shared = min(shared, min(lens) - 1)
-        if shared < self.min_shared_prefix or n == 1:
-            shared = 0
-        rest = [length - shared for length in lens]
-        width = shared + max(rest)  # every prompt ends at slot ``width``
-        self.slots = width + max_new_tokens
+    # ---------------------------------------------------------------- setup
+    def reserve(self, rows: int, slots: int) -> None:
         d = self.device
-
-        self.cache = torch.empty((2 * len(self.layers), n, self.n_kv, self.slots, self.head_dim), dtype=self.dtype,
+        # zeros, not empty: slots a row has not written are masked out, but must hold finite values (0 * NaN = NaN)
+        self.cache = torch.zeros((2 * len(self.layers), rows, self.n_kv, slots, self.head_dim), dtype=self.dtype,
                                  device=d)
-        valid = torch.zeros((n, self.slots), dtype=torch.bool)  # prompt slots holding a token
-        pos = torch.zeros((n, width), dtype=torch.long)
-        ids = torch.full((n, width - shared), pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            r = rest[i]
-            valid[i, :shared] = True
-            valid[i, width - r:] = True
-            pos[i, :shared] = torch.arange(shared)
-            pos[i, width - r:width] = torch.arange(shared, shared + r)
-            ids[i, width - shared - r:] = torch.tensor(p[shared:], dtype=torch.long)
-        # additive attention bias per row and slot: 0 where the slot holds a token of the row, -inf elsewhere
-        self.bias = torch.zeros((n, self.slots), dtype=self.dtype).masked_fill_(~valid, float("-inf")).to(d)
-        self.next_pos = torch.tensor(lens, dtype=torch.long, device=d)
-        self.cur = width  # next slot to write
-        self.n = n
-        max_pos = max(lens) + max_new_tokens
-        probe = torch.zeros(1, dtype=self.dtype, device=d)
-        cos, sin = self.rotary(probe, torch.arange(max_pos, device=d)[None])
+        self.length = torch.zeros(rows, dtype=torch.long, device=d)  # tokens in the cache, per row
+        self.lengths: list[int] = [0] * rows
+        self.n = 0
+        self.prefix, self.prefix_ids = None, ()
+        cos, sin = self.rotary(torch.zeros(1, dtype=self.dtype, device=d), torch.arange(slots, device=d)[None])
         half = self.head_dim // 2
         self.cos = cos[0].to(self.dtype)
         # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): fold the sign into the table
         self.sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1).to(self.dtype)
+        self.slot_idx = torch.arange(slots, device=d)
 
-        if shared:
-            prefix = torch.tensor(list(prompts[0][:shared]), dtype=torch.long, device=d)[None]
-            self._prefill(prefix, torch.arange(shared, device=d)[None], 0, want_logits=False)
-            if n > 1:
-                self.cache[:, 1:n, :, :shared] = self.cache[:, 0:1, :, :shared]
-        return self._prefill(ids.to(d), pos[:, shared:].to(d), shared)
+    def set_prefix(self, ids: Sequence[int]) -> None:
+        """Compute the keys/values of ``ids`` (positions 0..P-1) once; ``add`` reuses them for prompts starting so."""
+        ids = tuple(int(t) for t in ids)
+        if not ids:
+            self.prefix, self.prefix_ids = None, ()
+            return
+        spare = self.cache.shape[1] - 1  # computed in the last row, which holds nothing yet
+        if self.n > spare:
+            raise RuntimeError("set_prefix needs a free row")
+        self._prefill(torch.tensor([ids], device=self.device), 0, rows=slice(spare, spare + 1), want_logits=False)
+        self.prefix = self.cache[:, spare:spare + 1, :, :len(ids)].clone()
+        self.prefix_ids = ids
 
-    # ---------------------------------------------------------------- steps
+    def release(self) -> None:
+        self.cache = self.prefix = None
+
+    # ---------------------------------------------------------------- rows
+    def add(self, prompts: Sequence[Sequence[int]], pad_id: int = 0) -> torch.Tensor:
+        """Prefill ``prompts`` into new rows ``n..n+k-1``; returns their next-token logits ``[k, vocab]``."""
+        k = len(prompts)
+        n0, n1 = self.n, self.n + k
+        if n1 > self.cache.shape[1]:
+            raise RuntimeError("no free rows")
+        p = len(self.prefix_ids)
+        if p and not all(len(x) > p and tuple(x[:p]) == self.prefix_ids for x in prompts):
+            p = 0
+        if p:
+            self.cache[:, n0:n1, :, :p] = self.prefix
+        rest = [len(x) - p for x in prompts]
+        width = max(rest)
+        ids = torch.full((k, width), pad_id, dtype=torch.long)
+        for i, x in enumerate(prompts):  # right padding: a row's tokens sit at their own positions
+            ids[i, :rest[i]] = torch.tensor(list(x[p:]), dtype=torch.long)
+        last = torch.tensor([r - 1 for r in rest], device=self.device)
+        logits = self._prefill(ids.to(self.device), p, rows=slice(n0, n1), last=last)
+        for i, x in enumerate(prompts):
+            self.lengths[n0 + i] = len(x)
+        self.length[n0:n1] = torch.tensor([len(x) for x in prompts], device=self.device)
+        self.n = n1
+        return logits
+
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """One decode step: ``tokens`` has one id per live row; returns ``[rows, vocab]`` logits."""
         n = self.n
-        self.bias[:n, self.cur] = 0.0
-        logits = self._decode(tokens.view(n), self.next_pos[:n])
-        self.next_pos[:n] += 1
+        logits = self._decode(tokens.view(n), self.length[:n], max(self.lengths[:n]) + 1)
+        self.length[:n] += 1
+        for i in range(n):
+            self.lengths[i] += 1
         return logits
 
     def drop(self, rows: Sequence[int]) -> list[int]:
@@ -225,17 +238,14 @@ class KVDecoder:
         if holes:
             for h, m in zip(holes, movers):
                 order[h] = m
+                self.lengths[h] = self.lengths[m]
             dst = torch.tensor(holes, device=self.device)
             src = torch.tensor(movers, device=self.device)
-            filled = self.cur
+            filled = max(self.lengths[h] for h in holes)
             self.cache[:, dst, :, :filled] = self.cache[:, src, :, :filled]
-            self.bias[dst] = self.bias[src]
-            self.next_pos[dst] = self.next_pos[src]
+            self.length[dst] = self.length[src]
         self.n = keep
         return order
-
-    def release(self) -> None:
-        self.cache = None
 
     # ---------------------------------------------------------------- model
     def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -243,25 +253,23 @@ class KVDecoder:
         half = self.head_dim // 2
         return qk * cos + torch.cat((qk[..., half:], qk[..., :half]), -1) * sin
 
-    def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, slot0: int, want_logits: bool = True):
-        """Run ``ids`` (``[rows, S]``, positions ``pos``) through the model, writing slots ``slot0..slot0+S-1``."""
+    def _prefill(self, ids: torch.Tensor, slot0: int, rows: slice, last: torch.Tensor | None = None,
+                 want_logits: bool = True):
+        """Run ``ids`` (``[k, S]``, positions and slots ``slot0..slot0+S-1``) for cache ``rows``; the logits are
+        those at index ``last`` of each row (default: the end)."""
         n, s = ids.shape
         end = slot0 + s
         hd, nkv, nh = self.head_dim, self.n_kv, self.n_heads
         h = F.embedding(ids, self.embed)  # [n, s, hidden]
-        cos = self.cos[pos].unsqueeze(2)  # [n, s, 1, hd]
-        sin = self.sin_signed[pos].unsqueeze(2)
-        k_idx = torch.arange(end, device=self.device)
-        q_idx = torch.arange(slot0, end, device=self.device)
-        mask = (self.bias[:n, None, :end] == 0) & (k_idx[None, None, :] <= q_idx[None, :, None])
-        # masked-out query slots (gap) attend to themselves so that no row of the softmax is empty
-        mask[:, torch.arange(s), q_idx] = True
-        mask = mask.unsqueeze(1)  # [n, 1, s, end]
+        cos = self.cos[slot0:end, None, :]  # [s, 1, hd]
+        sin = self.sin_signed[slot0:end, None, :]
+        # causal: the query at slot q sees slots <= q (padding sits after a row's tokens and is never seen)
+        mask = (self.slot_idx[None, :end] <= self.slot_idx[slot0:end, None])[None, None]  # [1, 1, s, end]
         for li, L in enumerate(self.layers):
             y = L.qkv(_rms_norm(h, L.ln1)).view(n, s, nh + 2 * nkv, hd)
             qk = self._rotate(y[:, :, :nh + nkv], cos, sin)
             q = qk[:, :, :nh].transpose(1, 2)
-            kc, vc = self.cache[2 * li, :n], self.cache[2 * li + 1, :n]
+            kc, vc = self.cache[2 * li, rows], self.cache[2 * li + 1, rows]
             kc[:, :, slot0:end] = qk[:, :, nh:].transpose(1, 2)
             vc[:, :, slot0:end] = y[:, :, nh + nkv:].transpose(1, 2)
             keys, values = kc[:, :, :end], vc[:, :, :end]
@@ -271,45 +279,32 @@ class KVDecoder:
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
             h = h + L.o(o.transpose(1, 2).reshape(n, s, nh * hd))
             h = h + L.mlp(_rms_norm(h, L.ln2))
-        self.cur = end
         if not want_logits:
             return None
-        return self.lm_head(_rms_norm(h[:, -1], self.final_norm)).float()
+        h = h[:, -1] if last is None else h[torch.arange(n, device=self.device), last]
+        return self.lm_head(_rms_norm(h, self.final_norm)).float()
 
-    def _decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One token per row (``[rows]``) at slot ``self.cur``; returns ``[rows, vocab]`` logits."""
+    def _decode(self, tokens: torch.Tensor, pos: torch.Tensor, end: int) -> torch.Tensor:
+        """One token per row (``[rows]``) at its position ``pos`` (= its slot); returns ``[rows, vocab]`` logits."""
         n = tokens.shape[0]
-        slot = self.cur
-        end = slot + 1
         hd, nkv, nh, group = self.head_dim, self.n_kv, self.n_heads, self.group
         h = F.embedding(tokens, self.embed)  # [n, hidden]
         cos = self.cos[pos].unsqueeze(1)  # [n, 1, hd]
         sin = self.sin_signed[pos].unsqueeze(1)
-        bias = self.bias[:n, None, None, :end]
+        rows = torch.arange(n, device=self.device)
+        bias = torch.zeros((n, end), dtype=self.dtype, device=self.device)
+        bias.masked_fill_(self.slot_idx[None, :end] > pos[:, None], float("-inf"))
+        bias = bias.view(n, 1, 1, end)
         for li, L in enumerate(self.layers):
             y = L.qkv(_rms_norm(h, L.ln1)).view(n, nh + 2 * nkv, hd)
             qk = self._rotate(y[:, :nh + nkv], cos, sin)
             kc, vc = self.cache[2 * li, :n], self.cache[2 * li + 1, :n]
-            kc[:, :, slot] = qk[:, nh:]
-            vc[:, :, slot] = y[:, nh + nkv:]
+            kc[rows, :, pos] = qk[:, nh:]
+            vc[rows, :, pos] = y[:, nh + nkv:]
             # group the query heads by their key/value head: no repeated K/V
             att = torch.matmul(qk[:, :nh].view(n, nkv, group, hd), kc[:, :, :end].transpose(-1, -2))
             att = torch.softmax(att.mul_(self.scale).add_(bias), dim=-1, dtype=torch.float32).to(self.dtype)
             o = torch.matmul(att, vc[:, :, :end]).view(n, nh * hd)
             h = h + L.o(o)
             h = h + L.mlp(_rms_norm(h, L.ln2))
-        self.cur = end
         return self.lm_head(_rms_norm(h, self.final_norm)).float()
-
-
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    first = seqs[0]
-    n = min(len(x) for x in seqs)
-    for other in seqs[1:]:
-        i = 0
-        while i < n and other[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
-    return n
