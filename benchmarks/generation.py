@@ -186,8 +186,9 @@ def decode_step_tokens_per_s(model, batch_size: int, context: int, reps: int) ->
         best = min(best, time.perf_counter() - t0)
     out["model_forward"] = batch_size / best
     if kv_decoder.supports(model):
-        dec = kv_decoder.KVDecoder(model)
-        dec.start(prompt.tolist(), reps + 1)
+        dec = kv_decoder.KVDecoder(model, rows_hint=batch_size)
+        dec.reserve(batch_size, context + reps + 1)
+        dec.add(prompt.tolist())
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -266,6 +267,7 @@ def main(argv=None) -> dict:
     tokens = {}
     new_tokens = []
     for _ in range(args.repeats):
+        print("timing (engine, padded, sequential) ...", flush=True)
         n, dt, gens = run_engine(model, tokenizer, prompts, bs, args)
         rates["engine"].append(n / dt)
         tokens["engine"] = n
