@@ -9,7 +9,8 @@ Compared, on the same prompts and sampling settings (temperature, top_p = 1, no 
       depends on the subset, and all of them would take many minutes);
   (c) ``model.generate`` on padded batches of the engine's batch size, in input order.
 Tokens are the generated tokens before EOS. Each figure is given as min / median / max over ``--repeats`` runs; the
-ratios use medians. Two ceilings frame the figures:
+ratios use medians. Tokens per CPU-second of this process are shown beside them: on a machine shared with other jobs
+they vary less than wall-clock rates (with one thread; with several, spinning threads count too). Two ceilings frame the figures:
   matmul ceiling       model FLOPs per token against the measured fp32 matmul throughput;
   decode-step ceiling  tokens/s of one batched decode step with a KV cache at the engine's batch size and the mean
                        context length (the faster of the model's own forward and the engine's step).
@@ -239,8 +240,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     quick = dict(model="sgpo:tiny-random", prompts=8, max_new_tokens=16, batch_size=4, repeats=1,
                  sequential_prompts=4)
-    full = dict(model="sgpo:smollm2-135m-instruct", prompts=64, max_new_tokens=128, batch_size=16, repeats=2,
-                sequential_prompts=6)
+    full = dict(model="sgpo:smollm2-135m-instruct", prompts=64, max_new_tokens=128, batch_size=16, repeats=1,
+                sequential_prompts=3)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -264,20 +265,24 @@ def main(argv=None) -> dict:
     run_padded(model, tokenizer, prompts[:min(bs, 2)], bs, _with(args, max_new_tokens=2))
 
     rates = {"engine": [], "padded": [], "sequential": []}
+    cpu_rates = {"engine": [], "padded": [], "sequential": []}  # tokens per CPU-second of this process
     tokens = {}
     new_tokens = []
     for _ in range(args.repeats):
         print("timing (engine, padded, sequential) ...", flush=True)
-        n, dt, gens = run_engine(model, tokenizer, prompts, bs, args)
-        rates["engine"].append(n / dt)
-        tokens["engine"] = n
-        new_tokens = [len(g.token_ids) for g in gens]
-        n, dt = run_padded(model, tokenizer, prompts, bs, args)
-        rates["padded"].append(n / dt)
-        tokens["padded"] = n
-        n, dt = run_sequential(model, tokenizer, seq_prompts, args)
-        rates["sequential"].append(n / dt)
-        tokens["sequential"] = n
+        for key in ("engine", "padded", "sequential"):
+            c0 = time.process_time()
+            if key == "engine":
+                n, dt, gens = run_engine(model, tokenizer, prompts, bs, args)
+                new_tokens = [len(g.token_ids) for g in gens]
+            elif key == "padded":
+                n, dt = run_padded(model, tokenizer, prompts, bs, args)
+            else:
+                n, dt = run_sequential(model, tokenizer, seq_prompts, args)
+            cpu = time.process_time() - c0
+            rates[key].append(n / dt)
+            cpu_rates[key].append(n / cpu)
+            tokens[key] = n
 
     mean_context = statistics.mean(lens) + statistics.mean(new_tokens) / 2
     gflops = matmul_gflops(512 if args.quick else 1024, 3 if args.quick else 8)
@@ -291,13 +296,16 @@ def main(argv=None) -> dict:
 
     eng, pad, seq = (_stats(rates[k]) for k in ("engine", "padded", "sequential"))
     print()
-    print(f"{'method':<34}{'tokens':>8}{'min tok/s':>11}{'median':>9}{'max':>9}")
+    print(f"{'method':<38}{'tokens':>7}{'min tok/s':>11}{'median':>9}{'max':>9}{'tok/CPU-s':>11}")
     rows = [("engine (batch %d)" % bs, "engine", eng),
             ("model.generate, one prompt at a time", "sequential", seq),
             ("model.generate, padded batch %d" % bs, "padded", pad)]
     for label, key, (lo, med, hi) in rows:
-        print(f"{label:<34}{tokens[key]:>8}{lo:>11.1f}{med:>9.1f}{hi:>9.1f}")
-    print(f"ratio engine / sequential: {eng[1] / seq[1]:.2f}x   engine / padded: {eng[1] / pad[1]:.2f}x")
+        print(f"{label:<38}{tokens[key]:>7}{lo:>11.1f}{med:>9.1f}{hi:>9.1f}"
+              f"{statistics.median(cpu_rates[key]):>11.1f}")
+    cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
+    print(f"ratio engine / sequential: {eng[1] / seq[1]:.2f}x   engine / padded: {eng[1] / pad[1]:.2f}x   "
+          f"(per CPU-second: {cpu['engine'] / cpu['sequential']:.2f}x, {cpu['engine'] / cpu['padded']:.2f}x)")
     print(f"matmul ceiling: {matmul_ceiling:.0f} tok/s ({gflops:.0f} GFLOP/s fp32, {fpt / 1e6:.0f} MFLOP/token)  "
           f"engine at {eng[1] / matmul_ceiling:.0%}")
     print("decode-step ceiling: %.0f tok/s (batch %d, context %d; %s)  engine at %.0f%%" % (
@@ -313,6 +321,9 @@ def main(argv=None) -> dict:
         "decode_ceiling_tokens_per_s": round(decode_ceiling, 1),
         "sequential_tokens_per_s": round(seq[1], 2),
         "padded_tokens_per_s": round(pad[1], 2),
+        "cpu_ratio_vs_sequential": round(cpu["engine"] / cpu["sequential"], 3),
+        "cpu_ratio_vs_padded": round(cpu["engine"] / cpu["padded"], 3),
+        "threads": torch.get_num_threads(),
         "batch_size": bs,
         "model": args.model,
         "greedy_identical": greedy,
