@@ -1,0 +1,27 @@
+"""The generation benchmark runs end to end in its quick mode and ends with its JSON summary (no timing checks)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {"tokens_per_s", "ratio_vs_sequential", "ratio_vs_padded", "matmul_ceiling_tokens_per_s",
+        "decode_ceiling_tokens_per_s"}
+
+
+def test_quick_benchmark_prints_json_last():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation.py"), "--quick"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    result = json.loads(lines[-1])
+    assert KEYS <= set(result)
+    for key in KEYS:
+        assert isinstance(result[key], (int, float)) and result[key] > 0
+    assert result["greedy_identical"] is True
+    assert "engine" in proc.stdout and "ceiling" in proc.stdout
