@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import templates
 from .data import Record
-from .generation import Generation, Request, Settings, generate, plan_batches
+from .generation import Generation, Request, Settings, auto_batch_size, generate, plan_batches
 from .runs import Shard
 
 
@@ -83,7 +83,8 @@ def _rollout_shared(model, tokenizer, records, reqs, settings: Settings, done: d
     """The multi-process rollout: whole batches of the fixed plan per rank, gathered after each group."""
     from tqdm.auto import tqdm
 
-    todo = [b for b in plan_batches(reqs, settings.batch_size) if not all(records[i].id in done for i in b)]
+    batch_size = settings.batch_size or auto_batch_size(model, reqs, settings)
+    todo = [b for b in plan_batches(reqs, batch_size) if not all(records[i].id in done for i in b)]
     bar = tqdm(total=sum(len(b) for b in todo), desc=desc or "generate", unit="seq", leave=False,
                disable=desc is None or not dist.is_main)
     out = dict(done)
