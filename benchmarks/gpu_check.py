@@ -36,7 +36,7 @@ DEVICE = "cuda"
 
 def sync() -> None:
     if DEVICE == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def log(msg: str) -> None:
@@ -135,7 +135,8 @@ def sgpo_round(path: str, carry: Path, out: Path) -> dict:
     run = out / "run"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "sgpo", "run", "--output", str(run), "--set", f"model.name={path}",
+    # SPIN's chosen side is the reference text, so a random-weight model still yields pairs and DPO runs
+    cmd = [sys.executable, "-m", "sgpo", "run", "--output", str(run), "--method", "spin", "--set", f"model.name={path}",
            "--set", f"data.sft={carry / 'prompts.jsonl'}", "--set", "data.dev_size=8", "--set", "rounds=1",
            "--set", "data.improver_size=32", "--set", "data.round_size=48", "--set", "eval.improver_size=0",
            "--set", "eval.head_to_head_size=0", "--set", "generation.batch_size=48", "--set", "pairs.require_eos=false"]
@@ -179,7 +180,10 @@ def main() -> None:
         try:
             results.update(fn())
         except Exception as e:  # record and go on: one failure must not hide the other figures
+            import traceback
+
             results[f"{name}_error"] = f"{type(e).__name__}: {e}"
+            (out / f"{name}_error.txt").write_text(traceback.format_exc()[-6000:])
         results[f"time/{name}_s"] = time.perf_counter() - t
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         log(f"{name} done in {results[f'time/{name}_s']:.0f}s")
