@@ -2,18 +2,28 @@
 
 loss = -log σ(β · [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])
 
-Chosen and rejected of a batch go through the model in ONE forward pass (stacked), and the reference pass runs in
-inference mode before training, so no reference model is in memory during the updates.
+* The reference pass runs once, before training, in inference mode, in length-sorted batches; its summed
+  log-probabilities are stored with the pairs (on disk, by the caller), so no reference model is in memory during the
+  updates and nothing is recomputed across epochs or after a resume. For a PEFT model the reference is the model with
+  its adapter disabled.
+* A pair is ONE row: ``[prompt, chosen, rejected]`` with an attention mask under which the rejected tokens do not see
+  the chosen ones (``batching.collate_pairs``), so the prompt is computed once for both responses, and chosen and
+  rejected of a whole batch go through the model in a single forward pass. Batches group pairs of similar row length
+  (little padding); the LM head runs only on the completion window.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .batching import collate, length_buckets, token_logps
+from .batching import (PairBatch, collate, collate_pairs, length_buckets, packing_supported, pair_length, pair_logps,
+                       token_logps)
 from .loop import mean_metrics, run_steps
+
+LAYOUTS = ("auto", "packed", "stacked")
 
 
 @dataclass
@@ -26,31 +36,58 @@ class TokenPair:
     improver_prompt_ids: list[int] | None = None  # for the optional improver NLL term: I(x, y_l) → y_w
 
 
-def _stacked(pairs: list[TokenPair], pad_id: int):
-    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    return collate(seqs, pad_id)
+def resolve_layout(model, pairs: list[TokenPair], layout: str = "auto") -> str:
+    """``auto``: the packed layout (prompt computed once per pair) when the model's attention takes it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}' ({', '.join(LAYOUTS)})")
+    if layout != "auto":
+        return layout
+    longest = max((pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs), default=0)
+    return "packed" if packing_supported(model, longest) else "stacked"
+
+
+def pair_batch(pairs: list[TokenPair], pad_id: int, layout: str = "packed") -> PairBatch:
+    return collate_pairs([(list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs], pad_id,
+                         layout)
+
+
+def _lengths(pairs: list[TokenPair], layout: str) -> list[int]:
+    return [pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids, layout) for p in pairs]
+
+
+def _reference_context(model):
+    """The reference of a PEFT model is its base model: the adapter disabled."""
+    if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
 
 
 @torch.inference_mode()
 def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: int = 8,
-                    show_progress: bool = True) -> None:
+                    show_progress: bool = True, layout: str = "auto") -> None:
     """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted."""
     from tqdm.auto import tqdm
 
+    if not pairs:
+        return
+    layout = resolve_layout(model, pairs, layout)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
-    for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False,
-                  disable=not show_progress):
-        idx = order[s:s + batch_size]
-        group = [pairs[i] for i in idx]
-        logp = token_logps(model, _stacked(group, pad_id).to(device)).sum(-1).float().cpu()
-        for k, i in enumerate(idx):
-            pairs[i].ref_chosen = float(logp[k])
-            pairs[i].ref_rejected = float(logp[len(idx) + k])
-    model.train(was_training)
+    lengths = _lengths(pairs, layout)
+    order = sorted(range(len(pairs)), key=lambda i: (lengths[i], i))
+    try:
+        with _reference_context(model):
+            for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False,
+                          disable=not show_progress):
+                idx = order[s:s + batch_size]
+                logp = pair_logps(model, pair_batch([pairs[i] for i in idx], pad_id, layout).to(device))
+                logp = logp.double().cpu().tolist()
+                for k, i in enumerate(idx):
+                    pairs[i].ref_chosen = logp[k]
+                    pairs[i].ref_rejected = logp[len(idx) + k]
+    finally:
+        model.train(was_training)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
@@ -65,13 +102,13 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return loss, metrics
 
 
-def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0):
+def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: str = "packed"):
     def step(model, pairs: list[TokenPair]):
         device = next(model.parameters()).device
-        logp = token_logps(model, _stacked(pairs, pad_id).to(device)).sum(-1)
+        logp = pair_logps(model, pair_batch(pairs, pad_id, layout).to(device))
         n = len(pairs)
-        ref_c = torch.tensor([p.ref_chosen for p in pairs], device=device)
-        ref_r = torch.tensor([p.ref_rejected for p in pairs], device=device)
+        ref_c = torch.tensor([p.ref_chosen for p in pairs], dtype=logp.dtype, device=device)
+        ref_r = torch.tensor([p.ref_rejected for p in pairs], dtype=logp.dtype, device=device)
         loss, metrics = dpo_loss(logp[:n], logp[n:], ref_c, ref_r, beta)
         if improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs):
             b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in pairs], pad_id).to(device)
@@ -85,15 +122,19 @@ def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0):
 
 def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_size: int, epochs: int, lr: float,
               seed: int, max_grad_norm: float = 1.0, improver_nll_coef: float = 0.0, accelerator=None,
-              desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0) -> dict:
-    """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps."""
+              desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0, layout: str = "auto") -> dict:
+    """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps.
+
+    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``seed + epoch``).
+    """
     if any(p.ref_chosen is None or p.ref_rejected is None for p in pairs):
         raise ValueError("every pair needs reference log-probs: call reference_logps first")
-    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    layout = resolve_layout(model, pairs, layout)
+    lengths = _lengths(pairs, layout)
     batches = []
     for epoch in range(epochs):
         batches += [[pairs[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
-    hist = run_steps(model, batches, dpo_step(pad_id, beta, improver_nll_coef), lr=lr,
+    hist = run_steps(model, batches, dpo_step(pad_id, beta, improver_nll_coef, layout), lr=lr,
                      max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc,
                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     m = mean_metrics(hist)
