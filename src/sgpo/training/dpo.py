@@ -122,7 +122,8 @@ def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: s
 
 def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_size: int, epochs: int, lr: float,
               seed: int, max_grad_norm: float = 1.0, improver_nll_coef: float = 0.0, accelerator=None,
-              desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0, layout: str = "auto") -> dict:
+              desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0, layout: str = "auto",
+              show_progress: bool = True) -> dict:
     """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps.
 
     Batches are length-bucketed (sorted by row length, cut, then shuffled by ``seed + epoch``).
@@ -135,7 +136,7 @@ def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_
     for epoch in range(epochs):
         batches += [[pairs[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
     hist = run_steps(model, batches, dpo_step(pad_id, beta, improver_nll_coef, layout), lr=lr,
-                     max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc,
+                     max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc, show_progress=show_progress,
                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     m = mean_metrics(hist)
     out = {("dpo/loss" if k == "loss" else k): v for k, v in m.items()}
