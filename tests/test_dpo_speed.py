@@ -222,3 +222,28 @@ def test_dpo_loss_formula():
     loss, m = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
     assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
     assert float(m["rewards/margins"]) == pytest.approx(1.0)
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tok, ref_model):
+    """A batch cut into micro-batches (back-propagated one by one) gives the loss and gradient of the whole batch."""
+    pairs = _token_pairs(tok)
+    for p in pairs:
+        p.improver_prompt_ids = templates.policy_ids(tok, (("user", "Improve: " + tok.decode(p.rejected_ids)),))
+    reference_logps(ref_model, pairs, pad_id=tok.pad_token_id, show_progress=False)
+    policy = _policy(ref_model).train()
+    results = []
+    for max_positions in (None, 1):  # 1: every pair is its own micro-batch
+        policy.zero_grad(set_to_none=True)
+        step = dpo_step(tok.pad_token_id, BETA, 0.5, "packed", max_positions,
+                        torch.Tensor.backward if max_positions else None)
+        loss, metrics = step(policy, pairs)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), {k: float(v) for k, v in metrics.items()}, grads))
+    (l1, m1, g1), (l2, m2, g2) = results
+    assert abs(l1 - l2) < 1e-5
+    for k in m1:
+        assert m1[k] == pytest.approx(m2[k], abs=1e-5), k
+    for name in g1:
+        scale = g1[name].abs().max().clamp(min=1e-6)
+        assert float((g1[name] - g2[name]).abs().max() / scale) < 1e-4, name

@@ -24,6 +24,7 @@ from .batching import (PairBatch, collate, collate_pairs, length_buckets, packin
 from .loop import mean_metrics, run_steps
 
 LAYOUTS = ("auto", "packed", "stacked")
+CPU_MAX_POSITIONS = 768
 
 
 @dataclass
@@ -102,31 +103,89 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return loss, metrics
 
 
-def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: str = "packed"):
+def micro_batches(pairs: list[TokenPair], layout: str, max_positions: int | None) -> list[list[TokenPair]]:
+    """Consecutive slices of ``pairs`` whose padded rows hold at most ``max_positions`` positions (one pair at least).
+
+    With length-bucketed batches the rows of a batch are about as long as each other, so the slices stay tight.
+    """
+    if not max_positions:
+        return [pairs]
+    out, cur, longest = [], [], 0
+    rows = 1 if layout == "packed" else 2
+    for p in pairs:
+        n = pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids, layout)
+        if cur and (len(cur) + 1) * rows * max(longest, n) > max_positions:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(p)
+        longest = max(longest, n)
+    out.append(cur)
+    return out
+
+
+def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: str = "packed",
+             max_positions: int | None = None, backward=None):
+    """The step function of ``run_steps``: (loss, metrics) of a batch of pairs.
+
+    With ``max_positions`` and ``backward``, a batch whose rows exceed ``max_positions`` positions is cut into
+    micro-batches: every slice but the last is back-propagated here (``backward(loss)``) and the returned loss carries
+    the gradient of the last slice plus the value of the others. The DPO loss is a mean of per-pair terms (the NLL term
+    a mean over tokens), so the accumulated gradient is exactly the whole batch's; peak activation memory is a slice's.
+    """
     def step(model, pairs: list[TokenPair]):
         device = next(model.parameters()).device
-        logp = pair_logps(model, pair_batch(pairs, pad_id, layout).to(device))
         n = len(pairs)
-        ref_c = torch.tensor([p.ref_chosen for p in pairs], dtype=logp.dtype, device=device)
-        ref_r = torch.tensor([p.ref_rejected for p in pairs], dtype=logp.dtype, device=device)
-        loss, metrics = dpo_loss(logp[:n], logp[n:], ref_c, ref_r, beta)
-        if improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs):
-            b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in pairs], pad_id).to(device)
-            tl = token_logps(model, b)
-            nll = -(tl * b.target_mask).sum() / b.target_mask.sum().clamp(min=1)
-            loss = loss + improver_nll_coef * nll
-            metrics["improver/nll"] = nll.detach()
+        parts = micro_batches(pairs, layout, max_positions) if backward is not None else [pairs]
+        with_nll = improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs)
+        nll_tokens = sum(len(p.chosen_ids) for p in pairs) if with_nll else 0
+        done = 0.0            # value of the slices already back-propagated
+        chosen, rejected, nll_sum, loss = [], [], 0.0, None
+        for k, part in enumerate(parts):
+            logp = pair_logps(model, pair_batch(part, pad_id, layout).to(device))
+            m = len(part)
+            ref_c = torch.tensor([p.ref_chosen for p in part], dtype=logp.dtype, device=device)
+            ref_r = torch.tensor([p.ref_rejected for p in part], dtype=logp.dtype, device=device)
+            part_loss, _ = dpo_loss(logp[:m], logp[m:], ref_c, ref_r, beta)
+            part_loss = part_loss * (m / n)
+            chosen.append(logp[:m].detach() - ref_c)
+            rejected.append(logp[m:].detach() - ref_r)
+            if with_nll:
+                b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in part], pad_id).to(device)
+                tl = (token_logps(model, b) * b.target_mask).sum()
+                nll_sum += float(tl.detach())
+                part_loss = part_loss - improver_nll_coef * tl / max(nll_tokens, 1)
+            if k < len(parts) - 1:
+                backward(part_loss)
+                done += float(part_loss.detach())
+            else:
+                loss = part_loss + done
+        zero = torch.zeros(n, dtype=chosen[0].dtype, device=device)
+        _, metrics = dpo_loss(torch.cat(chosen), torch.cat(rejected), zero, zero, beta)
+        if with_nll:
+            metrics["improver/nll"] = torch.tensor(-nll_sum / max(nll_tokens, 1))
         return loss, metrics
     return step
+
+
+def default_max_positions(model) -> int | None:
+    """Positions per forward in training on a CPU: bounds the activation memory (≈1.5 MB per position in fp32 for a
+    135M model) so that a default run stays under 4 GB; no limit on accelerators."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return None
+    return CPU_MAX_POSITIONS if device.type == "cpu" else None
 
 
 def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_size: int, epochs: int, lr: float,
               seed: int, max_grad_norm: float = 1.0, improver_nll_coef: float = 0.0, accelerator=None,
               desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0, layout: str = "auto",
-              show_progress: bool = True) -> dict:
+              show_progress: bool = True, max_positions: int | None | str = "auto") -> dict:
     """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps.
 
-    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``seed + epoch``).
+    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``seed + epoch``). ``max_positions``:
+    positions per forward pass (a larger batch is run in exact micro-batches); ``auto`` = ``default_max_positions``;
+    ``None`` = the whole batch at once. Micro-batching is used in single-process training only.
     """
     if any(p.ref_chosen is None or p.ref_rejected is None for p in pairs):
         raise ValueError("every pair needs reference log-probs: call reference_logps first")
@@ -135,7 +194,13 @@ def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_
     batches = []
     for epoch in range(epochs):
         batches += [[pairs[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
-    hist = run_steps(model, batches, dpo_step(pad_id, beta, improver_nll_coef, layout), lr=lr,
+    if max_positions == "auto":
+        max_positions = default_max_positions(model)
+    backward = None
+    if max_positions and (accelerator is None or accelerator.num_processes == 1):
+        backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
+    step = dpo_step(pad_id, beta, improver_nll_coef, layout, max_positions, backward)
+    hist = run_steps(model, batches, step, lr=lr,
                      max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc, show_progress=show_progress,
                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     m = mean_metrics(hist)
