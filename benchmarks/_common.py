@@ -71,12 +71,15 @@ class PeakRSS:
 
 
 class Timer:
+    """Wall-clock seconds, and CPU seconds of this process (all its threads) over the block."""
+
     def __enter__(self):
-        self.t0 = time.perf_counter()
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.c0
         return False
 
 

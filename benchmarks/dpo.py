@@ -37,6 +37,7 @@ _common.setup_env()
 import torch  # noqa: E402
 
 MODES = ("sgpo", "trl", "trl_precompute")
+EXTRA_MODES = ("sgpo_fused_adamw",)  # what-if: sgpo with a fused AdamW step (TRL's default optimizer on torch >= 2.8)
 
 
 def build_pairs(tokenizer, n: int, max_tokens: int, seed: int, min_prompt: int = 50, max_prompt: int = 300) -> list[dict]:
@@ -67,9 +68,9 @@ def load(model_name: str):
     return load_model(model_name, device="cpu", dtype="float32")
 
 
-def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args) -> dict:
+def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args, fused_adamw: bool = False) -> dict:
     from sgpo import templates
-    from sgpo.training import dpo
+    from sgpo.training import dpo, loop
     from sgpo.training.dpo import TokenPair, reference_logps, resolve_layout, train_dpo
 
     model = load(model_name)
@@ -83,6 +84,12 @@ def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args) -> dict:
         return b
 
     dpo.collate_pairs = counting
+    make_optimizer = loop.make_optimizer
+    if fused_adamw:
+        def fused(model, lr, weight_decay=0.0):
+            params = [p for p in model.parameters() if p.requires_grad]
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        loop.make_optimizer = fused
     try:
         with _common.PeakRSS() as rss, _common.Timer() as total:
             with _common.Timer() as ref:
@@ -96,8 +103,10 @@ def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args) -> dict:
                           epochs=args.epochs, lr=args.lr, seed=args.seed, show_progress=False)
     finally:
         dpo.collate_pairs = collate
+        loop.make_optimizer = make_optimizer
     train_pos = positions[n_ref:]
-    out = {"seconds": total.seconds, "ref_seconds": ref.seconds, "peak_rss": rss.peak, "loss": m["dpo/loss"],
+    out = {"seconds": total.seconds, "cpu_seconds": total.cpu_seconds, "ref_seconds": ref.seconds,
+           "peak_rss": rss.peak, "loss": m["dpo/loss"],
            "positions_per_step": statistics.mean(train_pos) if train_pos else 0,
            "layout": resolve_layout(model, tps),
            "tokens": sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in tps)}
@@ -156,7 +165,8 @@ def run_trl(model_name: str, tokenizer, pairs: list[dict], args, precompute: boo
     ds = trainer.train_dataset
     tokens = sum(len(a) + len(b) + len(c) for a, b, c in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
     train_pos = positions[-math.ceil(len(pairs) / args.batch_size) * args.epochs:]
-    out = {"seconds": total.seconds, "ref_seconds": ref_time[0] if precompute else None, "ref_batches": ref_time[1],
+    out = {"seconds": total.seconds, "cpu_seconds": total.cpu_seconds,
+           "ref_seconds": ref_time[0] if precompute else None, "ref_batches": ref_time[1],
            "peak_rss": rss.peak, "loss": result.training_loss, "tokens": tokens,
            "positions_per_step": statistics.mean(train_pos) if train_pos else 0}
     del trainer, model, ref_model
@@ -175,7 +185,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=5e-6)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help=f"comma-separated, among {', '.join(MODES + EXTRA_MODES)}")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="tiny random model, 4 pairs, 1 repeat: checks the script")
     args = ap.parse_args(argv)
@@ -184,7 +195,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m for m in args.modes.split(",") if m]
-    if unknown := set(modes) - set(MODES):
+    if unknown := set(modes) - set(MODES) - set(EXTRA_MODES):
         raise SystemExit(f"unknown modes: {sorted(unknown)}")
     import transformers
     import trl
@@ -208,32 +219,39 @@ def main(argv=None) -> dict:
     for rep in range(args.repeats):
         order = modes[rep % len(modes):] + modes[:rep % len(modes)]
         for mode in order:
-            if mode == "sgpo":
-                r = run_sgpo(args.model, tokenizer, pairs, args)
+            if mode.startswith("sgpo"):
+                r = run_sgpo(args.model, tokenizer, pairs, args, fused_adamw=mode == "sgpo_fused_adamw")
             else:
                 r = run_trl(args.model, tokenizer, pairs, args, precompute=mode == "trl_precompute")
             r["pairs_per_s"] = args.pairs * args.epochs / r["seconds"]
+            r["pairs_per_cpu_s"] = args.pairs * args.epochs / max(r["cpu_seconds"], 1e-9)
             runs[mode].append(r)
-            print(f"  repeat {rep + 1} {mode:<15} {r['seconds']:7.1f} s  {r['pairs_per_s']:.3f} pairs/s  "
+            print(f"  repeat {rep + 1} {mode:<15} {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} CPU s)  "
+                  f"{r['pairs_per_s']:.3f} pairs/s  "
                   f"loss {r['loss']:.4f}  peak RSS {_common.gb(r['peak_rss']):.2f} GB", flush=True)
 
     print()
-    print(f"{'mode':<16}{'pairs/s min / median / max':<30}{'seconds (median)':>17}{'ref pass s':>12}"
-          f"{'positions/step':>16}{'tokens':>8}{'peak RSS GB':>13}")
+    print(f"{'mode':<18}{'pairs/s min / median / max':<30}{'pairs/CPU-s (median)':>21}{'seconds (median)':>17}"
+          f"{'ref pass s':>12}{'positions/step':>16}{'tokens':>8}{'peak RSS GB':>13}")
     for mode in modes:
         rs = runs[mode]
         ref = [r["ref_seconds"] for r in rs if r.get("ref_seconds") is not None]
-        print(f"{mode:<16}{_common.fmt_mmm([r['pairs_per_s'] for r in rs], 3):<30}"
+        print(f"{mode:<18}{_common.fmt_mmm([r['pairs_per_s'] for r in rs], 3):<30}"
+              f"{statistics.median(r['pairs_per_cpu_s'] for r in rs):>21.3f}"
               f"{statistics.median(r['seconds'] for r in rs):>17.1f}"
               f"{(f'{statistics.median(ref):.1f}' if ref else 'in steps'):>12}"
               f"{statistics.mean(r['positions_per_step'] for r in rs):>16.0f}{rs[0]['tokens']:>8}"
               f"{_common.gb(max(r['peak_rss'] for r in rs)):>13.2f}")
     ratios = {}
-    if "sgpo" in runs:
-        for other in [m for m in modes if m != "sgpo"]:
-            vals = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(runs["sgpo"], runs[other])]
-            ratios[other] = vals
-            print(f"ratio sgpo / {other:<15} min / median / max: {_common.fmt_mmm(vals)}  (per repeat, same process)")
+    ours_modes = [m for m in modes if m.startswith("sgpo")]
+    for ours in ours_modes:
+        for other in [m for m in modes if not m.startswith("sgpo")]:
+            vals = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(runs[ours], runs[other])]
+            cpu = [a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"] for a, b in zip(runs[ours], runs[other])]
+            key = other + ("" if ours == "sgpo" else ours[len("sgpo"):])
+            ratios[key], ratios[key + "_cpu"] = vals, cpu
+            print(f"ratio {ours} / {other:<15} min / median / max: {_common.fmt_mmm(vals)}  (wall clock, per "
+                  f"repeat); per CPU-second: {_common.fmt_mmm(cpu)}")
     if "sgpo" in runs:
         print(f"sgpo layout: {runs['sgpo'][0]['layout']}")
     print(f"process peak RSS (all modes, two TRL models included): "
@@ -248,6 +266,10 @@ def main(argv=None) -> dict:
         "ratio_vs_trl_min_max": [min(ratios["trl"]), max(ratios["trl"])] if "trl" in ratios else None,
         "ratio_vs_trl_precompute_min_max": ([min(ratios["trl_precompute"]), max(ratios["trl_precompute"])]
                                             if "trl_precompute" in ratios else None),
+        "ratio_vs_trl_cpu": statistics.median(ratios["trl_cpu"]) if "trl_cpu" in ratios else None,
+        "ratio_vs_trl_precompute_cpu": (statistics.median(ratios["trl_precompute_cpu"])
+                                        if "trl_precompute_cpu" in ratios else None),
+        **{f"ratio_vs_{k}": statistics.median(v) for k, v in ratios.items() if "fused" in k},
         "model": args.model, "pairs": args.pairs, "batch_size": args.batch_size, "epochs": args.epochs,
         "repeats": args.repeats,
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -47,8 +48,9 @@ def main(argv=None) -> dict:
         def wrapper(*a, **k):
             with _common.PeakRSS() as rss, _common.Timer() as t:
                 out = fn(*a, **k)
-            s = stages.setdefault(name, {"seconds": 0.0, "peak_rss": 0})
+            s = stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_rss": 0})
             s["seconds"] += t.seconds
+            s["cpu_seconds"] += t.cpu_seconds
             s["peak_rss"] = max(s["peak_rss"], rss.peak)
             return out
         return wrapper
@@ -80,7 +82,7 @@ def main(argv=None) -> dict:
         recipe.reference_logps, recipe.train_dpo = saved
         dpo_mod.collate_pairs = collate
 
-    n_ref_batches = sum(1 for _ in range(0, int(m.get("pairs/kept", 0)), 2 * cfg.dpo.batch_size))
+    n_ref_batches = math.ceil(int(m.get("pairs/kept", 0)) / (2 * cfg.dpo.batch_size))
     train_pos = positions[n_ref_batches:]
     print(f"model {cfg.model.name} | method {cfg.method} | {len(records)} prompts | max_new_tokens "
           f"{cfg.generation.max_new_tokens} | generation batch {cfg.generation.batch_size} | dpo batch "
@@ -88,18 +90,21 @@ def main(argv=None) -> dict:
           "threads)")
     dropped = {k.split("/")[-1]: v for k, v in m.items() if k.startswith("pairs/dropped/") and v}
     print(f"pairs kept {int(m.get('pairs/kept', 0))}, dropped {dropped or 'none'}")
-    print(f"{'stage':<14}{'seconds':>10}{'peak RSS GB':>14}")
-    print(f"{'setup':<14}{setup.seconds:>10.1f}{'':>14}")
+    print(f"{'stage':<14}{'seconds':>10}{'CPU s':>10}{'peak RSS GB':>14}")
+    print(f"{'setup':<14}{setup.seconds:>10.1f}{setup.cpu_seconds:>10.1f}{'':>14}")
     for name in ("generation", "reference", "dpo"):
         s = stages.get(name)
-        secs = s["seconds"] if s else 0.0
+        secs, cpu = (s["seconds"], s["cpu_seconds"]) if s else (0.0, 0.0)
         rss = f"{_common.gb(s['peak_rss']):.2f}" if s else "-"
-        print(f"{name:<14}{secs:>10.1f}{rss:>14}")
-    print(f"{'round total':<14}{total.seconds:>10.1f}")
+        print(f"{name:<14}{secs:>10.1f}{cpu:>10.1f}{rss:>14}")
+    print(f"{'round total':<14}{total.seconds:>10.1f}{total.cpu_seconds:>10.1f}")
     if train_pos:
-        print(f"DPO: {len(train_pos)} steps, {sum(t for t, _ in train_pos) / len(train_pos):.0f} positions per step, "
-              f"{sum(n for _, n in train_pos) * 1.0 / stages['dpo']['seconds']:.3f} pairs/s (reference pass "
-              f"{stages['reference']['seconds']:.1f} s)")
+        pairs_trained = int(m.get("pairs/kept", 0)) * cfg.dpo.epochs
+        print(f"DPO: {int(m.get('dpo/steps', 0))} steps in {len(train_pos)} forward passes, "
+              f"{sum(t for t, _ in train_pos) / len(train_pos):.0f} positions per forward, "
+              f"{pairs_trained / stages['dpo']['seconds']:.3f} pairs/s "
+              f"({pairs_trained / (stages['dpo']['seconds'] + stages['reference']['seconds']):.3f} with the "
+              f"reference pass)")
     peak = _common.process_peak_rss_bytes()
     print(f"process peak RSS: {_common.gb(peak):.2f} GB")
     summary = {
