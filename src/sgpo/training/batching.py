@@ -1,8 +1,18 @@
-"""Turning (prompt, completion) token sequences into padded batches, and scoring completions.
+"""Turning token sequences into padded batches, and scoring completions.
 
-Sequences are LEFT-padded so every completion ends at the last position: the LM head then runs only on the last
-``K = max completion length + 1`` positions (``logits_to_keep``), which skips the vocabulary projection for prompt
-tokens — the largest single cost for long improver prompts with a 49k vocabulary.
+Two batch kinds:
+
+* :class:`Batch` (``collate``): one (prompt, completion) sequence per row, LEFT-padded so every completion ends at the
+  last position: the LM head then runs only on the last ``K = max completion length + 1`` positions
+  (``logits_to_keep``), which skips the vocabulary projection for prompt tokens.
+* :class:`PairBatch` (``collate_pairs``): a preference pair per row, its prompt computed ONCE for both responses. The
+  row is ``[pad…, prompt, chosen, rejected]`` with a 4-D attention mask under which the rejected tokens see the prompt
+  and themselves but not the chosen tokens, and position ids that restart after the prompt for the rejected side. Each
+  response is then computed exactly as in its own ``prompt + response`` sequence (same positions, same visible keys),
+  with ``len(prompt)`` fewer tokens per pair than two separate sequences. The layout ``"stacked"`` (chosen rows, then
+  rejected rows, each a separate sequence) is the fallback for attention kernels that take no 4-D mask.
+
+Log-probabilities are ``logit[target] - logsumexp(logits)`` over the contiguous vocabulary axis, in at least fp32.
 """
 from __future__ import annotations
 
@@ -48,13 +58,155 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int,
     return Batch(ids, mask, pos, targets, tmask, keep)
 
 
+def _completion_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[target]`` along the last axis, in at least fp32.
+
+    ``logsumexp`` reduces over the contiguous vocabulary axis: a strided reduction (``cross_entropy`` on a
+    ``(B, V, K)`` view) accumulates a bias of ~1e-4 per token in fp32 with a 49k vocabulary.
+    """
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
 def token_logps(model, batch: Batch) -> torch.Tensor:
     """Log-probabilities (B, K-1) of the completion tokens under ``model`` (0 where the mask is 0)."""
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 logits_to_keep=batch.keep, use_cache=False)
-    logits = out.logits[:, :-1, :].float()
-    logp = -torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch.targets, reduction="none")
+    logp = _completion_logps(out.logits[:, :-1, :], batch.targets)
     return logp * (batch.target_mask > 0)
+
+
+# -- preference pairs ------------------------------------------------------------------------------------------------
+
+@dataclass
+class PairBatch:
+    """``B`` pairs scored in one forward pass; sequence ``i`` is chosen ``i`` for ``i < B``, rejected ``i - B`` after."""
+    input_ids: torch.Tensor       # (R, T) left-padded rows
+    attention_mask: torch.Tensor  # (R, T) for "stacked"; (R, 1, T, T) bool, True = may attend, for "packed"
+    position_ids: torch.Tensor    # (R, T)
+    keep: int                     # K: logits are computed for the last K positions of every row only
+    index: torch.Tensor           # (N,) flat index into the (R, K) logits window of the position predicting ...
+    targets: torch.Tensor         # (N,) ... this completion token
+    seq: torch.Tensor             # (N,) which of the 2B sequences the token belongs to
+    n_pairs: int                  # B
+    layout: str                   # "packed" or "stacked"
+
+    @property
+    def tokens(self) -> int:
+        """Positions computed (padding included)."""
+        return self.input_ids.numel()
+
+    def to(self, device) -> "PairBatch":
+        return PairBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                         self.keep, self.index.to(device), self.targets.to(device), self.seq.to(device),
+                         self.n_pairs, self.layout)
+
+
+def pair_length(prompt: list[int], chosen: list[int], rejected: list[int], layout: str = "packed") -> int:
+    """Row length of a pair in ``layout`` (what length bucketing should sort by)."""
+    if layout == "packed":
+        return len(prompt) + len(chosen) + len(rejected)
+    return len(prompt) + max(len(chosen), len(rejected))
+
+
+def collate_pairs(pairs: list[tuple[list[int], list[int], list[int]]], pad_id: int,
+                  layout: str = "packed") -> PairBatch:
+    """``pairs``: (prompt_ids, chosen_ids, rejected_ids); an empty response scores 0."""
+    if layout not in ("packed", "stacked"):
+        raise ValueError(f"unknown layout '{layout}' (packed, stacked)")
+    if any(not p for p, _, _ in pairs):
+        raise ValueError("every pair needs a non-empty prompt")
+    B = len(pairs)
+    index, targets, seq = [], [], []
+    if layout == "stacked":
+        rows = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+        T = max(len(p) + len(c) for p, c in rows)
+        K = max(len(c) for _, c in rows) + 1
+        ids = torch.full((2 * B, T), pad_id, dtype=torch.long)
+        mask = torch.zeros((2 * B, T), dtype=torch.long)
+        for i, (p, c) in enumerate(rows):
+            n = len(p) + len(c)
+            ids[i, T - n:] = torch.tensor(p + c)
+            mask[i, T - n:] = 1
+            # completion token j sits at row position T-len(c)+j and is predicted one position earlier, which is
+            # window position K-1-len(c)+j (the window holds the last K positions)
+            first = i * K + K - 1 - len(c)
+            index += range(first, first + len(c))
+            targets += c
+            seq += [i] * len(c)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    else:
+        T = max(len(p) + len(c) + len(r) for p, c, r in pairs)
+        K = max(len(c) + len(r) for _, c, r in pairs) + 1
+        ids = torch.full((B, T), pad_id, dtype=torch.long)
+        pos = torch.zeros((B, T), dtype=torch.long)
+        mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1, 1).view(B, 1, T, T)  # pads see themselves only
+        causal = torch.ones((T, T), dtype=torch.bool).tril()
+        for i, (p, c, r) in enumerate(pairs):
+            P, C, R = len(p), len(c), len(r)
+            s = T - P - C - R                  # row start (after the left padding)
+            ids[i, s:] = torch.tensor(p + c + r)
+            pos[i, s:s + P + C] = torch.arange(P + C)
+            pos[i, s + P + C:] = torch.arange(P, P + R)
+            m = mask[i, 0]
+            m[s:s + P + C, s:s + P + C] = causal[:P + C, :P + C]      # prompt + chosen: causal
+            m[s + P + C:, s:s + P] = True                            # rejected sees the prompt ...
+            m[s + P + C:, s + P + C:] = causal[:R, :R]                # ... and itself, never the chosen tokens
+            w = i * K + K - T                  # flat window index of row position 0
+            last_prompt = w + s + P - 1
+            if C:
+                index += range(last_prompt, last_prompt + C)
+                targets += c
+                seq += [i] * C
+            if R:
+                index += [last_prompt] + list(range(w + s + P + C, w + s + P + C + R - 1))
+                targets += r
+                seq += [B + i] * R
+    return PairBatch(ids, mask, pos, K, torch.tensor(index, dtype=torch.long),
+                     torch.tensor(targets, dtype=torch.long), torch.tensor(seq, dtype=torch.long), B, layout)
+
+
+def _config(model):
+    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP-style wrappers
+        model = model.module
+    return getattr(model, "config", None)
+
+
+def packing_supported(model, max_length: int | None = None) -> bool:
+    """Whether ``model`` takes the packed layout: a 4-D attention mask (sdpa and eager attention do; FlashAttention
+    and flex attention do not), and no sliding window shorter than the rows."""
+    cfg = _config(model)
+    if cfg is None or getattr(cfg, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and (max_length is None or max_length > window):
+        return False
+    return True
+
+
+def _model_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def pair_logps(model, batch: PairBatch) -> torch.Tensor:
+    """Summed log-probabilities (2B,) of the responses: the B chosen, then the B rejected."""
+    mask = batch.attention_mask
+    if mask.dim() == 4:  # additive form: works for sdpa and eager attention alike
+        dtype = _model_dtype(model)
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+                logits_to_keep=batch.keep, use_cache=False)
+    flat = out.logits.reshape(-1, out.logits.size(-1))
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    # logsumexp over every kept position (a few are unused), then pick: no (N, V) copy of the logits is made
+    lp = flat[batch.index, batch.targets] - torch.logsumexp(flat, dim=-1)[batch.index]
+    return torch.zeros(2 * batch.n_pairs, dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
 
 
 def length_buckets(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:

@@ -2,18 +2,29 @@
 
 loss = -log σ(β · [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])
 
-Chosen and rejected of a batch go through the model in ONE forward pass (stacked), and the reference pass runs in
-inference mode before training, so no reference model is in memory during the updates.
+* The reference pass runs once, before training, in inference mode, in length-sorted batches; its summed
+  log-probabilities are stored with the pairs (on disk, by the caller), so no reference model is in memory during the
+  updates and nothing is recomputed across epochs or after a resume. For a PEFT model the reference is the model with
+  its adapter disabled.
+* A pair is ONE row: ``[prompt, chosen, rejected]`` with an attention mask under which the rejected tokens do not see
+  the chosen ones (``batching.collate_pairs``), so the prompt is computed once for both responses, and chosen and
+  rejected of a whole batch go through the model in a single forward pass. Batches group pairs of similar row length
+  (little padding); the LM head runs only on the completion window.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .batching import collate, length_buckets, token_logps
+from .batching import (PairBatch, collate, collate_pairs, length_buckets, packing_supported, pair_length, pair_logps,
+                       token_logps)
 from .loop import mean_metrics, run_steps
+
+LAYOUTS = ("auto", "packed", "stacked")
+CPU_MAX_POSITIONS = 768
 
 
 @dataclass
@@ -26,31 +37,58 @@ class TokenPair:
     improver_prompt_ids: list[int] | None = None  # for the optional improver NLL term: I(x, y_l) → y_w
 
 
-def _stacked(pairs: list[TokenPair], pad_id: int):
-    seqs = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    return collate(seqs, pad_id)
+def resolve_layout(model, pairs: list[TokenPair], layout: str = "auto") -> str:
+    """``auto``: the packed layout (prompt computed once per pair) when the model's attention takes it."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}' ({', '.join(LAYOUTS)})")
+    if layout != "auto":
+        return layout
+    longest = max((pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs), default=0)
+    return "packed" if packing_supported(model, longest) else "stacked"
+
+
+def pair_batch(pairs: list[TokenPair], pad_id: int, layout: str = "packed") -> PairBatch:
+    return collate_pairs([(list(p.prompt_ids), list(p.chosen_ids), list(p.rejected_ids)) for p in pairs], pad_id,
+                         layout)
+
+
+def _lengths(pairs: list[TokenPair], layout: str) -> list[int]:
+    return [pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids, layout) for p in pairs]
+
+
+def _reference_context(model):
+    """The reference of a PEFT model is its base model: the adapter disabled."""
+    if hasattr(model, "peft_config") and hasattr(model, "disable_adapter"):
+        return model.disable_adapter()
+    return contextlib.nullcontext()
 
 
 @torch.inference_mode()
 def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: int = 8,
-                    show_progress: bool = True) -> None:
+                    show_progress: bool = True, layout: str = "auto") -> None:
     """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted."""
     from tqdm.auto import tqdm
 
+    if not pairs:
+        return
+    layout = resolve_layout(model, pairs, layout)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: lengths[i])
-    for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False,
-                  disable=not show_progress):
-        idx = order[s:s + batch_size]
-        group = [pairs[i] for i in idx]
-        logp = token_logps(model, _stacked(group, pad_id).to(device)).sum(-1).float().cpu()
-        for k, i in enumerate(idx):
-            pairs[i].ref_chosen = float(logp[k])
-            pairs[i].ref_rejected = float(logp[len(idx) + k])
-    model.train(was_training)
+    lengths = _lengths(pairs, layout)
+    order = sorted(range(len(pairs)), key=lambda i: (lengths[i], i))
+    try:
+        with _reference_context(model):
+            for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False,
+                          disable=not show_progress):
+                idx = order[s:s + batch_size]
+                logp = pair_logps(model, pair_batch([pairs[i] for i in idx], pad_id, layout).to(device))
+                logp = logp.double().cpu().tolist()
+                for k, i in enumerate(idx):
+                    pairs[i].ref_chosen = logp[k]
+                    pairs[i].ref_rejected = logp[len(idx) + k]
+    finally:
+        model.train(was_training)
 
 
 def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
@@ -65,36 +103,105 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
     return loss, metrics
 
 
-def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0):
+def micro_batches(pairs: list[TokenPair], layout: str, max_positions: int | None) -> list[list[TokenPair]]:
+    """Consecutive slices of ``pairs`` whose padded rows hold at most ``max_positions`` positions (one pair at least).
+
+    With length-bucketed batches the rows of a batch are about as long as each other, so the slices stay tight.
+    """
+    if not max_positions:
+        return [pairs]
+    out, cur, longest = [], [], 0
+    rows = 1 if layout == "packed" else 2
+    for p in pairs:
+        n = pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids, layout)
+        if cur and (len(cur) + 1) * rows * max(longest, n) > max_positions:
+            out.append(cur)
+            cur, longest = [], 0
+        cur.append(p)
+        longest = max(longest, n)
+    out.append(cur)
+    return out
+
+
+def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: str = "packed",
+             max_positions: int | None = None, backward=None):
+    """The step function of ``run_steps``: (loss, metrics) of a batch of pairs.
+
+    With ``max_positions`` and ``backward``, a batch whose rows exceed ``max_positions`` positions is cut into
+    micro-batches: every slice but the last is back-propagated here (``backward(loss)``) and the returned loss carries
+    the gradient of the last slice plus the value of the others. The DPO loss is a mean of per-pair terms (the NLL term
+    a mean over tokens), so the accumulated gradient is exactly the whole batch's; peak activation memory is a slice's.
+    """
     def step(model, pairs: list[TokenPair]):
         device = next(model.parameters()).device
-        logp = token_logps(model, _stacked(pairs, pad_id).to(device)).sum(-1)
         n = len(pairs)
-        ref_c = torch.tensor([p.ref_chosen for p in pairs], device=device)
-        ref_r = torch.tensor([p.ref_rejected for p in pairs], device=device)
-        loss, metrics = dpo_loss(logp[:n], logp[n:], ref_c, ref_r, beta)
-        if improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs):
-            b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in pairs], pad_id).to(device)
-            tl = token_logps(model, b)
-            nll = -(tl * b.target_mask).sum() / b.target_mask.sum().clamp(min=1)
-            loss = loss + improver_nll_coef * nll
-            metrics["improver/nll"] = nll.detach()
+        parts = micro_batches(pairs, layout, max_positions) if backward is not None else [pairs]
+        with_nll = improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs)
+        nll_tokens = sum(len(p.chosen_ids) for p in pairs) if with_nll else 0
+        done = 0.0            # value of the slices already back-propagated
+        chosen, rejected, nll_sum, loss = [], [], 0.0, None
+        for k, part in enumerate(parts):
+            logp = pair_logps(model, pair_batch(part, pad_id, layout).to(device))
+            m = len(part)
+            ref_c = torch.tensor([p.ref_chosen for p in part], dtype=logp.dtype, device=device)
+            ref_r = torch.tensor([p.ref_rejected for p in part], dtype=logp.dtype, device=device)
+            part_loss, _ = dpo_loss(logp[:m], logp[m:], ref_c, ref_r, beta)
+            part_loss = part_loss * (m / n)
+            chosen.append(logp[:m].detach() - ref_c)
+            rejected.append(logp[m:].detach() - ref_r)
+            if with_nll:
+                b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in part], pad_id).to(device)
+                tl = (token_logps(model, b) * b.target_mask).sum()
+                nll_sum += float(tl.detach())
+                part_loss = part_loss - improver_nll_coef * tl / max(nll_tokens, 1)
+            if k < len(parts) - 1:
+                backward(part_loss)
+                done += float(part_loss.detach())
+            else:
+                loss = part_loss + done
+        zero = torch.zeros(n, dtype=chosen[0].dtype, device=device)
+        _, metrics = dpo_loss(torch.cat(chosen), torch.cat(rejected), zero, zero, beta)
+        if with_nll:
+            metrics["improver/nll"] = torch.tensor(-nll_sum / max(nll_tokens, 1))
         return loss, metrics
     return step
 
 
+def default_max_positions(model) -> int | None:
+    """Positions per forward in training on a CPU: bounds the activation memory (≈1.5 MB per position in fp32 for a
+    135M model) so that a default run stays under 4 GB; no limit on accelerators."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return None
+    return CPU_MAX_POSITIONS if device.type == "cpu" else None
+
+
 def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_size: int, epochs: int, lr: float,
               seed: int, max_grad_norm: float = 1.0, improver_nll_coef: float = 0.0, accelerator=None,
-              desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0) -> dict:
-    """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps."""
+              desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0, layout: str = "auto",
+              show_progress: bool = True, max_positions: int | None | str = "auto") -> dict:
+    """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps.
+
+    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``seed + epoch``). ``max_positions``:
+    positions per forward pass (a larger batch is run in exact micro-batches); ``auto`` = ``default_max_positions``;
+    ``None`` = the whole batch at once. Micro-batching is used in single-process training only.
+    """
     if any(p.ref_chosen is None or p.ref_rejected is None for p in pairs):
         raise ValueError("every pair needs reference log-probs: call reference_logps first")
-    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    layout = resolve_layout(model, pairs, layout)
+    lengths = _lengths(pairs, layout)
     batches = []
     for epoch in range(epochs):
         batches += [[pairs[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
-    hist = run_steps(model, batches, dpo_step(pad_id, beta, improver_nll_coef), lr=lr,
-                     max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc,
+    if max_positions == "auto":
+        max_positions = default_max_positions(model)
+    backward = None
+    if max_positions and (accelerator is None or accelerator.num_processes == 1):
+        backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
+    step = dpo_step(pad_id, beta, improver_nll_coef, layout, max_positions, backward)
+    hist = run_steps(model, batches, step, lr=lr,
+                     max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc, show_progress=show_progress,
                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
     m = mean_metrics(hist)
     out = {("dpo/loss" if k == "loss" else k): v for k, v in m.items()}
