@@ -100,6 +100,10 @@ class ImproverConfig:
     "guided: a revision is kept only if it is at least this much closer (edit similarity) to the reference than the draft."
     guided_min_overlap: float = 0.5
     "guided: ... and still shares at least this fraction with the draft."
+    changed_weight: float = 1.0
+    "Loss weight of the target tokens a step changes (tokens copied from the draft weigh 1): fights copy collapse."
+    drafts_per_prompt: int = 1
+    "Drafts sampled per improver-training prompt; each gives its own improvement examples."
     retrain_each_round: bool = False
     "Rebuild improver data and retrain the improver role at the start of every round."
     rewrite_samples: int = 1
@@ -226,10 +230,13 @@ def validate(cfg: Config) -> Config:
         if v not in allowed:
             raise ConfigError(f"{key}: '{v}' is not one of {', '.join(allowed)}")
     for key in ("rounds", "data.dev_size", "data.improver_size", "data.round_size", "improver.chain",
+                "improver.drafts_per_prompt", "improver.rewrite_samples",
                 "generation.max_new_tokens", "generation.batch_size", "train.batch_size", "dpo.batch_size"):
         lo = 0 if key in ("rounds", "data.dev_size", "data.improver_size") else 1
         if get(cfg, key) < lo:
             raise ConfigError(f"{key}: must be ≥ {lo}, got {get(cfg, key)}")
+    if cfg.improver.changed_weight <= 0:
+        raise ConfigError(f"improver.changed_weight: must be > 0, got {cfg.improver.changed_weight}")
     if not 0 < cfg.improver.step <= 1:
         raise ConfigError(f"improver.step: must be in (0, 1], got {cfg.improver.step}")
     return cfg
