@@ -37,6 +37,7 @@ RECIPES: dict[str, list[str]] = {
     "s0.25-c1-w3": ["improver.step=0.25", "improver.chain=1", "improver.changed_weight=3"],
     "s0.25-c1-w10": ["improver.step=0.25", "improver.chain=1", "improver.changed_weight=10"],
     "s0.5-c1-w3": ["improver.step=0.5", "improver.chain=1", "improver.changed_weight=3"],
+    "s0.34-c1-w3": ["improver.step=0.34", "improver.chain=1", "improver.changed_weight=3"],
     "s0.34-c3-w3": ["improver.step=0.34", "improver.chain=3", "improver.changed_weight=3"],
     "s0.5-c2-w3-d2": ["improver.step=0.5", "improver.chain=2", "improver.changed_weight=3",
                       "improver.drafts_per_prompt=2"],
@@ -70,7 +71,7 @@ def train(name: str, overrides: list[str], out: Path, common: list[str]) -> tupl
     recipe.run(cfg, run_dir)
     shared.mkdir(exist_ok=True)
     for f in (run_dir / "improver").glob("drafts*.jsonl"):
-        if not (shared / f.name).exists():
+        if not (shared / f.name).exists() or (shared / f.name).stat().st_size < f.stat().st_size:
             shutil.copy(f, shared / f.name)
     metrics = json.loads((run_dir / "improver" / "metrics.json").read_text())
     metrics.setdefault("time/sweep_train_s", time.time() - t)

@@ -104,10 +104,8 @@ class ImproverConfig:
     "Loss weight of the target tokens a step changes (tokens copied from the draft weigh 1): fights copy collapse."
     drafts_per_prompt: int = 1
     "Drafts sampled per improver-training prompt; each gives its own improvement examples."
-    retrain_each_round: bool = False
-    "Rebuild improver data and retrain the improver role at the start of every round."
     rewrite_samples: int = 1
-    "Rewrites sampled per draft in the rounds; the first that differs from the draft is kept."
+    "Rewrite tries per draft (rounds and improver figures): a rewrite equal to its draft is sampled again, the first that differs is kept (no judge involved)."
 
 
 @dataclass

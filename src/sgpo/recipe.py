@@ -23,6 +23,7 @@ from .eval.judges import make_judge
 from .eval.winrate import format_win_rate, win_rate
 from .generation import Settings
 from .improver import GUIDED_INSTRUCTION, examples_from_draft, nll_example
+from .improver_eval import resample_copies
 from .methods import Context, get_method
 from .models import load_model, load_tokenizer, resolve
 from .pairs import Pair, filter_pairs, pair_metrics
@@ -155,6 +156,12 @@ def _figures_on_dev(r: Runner, stage: str, dev: list[Record], start_dev: dict | 
         imp = recs[:cfg.eval.improver_size]
         texts = {x.id: drafts[x.id].text for x in imp}
         rewrites = r.rollout(stage, 0, "dev-improver", imp, name="dev_improver", drafts=texts)
+        if cfg.improver.rewrite_samples > 1:  # the same procedure as the rounds' pairs (no judge involved)
+            rewrites = resample_copies(r.model, r.tokenizer, imp, texts, rewrites, r.settings,
+                                       instruction=cfg.improver.instruction, seed=cfg.seed,
+                                       samples=cfg.improver.rewrite_samples, round_=0,
+                                       shard=lambda name: r.run.path(stage, f"dev_{name}.jsonl"),
+                                       max_prompt_tokens=cfg.data.max_prompt_tokens, role="dev-improver")
         m.update(improver_figures(r.judge, [x.prompt_text for x in imp], [texts[x.id] for x in imp],
                                   [rewrites[x.id].text for x in imp], [x.reference for x in imp]))
     return m

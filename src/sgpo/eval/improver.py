@@ -3,7 +3,8 @@
 Given drafts and their rewrites on held-out prompts (with references for the judge), report:
 ``improver/changed_rate``   rewrites that differ from the draft after whitespace normalisation
 ``improver/edit_distance``  mean word-level edit distance rewrite ↔ draft
-``improver/win_rate``       the judge's preference for rewrite over draft (ties half) + ``_ci_low/_ci_high/_n``
+``improver/win_rate``       the judge's preference for rewrite over draft (ties half; an unchanged rewrite is a tie)
+                            + ``_ci_low/_ci_high/_n``
 ``improver/length_change``  mean (rewrite words - draft words) / draft words
 ``improver/win_rate_len20`` the win rate restricted to rewrites within ±20% of the draft's length (+ CI, n)
 
@@ -32,7 +33,8 @@ def improver_figures(judge, prompts: Sequence[str], drafts: Sequence[str], rewri
     }
     if judge is None:
         return out
-    prefs = judge.prefer(prompts, rewrites, drafts, references)
+    # a rewrite that only changes whitespace is the draft: a tie, whatever the judge makes of it
+    prefs = [0.5 if not c else p for c, p in zip(changed, judge.prefer(prompts, rewrites, drafts, references))]
     out.update(_wr(prefix + "win_rate", prefs))
     out.update(_wr(prefix + "win_rate_len20", [p for p, r in zip(prefs, rel) if abs(r) <= 0.2]))
     return out
