@@ -6,6 +6,7 @@ is the reference.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -193,6 +194,11 @@ def _improver_stage(r: Runner, records: list[Record]) -> dict:
     rng = random.Random(cfg.seed)
     policy_recs = [records[rng.randrange(len(records))] for _ in range(n_policy)] if records else []
     nll += r.nll_examples_policy(policy_recs)
+    # the inputs the model will see when it generates: longer prompts are cut like the rollouts cut them (keep the
+    # end, where the generation prompt is); uncut, one long request can take tens of GB in a training step
+    limit = cfg.data.max_prompt_tokens
+    nll = [dataclasses.replace(e, prompt_ids=e.prompt_ids[-limit:]) if limit and len(e.prompt_ids) > limit else e
+           for e in nll]
     m = r.train_nll(nll, "improver training", cfg.seed + 1)
     m.update({"improver/train_examples": len(examples), "improver/policy_examples": len(policy_recs)})
     return m
