@@ -112,6 +112,70 @@ def rejudge(out: Path, judge_spec: str) -> None:
     (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def probe_temperatures(out: Path, name: str, set_name: str, temps: list[float], judge_spec: str) -> None:
+    """Rewrite the recipe's cached drafts again at other sampling temperatures (the drafts stay the same)."""
+    from sgpo.config import load
+    from sgpo.data import Record
+    from sgpo.eval.judges import make_judge
+    from sgpo.generation import Settings
+    from sgpo.models import load_model, load_tokenizer
+    from sgpo.rollout import rollout
+
+    row = next(r for r in read_jsonl(out / "results.jsonl")
+               if r["recipe"] == name and r["prompts"] == set_name and r["rewrite_samples"] == 1)
+    samples = read_jsonl(out / row["model_samples"])
+    model_path = row["model"]["model"]
+    cfg = load(str(Path(model_path).parent.parent / "config.yaml"))
+    tok, model = load_tokenizer(model_path), load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype)
+    recs = [Record(x["id"], (("user", x["prompt"]),), x["reference"]) for x in samples]
+    drafts = {x["id"]: x["draft"] for x in samples}
+    judge = make_judge(judge_spec)
+    g = cfg.generation
+    for t in temps:
+        rw = rollout(model, tok, recs, "eval-improver", Settings(g.max_new_tokens, t, g.top_p, g.batch_size),
+                     run_seed=cfg.seed, round_=0, drafts=drafts, instruction=cfg.improver.instruction,
+                     shard=out / name / f"{set_name}_rewrites_T{t}.jsonl", max_prompt_tokens=cfg.data.max_prompt_tokens)
+        f = improver_figures(judge, [x["prompt"] for x in samples], [x["draft"] for x in samples],
+                             [rw[x["id"]].text for x in samples], [x["reference"] for x in samples])
+        append(out, {**row, "recipe": f"{name} (rewrites at T={t})", "model": {**row["model"], **f}})
+
+
+def probe_edits(out: Path, judge_spec: str) -> str:
+    """Fixed, model-free edits of the evaluated drafts, judged: what does the judge reward?"""
+    from sgpo.eval.judges import make_judge
+    from sgpo.improver import split_units
+
+    rows = [x for p in sorted(out.glob("eval_*/*/samples-r1.jsonl")) for x in read_jsonl(p)]
+
+    def trim_unfinished(t):
+        u = split_units(t)
+        return "".join(u[:-1]) if len(u) > 1 and not t.rstrip().endswith((".", "!", "?", "`")) else t
+
+    def drop_repeats(t):
+        seen, keep = set(), []
+        for u in split_units(t):
+            if u.strip() in seen:
+                continue
+            seen.add(u.strip())
+            keep.append(u)
+        return "".join(keep)
+
+    edits = {"drop the unfinished last sentence": trim_unfinished, "drop repeated sentences": drop_repeats,
+             "drop the first sentence": lambda t: "".join(split_units(t)[1:]) if len(split_units(t)) > 2 else t,
+             "prepend the request's first line (a judge exploit)": None}
+    judge = make_judge(judge_spec)
+    lines = [f"Model-free edits of {len(rows)} drafts, judge {judge_spec}:", "",
+             "| edit | drafts changed | win among changed |", "|---|---|---|"]
+    for label, fn in edits.items():
+        new = [fn(x["draft"]) if fn else x["prompt"].split("\n")[0][:200] + "\n\n" + x["draft"] for x in rows]
+        changed = [a.strip() != x["draft"].strip() for a, x in zip(new, rows)]
+        prefs = judge.prefer([x["prompt"] for x in rows], new, [x["draft"] for x in rows],
+                             [x["reference"] for x in rows])
+        won = [p for p, c in zip(prefs, changed) if c]
+        lines.append(f"| {label} | {sum(changed)}/{len(rows)} | {100 * sum(won) / max(1, len(won)):.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
 def cell(f: dict, key: str) -> str:
     k = "improver/" + key
     if k not in f:
@@ -154,6 +218,9 @@ def main() -> int:
     p.add_argument("--judge", default="reference")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every recipe")
     p.add_argument("--rejudge", action="store_true")
+    p.add_argument("--temperatures", help="after training: rewrite the drafts again at these temperatures, "
+                   "e.g. 0.0,0.3 (with --recipes naming one recipe)")
+    p.add_argument("--probe-edits", action="store_true", help="judge fixed model-free edits of the saved drafts")
     p.add_argument("--table", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -161,6 +228,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.rejudge:
         rejudge(out, args.judge)
+    if args.probe_edits:
+        text = probe_edits(out, args.judge)
+        (out / "probe_edits.md").write_text(text)
+        print(text)
+        return 0
     if args.table or args.rejudge:
         text = table(out)
         (out / "table.md").write_text(text)
@@ -183,6 +255,10 @@ def main() -> int:
                          "train": train_m})
             log.info("%s on %s (samples %d): %s", name, set_name, k,
                      {kk.split('/')[-1]: round(v, 3) for kk, v in res["model"].items() if isinstance(v, float)})
+    if args.temperatures:
+        for name in names:
+            for set_name in args.sets.split(","):
+                probe_temperatures(out, name, set_name, [float(t) for t in args.temperatures.split(",")], args.judge)
     print(table(out))
     return 0
 
