@@ -115,6 +115,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_improver_eval(args) -> int:
+    from .improver_eval import format_table, run_improver_eval
+
+    res = run_improver_eval(args.model, args.prompts, judge_spec=args.judge, limit=args.limit,
+                            baseline=args.baseline, config_path=args.config, overrides=args.set or [],
+                            output=args.output, dev_slice=args.dev_slice, rewrite_samples=args.rewrite_samples)
+    print(format_table(res), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sgpo", description="Self-Generated Preference Optimization")
     p.add_argument("--debug", action="store_true", help="full tracebacks and verbose logs")
@@ -167,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="print each method's plan, run nothing")
     c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_compare)
+
+    ie = sub.add_parser("improver-eval", help="measure the improver role on held-out prompts (rewrite vs draft)")
+    ie.add_argument("--model", required=True, help="model name or path (e.g. RUN/improver/model)")
+    ie.add_argument("--prompts", required=True,
+                    help="prompts with references: a data file or dataset, or sgpo:alpaca-eval / sgpo:arena-hard-v2")
+    ie.add_argument("--judge", default="reference", help="judge spec for the win rates (none: judge-free figures)")
+    ie.add_argument("--limit", type=int, help="only the first N prompts")
+    ie.add_argument("--baseline", default="start",
+                    help="model to show beside it: start (the config's start model, zero-shot), a name/path, or none")
+    ie.add_argument("--config", help="YAML config for the improver instruction and generation settings (default: "
+                    "the config of the run the model belongs to, else the defaults)")
+    ie.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    ie.add_argument("--dev-slice", action="store_true",
+                    help="only the development slice a run holds out of these prompts (data.dev_size, data.split_seed)")
+    ie.add_argument("--rewrite-samples", type=int, help="rewrite tries per draft (default: improver.rewrite_samples)")
+    ie.add_argument("--output", "-o", default="improver_eval", help="directory for figures and cached generations")
+    ie.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    ie.set_defaults(func=cmd_improver_eval)
 
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir")

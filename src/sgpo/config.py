@@ -92,9 +92,9 @@ class GenerationConfig:
 class ImproverConfig:
     target: str = "interpolate"
     "How improver targets are built from (draft, reference): interpolate, guided, reference (full jump)."
-    step: float = 0.5
-    "Fraction of the draft→reference edit script applied per improvement step (interpolate)."
-    chain: int = 2
+    step: float = 0.34
+    "Fraction of the draft→reference edit script (single sentences/lines) applied per improvement step (interpolate)."
+    chain: int = 1
     "Improvement steps from draft towards reference; every (y_k → y_k+1) is a training example."
     mix_policy: float = 0.5
     "Policy SFT examples (prompt → reference) per improver example, to keep the policy role."
@@ -104,10 +104,12 @@ class ImproverConfig:
     "guided: a revision is kept only if it is at least this much closer (edit similarity) to the reference than the draft."
     guided_min_overlap: float = 0.5
     "guided: ... and still shares at least this fraction with the draft."
-    retrain_each_round: bool = False
-    "Rebuild improver data and retrain the improver role at the start of every round."
+    changed_weight: float = 3.0
+    "Loss weight of the target tokens a step changes (tokens copied from the draft weigh 1): fights copy collapse."
+    drafts_per_prompt: int = 1
+    "Drafts sampled per improver-training prompt; each gives its own improvement examples."
     rewrite_samples: int = 1
-    "Rewrites sampled per draft in the rounds; the first that differs from the draft is kept."
+    "Rewrite tries per draft (rounds and improver figures): a rewrite equal to its draft is sampled again, the first that differs is kept (no judge involved)."
 
 
 @dataclass
@@ -239,12 +241,15 @@ def validate(cfg: Config) -> Config:
         if v not in allowed:
             raise ConfigError(f"{key}: '{v}' is not one of {', '.join(allowed)}")
     for key in ("rounds", "data.dev_size", "data.improver_size", "data.round_size", "improver.chain",
+                "improver.drafts_per_prompt", "improver.rewrite_samples",
                 "generation.max_new_tokens", "generation.batch_size", "train.batch_size", "dpo.batch_size",
                 "train.checkpoint_every", "dpo.checkpoint_every"):
         lo = 0 if key in ("rounds", "data.dev_size", "data.improver_size", "train.checkpoint_every",
                           "dpo.checkpoint_every") else 1
         if get(cfg, key) < lo:
             raise ConfigError(f"{key}: must be ≥ {lo}, got {get(cfg, key)}")
+    if cfg.improver.changed_weight <= 0:
+        raise ConfigError(f"improver.changed_weight: must be > 0, got {cfg.improver.changed_weight}")
     if not 0 < cfg.improver.step <= 1:
         raise ConfigError(f"improver.step: must be in (0, 1], got {cfg.improver.step}")
     return cfg

@@ -6,6 +6,7 @@ is the reference.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -24,7 +25,8 @@ from .eval.improver import improver_figures
 from .eval.judges import make_judge
 from .eval.winrate import format_win_rate, win_rate
 from .generation import Settings
-from .improver import GUIDED_INSTRUCTION, examples_from_draft
+from .improver import GUIDED_INSTRUCTION, examples_from_draft, nll_example
+from .improver_eval import resample_copies
 from .methods import Context, get_method, has_prepare
 from .models import load_model, load_tokenizer, resolve
 from .pairs import Pair, filter_pairs, pair_metrics
@@ -189,34 +191,48 @@ def _figures_on_dev(r: Runner, stage: str, dev: list[Record], start_dev: dict | 
         imp = recs[:cfg.eval.improver_size]
         texts = {x.id: drafts[x.id].text for x in imp}
         rewrites = r.rollout(stage, 0, "dev-improver", imp, name="dev_improver", drafts=texts)
+        if cfg.improver.rewrite_samples > 1:  # the same procedure as the rounds' pairs (no judge involved)
+            rewrites = resample_copies(r.model, r.tokenizer, imp, texts, rewrites, r.settings,
+                                       instruction=cfg.improver.instruction, seed=cfg.seed,
+                                       samples=cfg.improver.rewrite_samples, round_=0,
+                                       shard=lambda name: r.run.path(stage, f"dev_{name}.jsonl"),
+                                       max_prompt_tokens=cfg.data.max_prompt_tokens, role="dev-improver")
         m.update(improver_figures(r.judge, [x.prompt_text for x in imp], [texts[x.id] for x in imp],
                                   [rewrites[x.id].text for x in imp], [x.reference for x in imp]))
     return m
 
 
 def _improver_stage(r: Runner, records: list[Record]) -> dict:
+    """Improver training: draft with the current model, build targets a step towards the references, train the same
+    weights on (improver input → target), mixed with policy examples (prompt → reference) that keep the policy role."""
     cfg, tok = r.cfg, r.tokenizer
+    ic = cfg.improver
     stage = "improver"
-    drafts = r.rollout(stage, 0, "draft", records, name="drafts")
-    revisions = {}
-    if cfg.improver.target == "guided":
-        instr = {x.id: GUIDED_INSTRUCTION.replace("{reference}", x.reference) for x in records}
-        revisions = r.rollout(stage, 0, "guided", records, name="guided",
-                              drafts={i: g.text for i, g in drafts.items()}, instruction=instr)
     examples = []
-    for x in records:
-        rev = revisions[x.id].text if x.id in revisions else None
-        examples += examples_from_draft(x.id, drafts[x.id].text, x.reference, cfg.improver.target,
-                                        cfg.improver.step, cfg.improver.chain, rev, cfg.improver.guided_min_gain,
-                                        cfg.improver.guided_min_overlap)
+    for k in range(ic.drafts_per_prompt):
+        suffix = "" if k == 0 else str(k)
+        drafts = r.rollout(stage, 0, "draft" + suffix, records, name="drafts" + suffix)
+        revisions = {}
+        if ic.target == "guided":
+            instr = {x.id: GUIDED_INSTRUCTION.replace("{reference}", x.reference) for x in records}
+            revisions = r.rollout(stage, 0, "guided" + suffix, records, name="guided" + suffix,
+                                  drafts={i: g.text for i, g in drafts.items()}, instruction=instr)
+        for x in records:
+            rev = revisions[x.id].text if x.id in revisions else None
+            examples += examples_from_draft(x.id, drafts[x.id].text, x.reference, ic.target, ic.step, ic.chain, rev,
+                                            ic.guided_min_gain, ic.guided_min_overlap)
     write_jsonl(r.run.path(stage, "examples.jsonl"), [e.__dict__ for e in examples])
     by_id = {x.id: x for x in records}
-    nll = [NLLExample(tuple(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source, cfg.improver.instruction)),
-                      tuple(templates.completion_ids(tok, e.target)), "improver") for e in examples]
-    n_policy = round(cfg.improver.mix_policy * len(nll))
+    nll = [nll_example(tok, by_id[e.record_id].prompt, e, ic.instruction, ic.changed_weight) for e in examples]
+    n_policy = round(ic.mix_policy * len(nll))
     rng = random.Random(cfg.seed)
     policy_recs = [records[rng.randrange(len(records))] for _ in range(n_policy)] if records else []
     nll += r.nll_examples_policy(policy_recs)
+    # the inputs the model will see when it generates: longer prompts are cut like the rollouts cut them (keep the
+    # end, where the generation prompt is); uncut, one long request can take tens of GB in a training step
+    limit = cfg.data.max_prompt_tokens
+    nll = [dataclasses.replace(e, prompt_ids=e.prompt_ids[-limit:]) if limit and len(e.prompt_ids) > limit else e
+           for e in nll]
     m = r.train_nll(nll, "improver training", cfg.seed + 1)
     m.update({"improver/train_examples": len(examples), "improver/policy_examples": len(policy_recs)})
     return m

@@ -17,6 +17,8 @@ TABLE_KEYS = [
     ("rewards/accuracies", "reward acc", "{:.2f}"),
     ("improver/changed_rate", "improver changed", "{:.0%}"),
     ("improver/win_rate", "improver win", "{:.0%}"),
+    ("improver/win_rate_len20", "improver win ±20% len", "{:.0%}"),
+    ("improver/length_change", "improver len change", "{:+.0%}"),
     ("eval/dev/win_rate_vs_start", "vs start", "{:.1%}"),
     ("eval/dev/length", "dev length", "{:.0f}"),
 ]
@@ -58,8 +60,10 @@ def write_report(run_dir: str | Path) -> Path:
     for name, m in stages:
         t = m.get(f"time/{name}_s")
         lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k), f) for k, _, f in keys) + f" | {_fmt(t, '{:.0f}')} |")
-    lines += ["", "Improver figures are measured on held-out development prompts: *changed* = rewrites that differ "
-              "from the draft, *win* = the judge prefers the rewrite over the draft (ties half).", ""]
+    lines += ["", "Improver figures are measured on held-out development prompts (round_0 is the zero-shot start "
+              "model): *changed* = rewrites that differ from the draft, *win* = the judge prefers the rewrite over "
+              "the draft (ties half; 95% CIs in metrics.json), *±20% len* = the win rate among rewrites within 20% "
+              "of the draft's length, *len change* = mean relative length change of rewrite vs draft.", ""]
     for png in _plots(run_dir, stages):
         lines += [f"![{png.stem}]({png.name})", ""]
     out = run_dir / "report.md"

@@ -1,4 +1,6 @@
-"""Supervised training: negative log-likelihood on completion tokens only (SFT and the improver role)."""
+"""Supervised training: negative log-likelihood on completion tokens only (SFT and the improver role).
+
+An example may carry per-token loss weights (the improver up-weights the tokens its target changes)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,14 +16,18 @@ class NLLExample:
     prompt_ids: tuple[int, ...]      # the rendered chat input (policy or improver mode)
     completion_ids: tuple[int, ...]  # the target response, ending with EOS
     kind: str = "policy"             # "policy" or "improver": only for reporting
+    weights: tuple[float, ...] | None = None  # per-completion-token loss weights (None = all 1)
 
 
 def nll_step(pad_id: int):
     def step(model, examples: list[NLLExample]):
-        batch = collate([(list(e.prompt_ids), list(e.completion_ids)) for e in examples], pad_id)
+        batch = collate([(list(e.prompt_ids), list(e.completion_ids)) for e in examples], pad_id,
+                        weights=[list(e.weights) if e.weights is not None else None for e in examples])
         batch = batch.to(next(model.parameters()).device)
         logp = token_logps(model, batch)
-        loss = -(logp * batch.target_mask).sum() / batch.target_mask.sum().clamp(min=1)
+        # a weighted mean over completion tokens: up-weighting some tokens shifts the gradient towards them
+        # without changing the loss scale
+        loss = -(logp * batch.target_mask).sum() / batch.target_mask.sum().clamp(min=1e-8)
         return loss, {"loss": loss.detach()}
     return step
 
