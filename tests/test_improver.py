@@ -21,24 +21,26 @@ REFERENCE = "Paris is the capital of France. It lies on the Seine. It is known f
 
 
 @settings(max_examples=200, deadline=None)
-@given(text, text, st.floats(min_value=0.01, max_value=1.0))
-def test_interpolation_differs_and_is_strictly_closer(draft, reference, step):
+@given(text, text, st.floats(min_value=0.01, max_value=1.0), st.booleans())
+def test_interpolation_differs_and_is_strictly_closer(draft, reference, step, split):
     if draft.strip() == reference.strip():
         return
-    out = interpolate(draft, reference, step)
+    out = interpolate(draft, reference, step, split)
     assert out.strip() != draft.strip()
     assert word_edit_distance(out, reference) < word_edit_distance(draft, reference)
 
 
 @settings(max_examples=100, deadline=None)
-@given(text, text)
-def test_step_one_reaches_the_reference(draft, reference):
-    assert interpolate(draft, reference, 1.0) == reference
+@given(text, text, st.booleans())
+def test_step_one_reaches_the_reference(draft, reference, split):
+    assert interpolate(draft, reference, 1.0, split) == reference
 
 
 def test_a_small_step_is_partial_even_when_no_sentence_is_shared():
-    # two independently written texts share no sentence: the step must still be a part of the way, not a jump
-    out = interpolate(DRAFT, REFERENCE, 0.25)
+    # two independently written texts share no sentence: one block, so an unsplit step is the full jump ...
+    assert interpolate(DRAFT, REFERENCE, 0.25) == REFERENCE
+    # ... and a split one is a part of the way
+    out = interpolate(DRAFT, REFERENCE, 0.25, split_blocks=True)
     assert out.startswith("Paris is the capital of France.")
     assert out != REFERENCE
     assert "The food is nice." in out  # the rest of the draft is kept
@@ -47,18 +49,19 @@ def test_a_small_step_is_partial_even_when_no_sentence_is_shared():
 
 def test_edit_ops_are_single_units_in_order():
     a, b = split_units(DRAFT), split_units(REFERENCE)
-    ops = edit_ops(a, b)
+    assert len(edit_ops(a, b)) == 1
+    ops = edit_ops(a, b, split_blocks=True)
     assert len(ops) == max(len(a), len(b))  # nothing shared: one operation per unit
     assert all((i2 - i1) <= 1 and (j2 - j1) <= 1 for _, i1, i2, j1, j2 in ops)
     assert [op[1] for op in ops] == sorted(op[1] for op in ops)
 
 
 def test_chain_steps_each_get_closer_and_end_at_most_at_the_reference():
-    seq = chain(DRAFT, REFERENCE, 0.34, 5)
+    seq = chain(DRAFT, REFERENCE, 0.34, 5, split_blocks=True)
     dists = [word_edit_distance(s, REFERENCE) for s in seq]
     assert dists == sorted(dists, reverse=True) and len(set(dists)) == len(dists)
     assert seq[-1] == REFERENCE  # reached within five steps of a third each, then stopped
-    ex = examples_from_draft("r", DRAFT, REFERENCE, "interpolate", 0.34, 2)
+    ex = examples_from_draft("r", DRAFT, REFERENCE, "interpolate", 0.34, 2, split_blocks=True)
     assert [(e.source, e.target) for e in ex] == [(seq[0], seq[1]), (seq[1], seq[2])]
 
 
@@ -97,7 +100,7 @@ def test_token_weights_mark_changed_tokens_and_match_completion_ids(tokenizer):
 
 def test_improver_example_layout_puts_loss_only_on_target_tokens(tokenizer):
     prompt = (("user", "Describe Paris."),)
-    e = ImproverExample("r", DRAFT, interpolate(DRAFT, REFERENCE, 0.25))
+    e = ImproverExample("r", DRAFT, interpolate(DRAFT, REFERENCE, 0.25, split_blocks=True))
     ex = nll_example(tokenizer, prompt, e, "Improve.\n{prompt}\n{draft}", changed_weight=3.0)
     assert list(ex.prompt_ids) == templates.improver_ids(tokenizer, prompt, DRAFT, "Improve.\n{prompt}\n{draft}")
     assert list(ex.completion_ids) == templates.completion_ids(tokenizer, e.target)

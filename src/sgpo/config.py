@@ -92,9 +92,11 @@ class GenerationConfig:
 class ImproverConfig:
     target: str = "interpolate"
     "How improver targets are built from (draft, reference): interpolate, guided, reference (full jump)."
-    step: float = 0.34
-    "Fraction of the draft→reference edit script (single sentences/lines) applied per improvement step (interpolate)."
-    chain: int = 1
+    step: float = 0.5
+    "Fraction of the draft→reference edit script applied per improvement step (interpolate)."
+    split_blocks: bool = False
+    "interpolate: cut the edit script's blocks into single sentences/lines, so that a step is a partial rewrite (the draft's opening) rather than, usually, a full jump."
+    chain: int = 2
     "Improvement steps from draft towards reference; every (y_k → y_k+1) is a training example."
     mix_policy: float = 0.5
     "Policy SFT examples (prompt → reference) per improver example, to keep the policy role."
@@ -104,7 +106,7 @@ class ImproverConfig:
     "guided: a revision is kept only if it is at least this much closer (edit similarity) to the reference than the draft."
     guided_min_overlap: float = 0.5
     "guided: ... and still shares at least this fraction with the draft."
-    changed_weight: float = 3.0
+    changed_weight: float = 1.0
     "Loss weight of the target tokens a step changes (tokens copied from the draft weigh 1): fights copy collapse."
     drafts_per_prompt: int = 1
     "Drafts sampled per improver-training prompt; each gives its own improvement examples."

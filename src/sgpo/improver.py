@@ -1,12 +1,12 @@
 """Improver targets: given a draft y0 and a reference y*, what should the improver learn to write?
 
 ``interpolate`` (default): split both texts into units (sentences and lines; words when either text is a single
-sentence), take the edit script from y0 to y* one unit at a time (difflib opcodes, with every replace, insert or
-delete block cut into single-unit operations) and apply the first ceil(step · #ops) operations. The result differs
-from y0 and is strictly closer to y* in word edit distance (more operations are applied until it is) — an incremental
-yet discernible step, with no model call. As the operations are applied in order, a step rewrites the draft's
-opening towards the reference and keeps the rest of the draft: the improver learns "improve where the draft starts
-to fall short, keep what follows". ``chain`` steps y0 → y1 → … give every (y_k → y_k+1) as an example.
+sentence), take the edit script from y0 to y* (difflib opcodes) and apply the first ceil(step · #ops) operations.
+The result differs from y0 and is strictly closer to y* in word edit distance (more operations are applied until it
+is), with no model call. Two independently written texts rarely share a sentence, so the script is often one block
+and the step a full jump; ``split_blocks`` cuts blocks into single-unit operations, and a step then rewrites the
+draft's opening towards the reference and keeps the rest of the draft (measured: see docs/improver.md).
+``chain`` steps y0 → y1 → … give every (y_k → y_k+1) as an example.
 ``reference``: the full jump y0 → y*. ``guided``: the model revises y0 with y* shown as a hint; the revision is kept
 when it is closer to y* by a margin and still overlaps y0, else interpolation is used.
 
@@ -45,17 +45,20 @@ def _units(a: str, b: str) -> tuple[list[str], list[str]]:
     return ua, ub
 
 
-def edit_ops(a_units: list[str], b_units: list[str]) -> list[tuple]:
-    """The edit script a → b as single-unit operations, in order.
+def edit_ops(a_units: list[str], b_units: list[str], split_blocks: bool = False) -> list[tuple]:
+    """The edit script a → b (difflib's non-equal opcodes), in order.
 
     difflib gives blocks; two texts written independently rarely share a sentence, so a block is usually the whole
-    text. Cutting every block into one-unit operations (replace unit by unit, then the leftover deletes or inserts)
-    makes the script fine enough for a fraction of it to be a real, partial step.
+    text and a "step" of one block is a full jump. ``split_blocks`` cuts every block into one-unit operations
+    (replace unit by unit, then the leftover deletes or inserts), fine enough for a fraction to be a partial step.
     """
     sm = difflib.SequenceMatcher(a=a_units, b=b_units, autojunk=False)
     ops = []
     for tag, i1, i2, j1, j2 in sm.get_opcodes():
         if tag == "equal":
+            continue
+        if not split_blocks:
+            ops.append((tag, i1, i2, j1, j2))
             continue
         la, lb = i2 - i1, j2 - j1
         for t in range(max(la, lb)):
@@ -78,11 +81,11 @@ def _apply(a: list[str], b: list[str], ops: list[tuple]) -> str:
     return "".join(out)
 
 
-def interpolate(draft: str, reference: str, step: float) -> str:
+def interpolate(draft: str, reference: str, step: float, split_blocks: bool = False) -> str:
     """Apply the first ``ceil(step · n_ops)`` operations of the draft→reference edit script (at least one), and more
     while the result is not strictly closer to the reference (word edit distance) than the draft."""
     a, b = _units(draft, reference)
-    ops = edit_ops(a, b)
+    ops = edit_ops(a, b, split_blocks)
     if not ops:
         return reference
     before = word_edit_distance(draft, reference)
@@ -94,13 +97,13 @@ def interpolate(draft: str, reference: str, step: float) -> str:
     return out
 
 
-def chain(draft: str, reference: str, step: float, n: int) -> list[str]:
+def chain(draft: str, reference: str, step: float, n: int, split_blocks: bool = False) -> list[str]:
     """[y0, y1, ..., yn]: each step applies ``step`` of the remaining edit script; stops early at the reference."""
     seq = [draft]
     for _ in range(n):
         if seq[-1] == reference:
             break
-        seq.append(interpolate(seq[-1], reference, step))
+        seq.append(interpolate(seq[-1], reference, step, split_blocks))
     return seq
 
 
@@ -182,14 +185,14 @@ class ImproverExample:
 
 def examples_from_draft(record_id: str, draft: str, reference: str, target: str, step: float, n_chain: int,
                         revision: str | None = None, min_gain: float = 0.02,
-                        min_overlap: float = 0.5) -> list[ImproverExample]:
+                        min_overlap: float = 0.5, split_blocks: bool = False) -> list[ImproverExample]:
     """Improver examples for one (draft, reference) pair, by the configured target strategy."""
     if target == "reference":
         return [ImproverExample(record_id, draft, reference)] if draft.strip() != reference.strip() else []
     if target == "guided" and revision is not None and accept_revision(draft, reference, revision, min_gain,
                                                                        min_overlap):
         return [ImproverExample(record_id, draft, revision)]
-    seq = chain(draft, reference, step, n_chain)
+    seq = chain(draft, reference, step, n_chain, split_blocks)
     return [ImproverExample(record_id, s, t) for s, t in zip(seq, seq[1:]) if s.strip() != t.strip()]
 
 

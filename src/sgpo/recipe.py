@@ -220,7 +220,7 @@ def _improver_stage(r: Runner, records: list[Record]) -> dict:
         for x in records:
             rev = revisions[x.id].text if x.id in revisions else None
             examples += examples_from_draft(x.id, drafts[x.id].text, x.reference, ic.target, ic.step, ic.chain, rev,
-                                            ic.guided_min_gain, ic.guided_min_overlap)
+                                            ic.guided_min_gain, ic.guided_min_overlap, ic.split_blocks)
     write_jsonl(r.run.path(stage, "examples.jsonl"), [e.__dict__ for e in examples])
     by_id = {x.id: x for x in records}
     nll = [nll_example(tok, by_id[e.record_id].prompt, e, ic.instruction, ic.changed_weight) for e in examples]
