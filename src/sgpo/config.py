@@ -155,8 +155,8 @@ class DPOConfig:
 
 @dataclass
 class PairsConfig:
-    require_eos: bool = True
-    "Drop pairs where a side was cut off by the length limit."
+    require_eos: bool = False
+    "Drop pairs where a side was cut off by the length limit. Off by default: at the default 96-token budget the embedded model finishes ~1 answer in 10, so requiring EOS would drop most pairs; a cut-off side is trained without EOS."
     verify: str = ""
     "Optional judge spec; keep only pairs it prefers chosen over rejected (off when empty)."
 
