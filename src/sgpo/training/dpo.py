@@ -24,7 +24,7 @@ from .batching import (PairBatch, collate, collate_pairs, length_buckets, packin
 from .loop import mean_metrics, run_steps
 
 LAYOUTS = ("auto", "packed", "stacked")
-CPU_MAX_POSITIONS = 768
+CPU_MAX_POSITIONS = 512
 
 
 @dataclass
@@ -169,7 +169,8 @@ def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: s
 
 def default_max_positions(model) -> int | None:
     """Positions per forward in training on a CPU: bounds the activation memory (≈1.5 MB per position in fp32 for a
-    135M model) so that a default run stays under 4 GB; no limit on accelerators."""
+    135M model) so that a default run stays under 4 GB. Smaller forwards also stay in cache better: measured on 2
+    cores, two micro-batches of ~500 positions took no longer than one of ~1000. No limit on accelerators."""
     try:
         device = next(model.parameters()).device
     except StopIteration:
