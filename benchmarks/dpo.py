@@ -111,7 +111,7 @@ def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args, fused_adamw: b
     train_pos = positions[n_ref:]
     out = {"seconds": total.seconds, "cpu_seconds": total.cpu_seconds, "ref_seconds": ref.seconds,
            "peak_rss": rss.peak, "loss": m["dpo/loss"],
-           "positions_per_step": statistics.mean(train_pos) if train_pos else 0,
+           "positions_per_forward": statistics.mean(train_pos) if train_pos else 0,
            "layout": resolve_layout(model, tps),
            "tokens": sum(len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in tps)}
     del model
@@ -172,7 +172,7 @@ def run_trl(model_name: str, tokenizer, pairs: list[dict], args, precompute: boo
     out = {"seconds": total.seconds, "cpu_seconds": total.cpu_seconds,
            "ref_seconds": ref_time[0] if precompute else None, "ref_batches": ref_time[1],
            "peak_rss": rss.peak, "loss": result.training_loss, "tokens": tokens,
-           "positions_per_step": statistics.mean(train_pos) if train_pos else 0}
+           "positions_per_forward": statistics.mean(train_pos) if train_pos else 0}
     del trainer, model, ref_model
     gc.collect()
     return out
@@ -236,7 +236,7 @@ def main(argv=None) -> dict:
 
     print()
     print(f"{'mode':<18}{'pairs/s min / median / max':<30}{'pairs/CPU-s (median)':>21}{'seconds (median)':>17}"
-          f"{'ref pass s':>12}{'positions/step':>16}{'tokens':>8}{'peak RSS GB':>13}")
+          f"{'ref pass s':>12}{'positions/forward':>19}{'tokens':>8}{'peak RSS GB':>13}")
     for mode in modes:
         rs = runs[mode]
         ref = [r["ref_seconds"] for r in rs if r.get("ref_seconds") is not None]
@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
               f"{statistics.median(r['pairs_per_cpu_s'] for r in rs):>21.3f}"
               f"{statistics.median(r['seconds'] for r in rs):>17.1f}"
               f"{(f'{statistics.median(ref):.1f}' if ref else 'in steps'):>12}"
-              f"{statistics.mean(r['positions_per_step'] for r in rs):>16.0f}{rs[0]['tokens']:>8}"
+              f"{statistics.mean(r['positions_per_forward'] for r in rs):>19.0f}{rs[0]['tokens']:>8}"
               f"{_common.gb(max(r['peak_rss'] for r in rs)):>13.2f}")
     ratios = {}
     ours_modes = [m for m in modes if m.startswith("sgpo")]
