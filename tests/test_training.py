@@ -1,8 +1,8 @@
 import torch
 
-from sgpo.training.batching import collate, token_logps
+from sgpo.training.batching import collate, position_slices, token_logps
 from sgpo.training.dpo import TokenPair, dpo_loss, reference_logps, train_dpo
-from sgpo.training.sft import NLLExample, train_nll
+from sgpo.training.sft import NLLExample, nll_step, train_nll
 
 
 def test_collate_puts_loss_only_on_completion_tokens():
@@ -70,3 +70,29 @@ def test_nll_training_lowers_the_loss_on_its_examples(tiny_model):
     for _ in range(5):
         last = train_nll(tiny_model, ex, pad_id=0, batch_size=2, epochs=1, lr=1e-2, seed=0)["nll/loss"]
     assert last < first - 0.5
+
+
+def test_position_slices_bound_the_padded_size():
+    assert position_slices([3, 3, 3, 3], None) == [slice(0, 4)]
+    assert position_slices([3, 3, 3, 3], 6) == [slice(0, 2), slice(2, 4)]
+    assert position_slices([2, 5, 2], 8) == [slice(0, 1), slice(1, 2), slice(2, 3)]  # 2 rows of 5 = 10 > 8
+    assert position_slices([9, 1], 4) == [slice(0, 1), slice(1, 2)]  # a row longer than the limit still runs
+
+
+def test_nll_micro_batches_give_the_whole_batch_loss_and_gradient(tiny_model):
+    """Weighted NLL over a batch cut into micro-batches (back-propagated one by one) equals the whole batch's."""
+    ex = [NLLExample((20, 21, 22), (30, 31, 2)), NLLExample((23, 24), (32, 33, 34, 2), weights=(1, 3, 3, 1)),
+          NLLExample((25,), (35, 2))]
+    results = []
+    for max_positions in (None, 1):  # 1: every example is its own micro-batch
+        tiny_model.zero_grad(set_to_none=True)
+        step = nll_step(0, max_positions, torch.Tensor.backward if max_positions else None)
+        loss, _ = step(tiny_model, ex)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads))
+    (l1, g1), (l2, g2) = results
+    assert abs(l1 - l2) < 1e-5
+    for name in g1:
+        scale = g1[name].abs().max().clamp(min=1e-6)
+        assert float((g1[name] - g2[name]).abs().max() / scale) < 1e-4, name

@@ -209,6 +209,35 @@ def pair_logps(model, batch: PairBatch) -> torch.Tensor:
     return torch.zeros(2 * batch.n_pairs, dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
 
 
+CPU_MAX_POSITIONS = 512
+
+
+def default_max_positions(model) -> int | None:
+    """Positions per forward pass in training on a CPU: bounds the activation memory (≈1.5 MB per position in fp32
+    for a 135M model). Smaller forwards also stay in cache better: measured on 2 cores, two micro-batches of ~500
+    positions took no longer than one of ~1000. No limit on accelerators."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return None
+    return CPU_MAX_POSITIONS if device.type == "cpu" else None
+
+
+def position_slices(lengths: list[int], max_positions: int | None) -> list[slice]:
+    """Consecutive slices of a batch whose padded size (rows × longest row) is at most ``max_positions`` (one row at
+    least). With length-bucketed batches the rows are about as long as each other, so the slices stay tight."""
+    if not max_positions:
+        return [slice(0, len(lengths))]
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, n) > max_positions:
+            out.append(slice(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    out.append(slice(start, len(lengths)))
+    return out
+
+
 def length_buckets(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
     """Batches of indices with similar lengths (little padding), in a seeded random order.
 

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batching import (PairBatch, collate, collate_pairs, length_buckets, packing_supported, pair_length, pair_logps,
-                       token_logps)
+from .batching import (PairBatch, collate, collate_pairs, default_max_positions, length_buckets, packing_supported,
+                       pair_length, pair_logps, position_slices, token_logps)
 from .loop import mean_metrics, run_steps
 
 LAYOUTS = ("auto", "packed", "stacked")
-CPU_MAX_POSITIONS = 512
 
 
 @dataclass
@@ -104,23 +103,10 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def micro_batches(pairs: list[TokenPair], layout: str, max_positions: int | None) -> list[list[TokenPair]]:
-    """Consecutive slices of ``pairs`` whose padded rows hold at most ``max_positions`` positions (one pair at least).
-
-    With length-bucketed batches the rows of a batch are about as long as each other, so the slices stay tight.
-    """
-    if not max_positions:
-        return [pairs]
-    out, cur, longest = [], [], 0
+    """Consecutive slices of ``pairs`` whose padded rows hold at most ``max_positions`` positions (one pair at least)."""
     rows = 1 if layout == "packed" else 2
-    for p in pairs:
-        n = pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids, layout)
-        if cur and (len(cur) + 1) * rows * max(longest, n) > max_positions:
-            out.append(cur)
-            cur, longest = [], 0
-        cur.append(p)
-        longest = max(longest, n)
-    out.append(cur)
-    return out
+    lengths = [rows * pair_length(p.prompt_ids, p.chosen_ids, p.rejected_ids, layout) for p in pairs]
+    return [pairs[s] for s in position_slices(lengths, max_positions)]
 
 
 def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: str = "packed",
@@ -165,17 +151,6 @@ def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: s
             metrics["improver/nll"] = torch.tensor(-nll_sum / max(nll_tokens, 1))
         return loss, metrics
     return step
-
-
-def default_max_positions(model) -> int | None:
-    """Positions per forward in training on a CPU: bounds the activation memory (≈1.5 MB per position in fp32 for a
-    135M model) so that a default run stays under 4 GB. Smaller forwards also stay in cache better: measured on 2
-    cores, two micro-batches of ~500 positions took no longer than one of ~1000. No limit on accelerators."""
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        return None
-    return CPU_MAX_POSITIONS if device.type == "cpu" else None
 
 
 def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_size: int, epochs: int, lr: float,
