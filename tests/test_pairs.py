@@ -21,3 +21,29 @@ def test_pair_metrics_names():
     m = pair_metrics(kept, dropped)
     assert m["pairs/kept"] == 1 and m["pairs/dropped/equal"] == 1
     assert m["lengths/chosen"] == 3 and m["lengths/rejected"] == 2 and m["pairs/edit_distance"] == 1
+
+
+def test_training_pairs_see_the_prompt_cut_that_generation_saw(tiny_tokenizer):
+    """A long request is cut to the last ``data.max_prompt_tokens`` for the rollouts; the reference pass and DPO must
+    score the responses under the same cut (and stay bounded in memory), for the policy and the improver prompt."""
+    from types import SimpleNamespace
+
+    from sgpo import templates
+    from sgpo.config import Config
+    from sgpo.pairs import Pair
+    from sgpo.recipe import _pairs_to_tokens
+    from sgpo.rollout import build_requests
+    from sgpo.data import Record
+
+    cfg = Config()
+    cfg.data.max_prompt_tokens = 24
+    text = " ".join(f"word{i}" for i in range(200))
+    messages = [{"role": "user", "content": text}]
+    runner = SimpleNamespace(tokenizer=tiny_tokenizer, cfg=cfg)
+    tp = _pairs_to_tokens(runner, [Pair("a", messages, "good answer", "bad answer")], improver_drafts=True)[0]
+    full = templates.render(tiny_tokenizer, messages)
+    assert len(full) > 24
+    gen = build_requests(tiny_tokenizer, [Record("a", (("user", text),))], "policy", run_seed=0, round_=0,
+                         max_prompt_tokens=24)[0]
+    assert tp.prompt_ids == list(gen.prompt_ids) == full[-24:]
+    assert len(tp.improver_prompt_ids) == 24

@@ -30,7 +30,7 @@ from .improver_eval import resample_copies
 from .methods import Context, get_method, has_prepare
 from .models import load_model, load_tokenizer, resolve
 from .pairs import Pair, filter_pairs, pair_metrics
-from .rollout import rollout
+from .rollout import cut_prompt, rollout
 from .runs import (RunDir, RunError, atomic_dir, atomic_write_json, atomic_write_text, content_hash, is_writer,
                    read_jsonl, set_writer, write_jsonl)
 from .training.adapters import trainable
@@ -160,6 +160,10 @@ class Runner:
 
     def train_nll(self, examples, desc: str, seed: int) -> dict:
         t = self.cfg.train
+        # the inputs the model sees when it generates: longer prompts are cut like the rollouts cut them; uncut, one
+        # long request can take tens of GB in a training step
+        limit = self.cfg.data.max_prompt_tokens
+        examples = [dataclasses.replace(e, prompt_ids=tuple(cut_prompt(e.prompt_ids, limit))) for e in examples]
         ckpt = self.checkpoint_dir(desc)
         with self.trainable() as model:
             m = train_nll(model, examples, pad_id=self.tokenizer.pad_token_id, batch_size=t.batch_size,
@@ -228,27 +232,26 @@ def _improver_stage(r: Runner, records: list[Record]) -> dict:
     rng = random.Random(cfg.seed)
     policy_recs = [records[rng.randrange(len(records))] for _ in range(n_policy)] if records else []
     nll += r.nll_examples_policy(policy_recs)
-    # the inputs the model will see when it generates: longer prompts are cut like the rollouts cut them (keep the
-    # end, where the generation prompt is); uncut, one long request can take tens of GB in a training step
-    limit = cfg.data.max_prompt_tokens
-    nll = [dataclasses.replace(e, prompt_ids=e.prompt_ids[-limit:]) if limit and len(e.prompt_ids) > limit else e
-           for e in nll]
     m = r.train_nll(nll, "improver training", cfg.seed + 1)
     m.update({"improver/train_examples": len(examples), "improver/policy_examples": len(policy_recs)})
     return m
 
 
 def _pairs_to_tokens(r: Runner, pairs: list[Pair], improver_drafts: bool) -> list[TokenPair]:
+    """Token pairs for the reference pass and DPO; prompts are cut as the rollouts that sampled the responses cut
+    them (``data.max_prompt_tokens``)."""
     tok, cfg = r.tokenizer, r.cfg
+    limit = cfg.data.max_prompt_tokens
     out = []
     for p in pairs:
         prompt = tuple((m["role"], m["content"]) for m in p.prompt)
         out.append(TokenPair(
-            templates.render(tok, p.prompt),
+            cut_prompt(templates.render(tok, p.prompt), limit),
             templates.completion_ids(tok, p.chosen, eos=p.chosen_finished),
             templates.completion_ids(tok, p.rejected, eos=p.rejected_finished),
             p.ref_chosen_logp, p.ref_rejected_logp,
-            templates.improver_ids(tok, prompt, p.rejected, cfg.improver.instruction) if improver_drafts else None))
+            cut_prompt(templates.improver_ids(tok, prompt, p.rejected, cfg.improver.instruction), limit)
+            if improver_drafts else None))
     return out
 
 

@@ -26,6 +26,15 @@ def seed_for(run_seed: int, round_: int, record_id: str, role: str) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
+def cut_prompt(ids, max_prompt_tokens: int | None):
+    """The last ``max_prompt_tokens`` of a rendered prompt (the end holds the generation prompt, which must stay
+    intact). Generation and every training pass on its outputs use the same cut, so log-probabilities are conditioned
+    on the context the response was sampled from."""
+    if max_prompt_tokens and len(ids) > max_prompt_tokens:
+        return ids[len(ids) - max_prompt_tokens:]
+    return ids
+
+
 def build_requests(tokenizer, records: Sequence[Record], role: str, *, run_seed: int, round_: int,
                    drafts: dict[str, str] | None = None, instruction: str | dict[str, str] = "",
                    max_prompt_tokens: int | None = None) -> list[Request]:
@@ -37,8 +46,7 @@ def build_requests(tokenizer, records: Sequence[Record], role: str, *, run_seed:
             ids = templates.improver_ids(tokenizer, r.prompt, drafts[r.id], text)
         else:
             ids = templates.policy_ids(tokenizer, r.prompt)
-        if max_prompt_tokens and len(ids) > max_prompt_tokens:
-            ids = ids[len(ids) - max_prompt_tokens:]  # keep the end: the generation prompt must stay intact
+        ids = cut_prompt(ids, max_prompt_tokens)
         reqs.append(Request(tuple(ids), seed_for(run_seed, round_, r.id, role)))
     return reqs
 

@@ -17,6 +17,7 @@ from .. import templates
 from ..improver import examples_from_draft
 from ..pairs import Pair
 from ..runs import read_jsonl, write_jsonl
+from ..rollout import cut_prompt
 from ..training.sft import NLLExample, train_nll
 from .base import Context, MethodBase
 
@@ -40,8 +41,9 @@ class SynPO(MethodBase):
             examples += examples_from_draft(r.id, drafts[r.id].text, r.reference, "reference", 1.0, 1)
         write_jsonl(ctx.run.path("prepare", "improver_examples.jsonl"), [e.__dict__ for e in examples])
         by_id = {r.id: r for r in records}
-        nll = [NLLExample(tuple(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source,
-                                                       cfg.improver.instruction)),
+        limit = cfg.data.max_prompt_tokens  # cut like the rollouts that will use this improver
+        nll = [NLLExample(tuple(cut_prompt(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source,
+                                                                  cfg.improver.instruction), limit)),
                           tuple(templates.completion_ids(tok, e.target)), "improver") for e in examples]
         improver = ctx.load_model(ctx.model_path)  # a separate copy of π_0: the policy is not touched
         t = cfg.train
