@@ -223,6 +223,16 @@ def default_max_positions(model) -> int | None:
     return CPU_MAX_POSITIONS if device.type == "cpu" else None
 
 
+def micro_batching(model, max_positions: int | None | str, accelerator=None):
+    """``(max_positions, backward)`` for a step function: ``auto`` = ``default_max_positions``; ``backward`` is None
+    (whole batches) under several processes or without a limit, since a slice's backward would sync gradients."""
+    if max_positions == "auto":
+        max_positions = default_max_positions(model)
+    if max_positions and (accelerator is None or accelerator.num_processes == 1):
+        return max_positions, (accelerator.backward if accelerator is not None else torch.Tensor.backward)
+    return max_positions, None
+
+
 def position_slices(lengths: list[int], max_positions: int | None) -> list[slice]:
     """Consecutive slices of a batch whose padded size (rows × longest row) is at most ``max_positions`` (one row at
     least). With length-bucketed batches the rows are about as long as each other, so the slices stay tight."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .batching import (PairBatch, collate, collate_pairs, default_max_positions, length_buckets, packing_supported,
+from .batching import (PairBatch, collate, collate_pairs, length_buckets, micro_batching, packing_supported,
                        pair_length, pair_logps, position_slices, token_logps)
 from .loop import mean_metrics, run_steps
 
@@ -170,11 +170,7 @@ def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_
     batches = []
     for epoch in range(epochs):
         batches += [[pairs[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
-    if max_positions == "auto":
-        max_positions = default_max_positions(model)
-    backward = None
-    if max_positions and (accelerator is None or accelerator.num_processes == 1):
-        backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
+    max_positions, backward = micro_batching(model, max_positions, accelerator)
     step = dpo_step(pad_id, beta, improver_nll_coef, layout, max_positions, backward)
     hist = run_steps(model, batches, step, lr=lr,
                      max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc, show_progress=show_progress,

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .batching import collate, default_max_positions, length_buckets, position_slices, token_logps
+from .batching import collate, length_buckets, micro_batching, position_slices, token_logps
 from .loop import mean_metrics, run_steps
 
 
@@ -71,11 +69,7 @@ def train_nll(model, examples: list[NLLExample], *, pad_id: int, batch_size: int
     batches = []
     for epoch in range(epochs):
         batches += [[examples[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
-    if max_positions == "auto":
-        max_positions = default_max_positions(model)
-    backward = None
-    if max_positions and (accelerator is None or accelerator.num_processes == 1):
-        backward = accelerator.backward if accelerator is not None else torch.Tensor.backward
+    max_positions, backward = micro_batching(model, max_positions, accelerator)
     hist = run_steps(model, batches, nll_step(pad_id, max_positions, backward), lr=lr, weight_decay=weight_decay,
                      warmup_steps=warmup_steps, max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc,
                      weight_fn=_completion_tokens, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
