@@ -75,7 +75,9 @@ def load(model_name: str):
 def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args, fused_adamw: bool = False) -> dict:
     from sgpo import templates
     from sgpo.training import dpo, loop
+    from sgpo.config import DPOConfig
     from sgpo.training.dpo import TokenPair, reference_logps, resolve_layout, train_dpo
+    from sgpo.training.loop import Job
 
     model = load(model_name)
     gc.collect()
@@ -103,8 +105,8 @@ def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args, fused_adamw: b
                 reference_logps(model, tps, pad_id=tokenizer.pad_token_id, batch_size=2 * args.batch_size,
                                 show_progress=False)
             n_ref = len(positions)
-            m = train_dpo(model, tps, pad_id=tokenizer.pad_token_id, beta=args.beta, batch_size=args.batch_size,
-                          epochs=args.epochs, lr=args.lr, seed=args.seed, show_progress=False)
+            m = train_dpo(model, tps, DPOConfig(beta=args.beta, batch_size=args.batch_size, epochs=args.epochs,
+                                                lr=args.lr), Job(tokenizer.pad_token_id, args.seed, show_progress=False))
     finally:
         dpo.collate_pairs = collate
         loop.make_optimizer = make_optimizer

@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from sgpo.generation import Request, Settings, generate  # noqa: E402
 from sgpo.models import load_model, load_tokenizer  # noqa: E402
 from sgpo.templates import completion_ids, policy_ids  # noqa: E402
+from sgpo.config import DPOConfig  # noqa: E402
 from sgpo.training.dpo import TokenPair, reference_logps, train_dpo  # noqa: E402
+from sgpo.training.loop import Job  # noqa: E402
 
 
 DEVICE = "cuda"
@@ -124,7 +126,7 @@ def dpo_speed(path: str, rows: list[dict], batch_size: int) -> dict:
     sync()
     t = time.perf_counter()
     reference_logps(model, pairs, pad_id=tok.pad_token_id, batch_size=2 * batch_size, show_progress=False)
-    m = train_dpo(model, pairs, pad_id=tok.pad_token_id, beta=0.1, batch_size=batch_size, epochs=1, lr=5e-7, seed=0)
+    m = train_dpo(model, pairs, DPOConfig(beta=0.1, batch_size=batch_size, epochs=1, lr=5e-7), Job(tok.pad_token_id, 0))
     sync()
     s = time.perf_counter() - t
     return {"dpo_pairs_per_s": len(pairs) / s, "dpo_pairs": len(pairs), "dpo_batch_size": batch_size,

@@ -34,9 +34,11 @@ def main(argv=None) -> dict:
     import torch
 
     from sgpo import config as config_mod
-    from sgpo import recipe
+    from sgpo import distributed, recipe, session
     from sgpo.methods import get_method
+    from sgpo.rollout import Sampler
     from sgpo.runs import RunDir
+    from sgpo.splits import prepare_splits
     from sgpo.training import dpo as dpo_mod
 
     cfg_path = args.config or (str(_common.REPO / "configs" / "smoke.yaml") if args.quick else None)
@@ -63,23 +65,22 @@ def main(argv=None) -> dict:
         positions.append((b.tokens, b.n_pairs))
         return b
 
-    saved = recipe.reference_logps, recipe.train_dpo
-    recipe.reference_logps = timed("reference", recipe.reference_logps)
-    recipe.train_dpo = timed("dpo", recipe.train_dpo)
+    saved = session.reference_logps, session.train_dpo, Sampler.rollout
+    session.reference_logps = timed("reference", session.reference_logps)
+    session.train_dpo = timed("dpo", session.train_dpo)
+    Sampler.rollout = timed("generation", Sampler.rollout)
     dpo_mod.collate_pairs = counting
     try:
         with tempfile.TemporaryDirectory() as tmp, _common.Timer() as total:
             with _common.Timer() as setup:
-                r = recipe.Runner(cfg, RunDir(tmp))
-                data = recipe.prepare_data(cfg, r.tokenizer)
-                r.model  # noqa: B018  (load it now, outside the stage timings)
+                s = session.Session(cfg, RunDir(tmp), distributed.Dist(None))
+                data = prepare_splits(cfg, s.tokenizer)
+                s.model  # noqa: B018  (load it now, outside the stage timings)
             method = get_method(cfg.method)
-            method.make_pairs = timed("generation", method.make_pairs)
-            records = recipe.take(data.train, cfg.data.improver_size if method.trains_improver else 0,
-                                  cfg.data.round_size)
-            m = recipe._round_stage(r, method, 1, records, r.model_path)
+            records = data.rounds[0] if data.rounds else []
+            m = recipe.round_stage(s, method, 1, records, s.model_path)
     finally:
-        recipe.reference_logps, recipe.train_dpo = saved
+        session.reference_logps, session.train_dpo, Sampler.rollout = saved
         dpo_mod.collate_pairs = collate
 
     n_ref_batches = math.ceil(int(m.get("pairs/kept", 0)) / (2 * cfg.dpo.batch_size))

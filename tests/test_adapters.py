@@ -1,6 +1,8 @@
 import torch
 
+from sgpo.config import ModelConfig, TrainConfig
 from sgpo.training.adapters import trainable
+from sgpo.training.loop import Job
 from sgpo.training.sft import NLLExample, train_nll
 
 
@@ -10,11 +12,11 @@ def test_lora_trains_only_the_adapter_and_merges_into_the_weights(tiny_model):
     x = torch.tensor([[20, 21, 22]])
     with torch.no_grad():
         ref = tiny_model(input_ids=x).logits
-    with trainable(tiny_model, lora_r=4, lora_alpha=8) as m:
+    with trainable(tiny_model, ModelConfig(lora_r=4, lora_alpha=8)) as m:
         assert m is not tiny_model
         n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
         assert 0 < n_train < sum(p.numel() for p in tiny_model.parameters()) / 4
-        train_nll(m, ex, pad_id=0, batch_size=2, epochs=3, lr=5e-2, seed=0)
+        train_nll(m, ex, TrainConfig(batch_size=2, epochs=3, lr=5e-2), Job(0, 0))
         with torch.no_grad(), m.disable_adapter():  # adapter disabled = the stage-start model, after training too
             assert torch.allclose(m(input_ids=x).logits, ref, atol=1e-6)
     after = tiny_model.state_dict()
@@ -26,7 +28,7 @@ def test_lora_trains_only_the_adapter_and_merges_into_the_weights(tiny_model):
 
 
 def test_gradient_checkpointing_is_switched_back_off(tiny_model):
-    with trainable(tiny_model, gradient_checkpointing=True) as m:
+    with trainable(tiny_model, ModelConfig(gradient_checkpointing=True)) as m:
         assert m.is_gradient_checkpointing
-        train_nll(m, [NLLExample((20, 21), (30, 2))], pad_id=0, batch_size=1, epochs=1, lr=1e-3, seed=0)
+        train_nll(m, [NLLExample((20, 21), (30, 2))], TrainConfig(batch_size=1, epochs=1, lr=1e-3), Job(0, 0))
     assert not tiny_model.is_gradient_checkpointing and tiny_model.config.use_cache

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the CLI / a script in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 KEYS = {"tokens_per_s", "ratio_vs_sequential", "ratio_vs_padded", "matmul_ceiling_tokens_per_s",
         "decode_ceiling_tokens_per_s"}

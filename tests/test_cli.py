@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # runs the CLI / a script in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -83,6 +83,7 @@ def test_unknown_benchmark_or_method_fails_before_anything_runs(tmp_path, monkey
     assert calls == []
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
     """Real runs on the tiny model: dpo fails on a malformed preference file, spin finishes; after the file is
     fixed, a re-run resumes dpo only and evaluates it on the same prompts with the same judge."""

@@ -20,7 +20,10 @@ import torch
 from sgpo import templates
 from sgpo.models import TINY_RANDOM, load_model, load_tokenizer
 from sgpo.training.batching import collate_pairs, pair_logps
-from sgpo.training.dpo import TokenPair, dpo_loss, dpo_step, reference_logps, resolve_layout, train_dpo
+from sgpo.config import DPOConfig
+from sgpo.training.dpo import TokenPair, dpo_step, reference_logps, resolve_layout, train_dpo
+from sgpo.training.loop import Job
+from sgpo.training.losses import LogRatios, preference_loss
 
 BETA = 0.1
 TEXTS = [
@@ -97,7 +100,7 @@ def test_packed_row_hides_chosen_from_rejected(tok, ref_model):
 
 def _our_loss(policy, pairs, pad_id, layout):
     policy.zero_grad(set_to_none=True)
-    loss, metrics = dpo_step(pad_id, BETA, layout=layout)(policy, pairs)
+    loss, metrics = dpo_step(pad_id, DPOConfig(beta=BETA), layout=layout)(policy, pairs)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in policy.named_parameters() if p.grad is not None}
     policy.zero_grad(set_to_none=True)
@@ -164,7 +167,7 @@ def test_first_step_loss_is_log2_when_policy_is_reference(tok, ref_model):
     pairs = _token_pairs(tok)
     reference_logps(model, pairs, pad_id=tok.pad_token_id, show_progress=False)
     model.train()
-    loss, metrics = dpo_step(tok.pad_token_id, BETA, layout=resolve_layout(model, pairs))(model, pairs)
+    loss, metrics = dpo_step(tok.pad_token_id, DPOConfig(beta=BETA), layout=resolve_layout(model, pairs))(model, pairs)
     assert abs(float(loss.detach()) - math.log(2)) < 1e-6
     assert abs(float(metrics["rewards/margins"])) < 1e-5
 
@@ -182,8 +185,8 @@ def test_peft_reference_is_adapter_disabled(tok, ref_model):
         assert a.ref_rejected == pytest.approx(b.ref_rejected, abs=1e-4)
     # and training the adapter runs on the packed layout, moving only the adapter weights
     before = {n: p.detach().clone() for n, p in lora.named_parameters()}
-    out = train_dpo(lora, lora_pairs, pad_id=tok.pad_token_id, beta=BETA, batch_size=2, epochs=1, lr=1e-2, seed=0,
-                    show_progress=False)
+    out = train_dpo(lora, lora_pairs, DPOConfig(beta=BETA, batch_size=2, epochs=1, lr=1e-2),
+                    Job(tok.pad_token_id, 0, show_progress=False))
     assert out["dpo/steps"] == 2 and math.isfinite(out["dpo/loss"])
     changed = {n for n, p in lora.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
@@ -191,8 +194,8 @@ def test_peft_reference_is_adapter_disabled(tok, ref_model):
 
 def test_train_dpo_needs_reference_logps(tok, ref_model):
     with pytest.raises(ValueError, match="reference log-probs"):
-        train_dpo(copy.deepcopy(ref_model), _token_pairs(tok), pad_id=tok.pad_token_id, beta=BETA, batch_size=2,
-                  epochs=1, lr=1e-5, seed=0, show_progress=False)
+        train_dpo(copy.deepcopy(ref_model), _token_pairs(tok), DPOConfig(beta=BETA, batch_size=2, epochs=1, lr=1e-5),
+                  Job(tok.pad_token_id, 0, show_progress=False))
 
 
 def test_empty_response_scores_zero(tok, ref_model):
@@ -219,7 +222,9 @@ def test_random_pairs_packed_equals_stacked(ref_model):
 
 
 def test_dpo_loss_formula():
-    loss, m = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5)
+    one = torch.tensor([1.0])
+    loss, m = preference_loss("sigmoid", LogRatios(torch.tensor([-1.0]) - torch.tensor([-2.0]),
+                                                   torch.tensor([-3.0]) - torch.tensor([-2.0]), one, one), 0.5)
     assert float(loss) == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
     assert float(m["rewards/margins"]) == pytest.approx(1.0)
 
@@ -234,7 +239,7 @@ def test_micro_batches_give_the_whole_batch_gradient(tok, ref_model):
     results = []
     for max_positions in (None, 1):  # 1: every pair is its own micro-batch
         policy.zero_grad(set_to_none=True)
-        step = dpo_step(tok.pad_token_id, BETA, 0.5, "packed", max_positions,
+        step = dpo_step(tok.pad_token_id, DPOConfig(beta=BETA, improver_nll_coef=0.5), "packed", max_positions,
                         torch.Tensor.backward if max_positions else None)
         loss, metrics = step(policy, pairs)
         loss.backward()

@@ -5,6 +5,8 @@ import pytest
 
 from test_cli import sgpo
 
+pytestmark = pytest.mark.slow  # runs the CLI / a script in a subprocess
+
 
 @pytest.fixture
 def prompt_file(tmp_path):

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgpo.runs import RunDir, RunError, Shard, atomic_write_json, read_jsonl
-from sgpo.training.loop import run_steps
+from sgpo.files import RunError, Shard, atomic_write_json, read_jsonl
+from sgpo.runs import RunDir
+from sgpo.training.loop import Job, Optim, run_steps
 
 from test_resume import REPO, cli_env, command, write_data
 
@@ -61,6 +62,7 @@ def finished(tmp_path_factory, data):
 
 # -- the disk ---------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_disk_full_during_a_run_is_a_clear_error_and_the_run_resumes(tmp_path, data, finished):
     out = tmp_path / "full"
     limit = 2 << 20  # a file-size limit makes the first large write (a training checkpoint) fail, as a full disk
@@ -143,6 +145,7 @@ def test_read_only_output_directory(tmp_path, monkeypatch):
     assert snapshot(ro) == {Path("keep.txt"): b"mine"}
 
 
+@pytest.mark.slow
 def test_output_path_under_a_file(tmp_path, data):
     f = tmp_path / "a-file"
     f.write_text("x")
@@ -153,11 +156,13 @@ def test_output_path_under_a_file(tmp_path, data):
 
 # -- models and checkpoints -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_missing_model(tmp_path, data):
     err = one_line_error(cli(command(tmp_path / "run", data, ["--set", f"model.name={tmp_path / 'no-such-model'}"])))
     assert "no-such-model" in err
 
 
+@pytest.mark.slow
 def test_corrupted_stage_model(tmp_path, data, finished):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
@@ -194,7 +199,7 @@ BATCHES = [[([float(i), 1.0, -float(j)], float(i - j)) for j in range(3)] for i 
 
 def test_training_checkpoint_resume_equals_straight_run(tmp_path):
     straight = Tiny()
-    h1 = run_steps(straight, BATCHES, _step, lr=0.05, warmup_steps=3, show_progress=False)
+    h1 = run_steps(straight, BATCHES, _step, Optim(lr=0.05, warmup_steps=3), Job(0, 0, show_progress=False))
 
     class Killed(Exception):
         pass
@@ -209,12 +214,12 @@ def test_training_checkpoint_resume_equals_straight_run(tmp_path):
 
     ck = tmp_path / "ck"
     with pytest.raises(Killed):
-        run_steps(Tiny(), BATCHES, dies_after_four, lr=0.05, warmup_steps=3, checkpoint_dir=ck,
-                  checkpoint_every=2, show_progress=False)
+        run_steps(Tiny(), BATCHES, dies_after_four, Optim(lr=0.05, warmup_steps=3, checkpoint_every=2),
+                  Job(0, 0, checkpoint_dir=ck, show_progress=False))
     assert [p.name for p in ck.iterdir()] == ["step_0000004"]
     resumed = Tiny()
-    h2 = run_steps(resumed, BATCHES, _step, lr=0.05, warmup_steps=3, checkpoint_dir=ck, checkpoint_every=2,
-                   show_progress=False)
+    h2 = run_steps(resumed, BATCHES, _step, Optim(lr=0.05, warmup_steps=3, checkpoint_every=2),
+                   Job(0, 0, checkpoint_dir=ck, show_progress=False))
     assert h2 == h1
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -222,25 +227,26 @@ def test_training_checkpoint_resume_equals_straight_run(tmp_path):
 
 def test_corrupted_or_foreign_training_checkpoint(tmp_path):
     ck = tmp_path / "ck"
-    run_steps(Tiny(), BATCHES, _step, lr=0.05, checkpoint_dir=ck, checkpoint_every=2, show_progress=False)
+    run_steps(Tiny(), BATCHES, _step, Optim(lr=0.05, checkpoint_every=2), Job(0, 0, checkpoint_dir=ck, show_progress=False))
     step = next(ck.glob("step_*"))
     # other training data: refused, not silently mixed in
     with pytest.raises(RunError, match="belongs to other training data"):
-        run_steps(Tiny(), BATCHES[:5], _step, lr=0.05, checkpoint_dir=ck, show_progress=False)
+        run_steps(Tiny(), BATCHES[:5], _step, Optim(lr=0.05), Job(0, 0, checkpoint_dir=ck, show_progress=False))
     with pytest.raises(RunError, match="belongs to other training data"):
-        run_steps(Tiny(), BATCHES, _step, lr=0.01, checkpoint_dir=ck, show_progress=False)
+        run_steps(Tiny(), BATCHES, _step, Optim(lr=0.01), Job(0, 0, checkpoint_dir=ck, show_progress=False))
     state = (step / "state.pt").read_bytes()
     (step / "state.pt").write_bytes(state[: len(state) // 2])
     with pytest.raises(RunError, match="corrupted") as e:
-        run_steps(Tiny(), BATCHES, _step, lr=0.05, checkpoint_dir=ck, show_progress=False)
+        run_steps(Tiny(), BATCHES, _step, Optim(lr=0.05), Job(0, 0, checkpoint_dir=ck, show_progress=False))
     assert str(step) in str(e.value) and "\n" not in str(e.value)
     (step / "meta.json").write_text("{not json")
     with pytest.raises(RunError, match="corrupted"):
-        run_steps(Tiny(), BATCHES, _step, lr=0.05, checkpoint_dir=ck, show_progress=False)
+        run_steps(Tiny(), BATCHES, _step, Optim(lr=0.05), Job(0, 0, checkpoint_dir=ck, show_progress=False))
 
 
 # -- run directory and config -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_corrupted_manifest(tmp_path, data, finished):
     out = tmp_path / "run"
     shutil.copytree(finished, out)
@@ -251,6 +257,7 @@ def test_corrupted_manifest(tmp_path, data, finished):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_newer_versions(tmp_path, data, finished):
     err = one_line_error(cli(command(tmp_path / "new", data, ["--set", "version=99"])))
     assert "newer sgpo" in err and "version" in err
@@ -273,6 +280,7 @@ def test_newer_versions(tmp_path, data, finished):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_bad_data_through_the_cli(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": ' + b"[" * 100000 + b"\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sgpo.eval.improver import improver_figures
+from sgpo.improver.figures import improver_figures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,7 @@ def prompts_file(tmp_path):
     return p
 
 
+@pytest.mark.slow
 def test_improver_eval_cli_on_the_tiny_model(tmp_path, prompts_file):
     out = tmp_path / "ie"
     args = ("improver-eval", "--model", "sgpo:tiny-random", "--prompts", str(prompts_file), "--judge", "reference",
@@ -75,13 +76,14 @@ def test_improver_eval_cli_on_the_tiny_model(tmp_path, prompts_file):
     assert len(rows) == 3 and all({"draft", "rewrite", "reference"} <= set(r) for r in rows)
     # a second call reuses the cached generations: same samples, nothing regenerated
     before = samples.read_text()
-    shard = next(out.glob("model-*/rewrites.jsonl"))
+    shard = next(out.glob("model-*/eval_improver.jsonl"))
     mtime = shard.stat().st_mtime_ns
     res2 = sgpo(*args)
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert samples.read_text() == before and shard.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_improver_eval_rejects_prompts_without_references(tmp_path):
     p = tmp_path / "noref.jsonl"
     p.write_text(json.dumps({"prompt": "Hi"}) + "\n")

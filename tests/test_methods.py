@@ -1,5 +1,6 @@
 """Each method on a tiny random model: which text is chosen and which rejected, which model is the reference,
 SynPO's separate improver and its accumulated pairs, DPO's preference sets, SFT-only runs, and the dry-run plan."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,13 +9,12 @@ import torch
 
 from sgpo import config, recipe, templates
 from sgpo.data import load_records, parse_row
-from sgpo.generation import Settings
 from sgpo.methods import METHODS, get_method
 from sgpo.models import load_model, load_tokenizer, resolve
 from sgpo.pairs import Pair
 from sgpo.plan import plan
-from sgpo.rollout import rollout
-from sgpo.runs import read_jsonl
+from sgpo.files import read_jsonl
+from sgpo.rollout import Sampler
 from sgpo.training.dpo import TokenPair, reference_logps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +107,7 @@ def test_registry_knows_every_method_of_the_config():
         get_method("ppo")
 
 
+@pytest.mark.slow
 def test_spin_pairs_reference_against_current_model(runs, data):
     run = runs("spin")
     refs = references(data)
@@ -122,6 +123,7 @@ def test_spin_pairs_reference_against_current_model(runs, data):
     assert_reference(pairs_of(run, 2), str(run / "round_1" / "model"), start_path())
 
 
+@pytest.mark.slow
 def test_synpo_separate_improver_and_accumulated_pairs(runs, data):
     run = runs("synpo")
     refs = references(data)
@@ -152,18 +154,17 @@ def test_synpo_separate_improver_and_accumulated_pairs(runs, data):
     tok = load_tokenizer("sgpo:tiny-random")
     recs = {r.id: r for r in load_records(str(data))[0]}
     new_recs = [recs[p.record_id] for p in new]
-    s = Settings(cfg.generation.max_new_tokens, cfg.generation.temperature, cfg.generation.top_p, 4)
-    kw = dict(run_seed=cfg.seed, round_=2)
-    start = rollout(load_model(start_path(), device="cpu", dtype="float32"), tok, new_recs, "initial-policy", s, **kw)
+    s = Sampler(tok, dataclasses.replace(cfg.generation, batch_size=4), cfg.seed, instruction=cfg.improver.instruction)
+    start = s.rollout(load_model(start_path(), device="cpu", dtype="float32"), new_recs, "initial-policy", 2)
     assert all(start[p.record_id].text == p.rejected for p in new)
     improver = load_model(str(imp_path), device="cpu", dtype="float32")
-    again = rollout(improver, tok, new_recs, "improver", s, drafts={i: pol2[i] for i in pol2},
-                    instruction=cfg.improver.instruction, **kw)
+    again = s.rollout(improver, new_recs, "improver", 2, drafts={i: pol2[i] for i in pol2})
     assert all(again[p.record_id].text == p.chosen for p in new)
     # reference = the round-start model, for the carried-over pairs too
     assert_reference(r2, str(run / "round_1" / "model"), start_path())
 
 
+@pytest.mark.slow
 def test_dpo_offline_default_set_and_initial_reference(runs, data):
     run = runs("dpo")
     refs = references(data)
@@ -178,12 +179,14 @@ def test_dpo_offline_default_set_and_initial_reference(runs, data):
     assert_reference(pairs_of(run, 2), start_path(), str(run / "round_1" / "model"))
 
 
+@pytest.mark.slow
 def test_all_methods_see_the_same_round_prompts(runs):
     ids = {m: [p.record_id for p in pairs_of(runs(m), 1) if p.meta.get("round") == 1] for m in ("spin", "dpo")}
     ids["synpo"] = [p.record_id for p in pairs_of(runs("synpo"), 1)]
     assert ids["spin"] == ids["dpo"] == ids["synpo"]
 
 
+@pytest.mark.slow
 def test_dpo_external_preference_data(runs, data, tmp_path_factory):
     path = tmp_path_factory.mktemp("pref") / "pref.jsonl"
     rows = [
@@ -217,6 +220,7 @@ def test_preference_rows_are_not_mistaken_for_sft_rows():
     assert (r.prompt, r.chosen, r.rejected) == ((("user", "Q?"),), "A", "B")
 
 
+@pytest.mark.slow
 def test_sft_only_trains_on_references_and_makes_no_pairs(runs):
     run = runs("sft")
     m = json.loads((run / "sft" / "metrics.json").read_text())
@@ -228,6 +232,7 @@ def test_sft_only_trains_on_references_and_makes_no_pairs(runs):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sgpo_pairs_rewrite_over_draft(runs):
     run = runs("sgpo")
     for t in (1, 2):
@@ -237,6 +242,7 @@ def test_sgpo_pairs_rewrite_over_draft(runs):
     assert_reference(pairs_of(run, 2), str(run / "round_1" / "model"), str(run / "improver" / "model"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["spin", "synpo", "dpo", "sgpo"])
 def test_plan_matches_what_a_run_does(runs, data, method):
     """The dry-run plan's pairs and DPO steps per round are what the run did (no pair was filtered here)."""

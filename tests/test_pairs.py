@@ -1,3 +1,4 @@
+from sgpo.config import PairsConfig
 from sgpo.pairs import Pair, filter_pairs, pair_metrics
 
 
@@ -8,16 +9,16 @@ def _p(chosen, rejected, cf=True, rf=True):
 def test_filters_count_each_reason():
     pairs = [_p("a better answer", "an answer"), _p("same  text", "same text\n"), _p("", "x"), _p("x", " "),
              _p("cut", "fine", cf=False), _p("fine", "cut", rf=False)]
-    kept, dropped = filter_pairs(pairs, require_eos=True)
+    kept, dropped = filter_pairs(pairs, PairsConfig(require_eos=True))
     assert [p.chosen for p in kept] == ["a better answer"]
     assert dropped == {"equal": 1, "empty_chosen": 1, "empty_rejected": 1, "chosen_cut_off": 1,
                        "rejected_cut_off": 1}
-    kept, dropped = filter_pairs(pairs, require_eos=False)
+    kept, dropped = filter_pairs(pairs, PairsConfig(require_eos=False))
     assert len(kept) == 3 and "chosen_cut_off" not in dropped
 
 
 def test_pair_metrics_names():
-    kept, dropped = filter_pairs([_p("one two three", "one two"), _p("x", "x")], require_eos=True)
+    kept, dropped = filter_pairs([_p("one two three", "one two"), _p("x", "x")], PairsConfig(require_eos=True))
     m = pair_metrics(kept, dropped)
     assert m["pairs/kept"] == 1 and m["pairs/dropped/equal"] == 1
     assert m["lengths/chosen"] == 3 and m["lengths/rejected"] == 2 and m["pairs/edit_distance"] == 1
@@ -31,19 +32,19 @@ def test_training_pairs_see_the_prompt_cut_that_generation_saw(tiny_tokenizer):
     from sgpo import templates
     from sgpo.config import Config
     from sgpo.pairs import Pair
-    from sgpo.recipe import _pairs_to_tokens
-    from sgpo.rollout import build_requests
+    from sgpo.config import GenerationConfig
     from sgpo.data import Record
+    from sgpo.rollout import Sampler
+    from sgpo.session import Session
 
     cfg = Config()
     cfg.data.max_prompt_tokens = 24
     text = " ".join(f"word{i}" for i in range(200))
     messages = [{"role": "user", "content": text}]
-    runner = SimpleNamespace(tokenizer=tiny_tokenizer, cfg=cfg)
-    tp = _pairs_to_tokens(runner, [Pair("a", messages, "good answer", "bad answer")], improver_drafts=True)[0]
+    session = SimpleNamespace(tokenizer=tiny_tokenizer, cfg=cfg)
+    tp = Session.token_pairs(session, [Pair("a", messages, "good answer", "bad answer")], improver_drafts=True)[0]
     full = templates.render(tiny_tokenizer, messages)
     assert len(full) > 24
-    gen = build_requests(tiny_tokenizer, [Record("a", (("user", text),))], "policy", run_seed=0, round_=0,
-                         max_prompt_tokens=24)[0]
+    gen = Sampler(tiny_tokenizer, GenerationConfig(), 0, 24).requests([Record("a", (("user", text),))], "policy", 0)[0]
     assert tp.prompt_ids == list(gen.prompt_ids) == full[-24:]
     assert len(tp.improver_prompt_ids) == 24

@@ -122,6 +122,7 @@ def uninterrupted(tmp_path_factory, data) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_kill_anywhere_then_resume_reproduces_the_run(tmp_path, data, uninterrupted):
     import torch
 
@@ -163,6 +164,7 @@ def test_kill_anywhere_then_resume_reproduces_the_run(tmp_path, data, uninterrup
     assert again.stderr.count("done earlier, skipped") >= 3
 
 
+@pytest.mark.slow
 def test_changed_config_on_resume_names_the_keys(tmp_path, data, uninterrupted):
     import shutil
 
@@ -180,6 +182,7 @@ def test_changed_config_on_resume_names_the_keys(tmp_path, data, uninterrupted):
     assert after == before  # nothing was touched
 
 
+@pytest.mark.slow
 def test_changed_data_on_resume_is_refused(tmp_path, data, uninterrupted):
     import shutil
 
@@ -200,7 +203,7 @@ def test_changed_data_on_resume_is_refused(tmp_path, data, uninterrupted):
 
 def test_force_restart_forgets_the_run_but_nothing_else(tmp_path):
     from sgpo import config
-    from sgpo.recipe import check_resume
+    from sgpo.runs import check_resume
     from sgpo.runs import RunDir
 
     out = tmp_path / "run"

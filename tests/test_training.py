@@ -1,7 +1,10 @@
 import torch
 
 from sgpo.training.batching import collate, position_slices, token_logps
-from sgpo.training.dpo import TokenPair, dpo_loss, reference_logps, train_dpo
+from sgpo.config import DPOConfig, TrainConfig
+from sgpo.training.dpo import TokenPair, reference_logps, train_dpo
+from sgpo.training.loop import Job
+from sgpo.training.losses import LogRatios, preference_loss
 from sgpo.training.sft import NLLExample, nll_step, train_nll
 
 
@@ -49,7 +52,7 @@ def test_dpo_moves_the_policy_towards_chosen(tiny_path):
         reference_logps(model, pairs, pad_id=0, show_progress=False)
         ref = [TokenPair(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in _pairs()]
         before = _log_ratio(model, ref)
-        m = train_dpo(model, pairs, pad_id=0, beta=0.5, batch_size=4, epochs=6, lr=3e-3, seed=0)
+        m = train_dpo(model, pairs, DPOConfig(beta=0.5, batch_size=4, epochs=6, lr=3e-3), Job(0, 0))
         after = _log_ratio(model, ref)
         if swap:
             assert after < before - 0.5
@@ -60,15 +63,15 @@ def test_dpo_moves_the_policy_towards_chosen(tiny_path):
 
 def test_dpo_loss_at_equal_policy_and_reference_is_log2():
     z = torch.zeros(3)
-    loss, m = dpo_loss(z, z, z, z, beta=0.1)
+    loss, m = preference_loss("sigmoid", LogRatios(z - z, z - z, z + 1, z + 1), beta=0.1)
     assert abs(loss.item() - torch.log(torch.tensor(2.0)).item()) < 1e-6 and m["rewards/margins"] == 0
 
 
 def test_nll_training_lowers_the_loss_on_its_examples(tiny_model):
     ex = [NLLExample((20, 21, 22), (30, 31, 2)), NLLExample((23, 24), (32, 33, 34, 2))]
-    first = train_nll(tiny_model, ex, pad_id=0, batch_size=2, epochs=1, lr=1e-2, seed=0)["nll/loss"]
+    first = train_nll(tiny_model, ex, TrainConfig(batch_size=2, epochs=1, lr=1e-2), Job(0, 0))["nll/loss"]
     for _ in range(5):
-        last = train_nll(tiny_model, ex, pad_id=0, batch_size=2, epochs=1, lr=1e-2, seed=0)["nll/loss"]
+        last = train_nll(tiny_model, ex, TrainConfig(batch_size=2, epochs=1, lr=1e-2), Job(0, 0))["nll/loss"]
     assert last < first - 0.5
 
 
@@ -80,8 +83,8 @@ def test_position_slices_bound_the_padded_size():
 
 
 def test_nll_micro_batches_give_the_whole_batch_loss_and_gradient(tiny_model):
-    """Weighted NLL over a batch cut into micro-batches (back-propagated one by one) equals the whole batch's."""
-    ex = [NLLExample((20, 21, 22), (30, 31, 2)), NLLExample((23, 24), (32, 33, 34, 2), weights=(1, 3, 3, 1)),
+    """NLL over a batch cut into micro-batches (back-propagated one by one) equals the whole batch's."""
+    ex = [NLLExample((20, 21, 22), (30, 31, 2)), NLLExample((23, 24), (32, 33, 34, 2)),
           NLLExample((25,), (35, 2))]
     results = []
     for max_positions in (None, 1):  # 1: every example is its own micro-batch

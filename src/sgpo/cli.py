@@ -16,7 +16,7 @@ def _expected_errors():
     from .config import ConfigError
     from .data import DataError
     from .models import ModelError
-    from .runs import RunError
+    from .files import RunError
 
     return (ConfigError, DataError, ModelError, RunError, FileNotFoundError, PermissionError, ValueError)
 
@@ -52,10 +52,16 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _settings(args):
-    from .generation import Settings
+def _eval_spec(args, out: str):
+    from .config import ConfigError, GenerationConfig
+    from .evaluate import EvalSpec
 
-    return Settings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=args.batch_size)
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature: must be ≥ 0, got {args.temperature}")
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           batch_size=args.batch_size)
+    return EvalSpec(judge=args.judge, output=out, limit=args.limit, generation=gen,
+                    data_dir=args.data_dir, seed=args.seed)
 
 
 def cmd_eval(args) -> int:
@@ -65,13 +71,11 @@ def cmd_eval(args) -> int:
     if args.versus:
         if not args.prompts:
             raise ValueError("--versus needs --prompts (a data file, HF dataset or sgpo:alpaca-eval)")
-        res = evaluate.head_to_head(args.model, args.versus, args.prompts, args.judge, output=out, limit=args.limit,
-                                    settings=_settings(args), seed=args.seed)
+        res = evaluate.head_to_head(args.model, args.versus, args.prompts, _eval_spec(args, out))
     else:
         if not args.benchmark:
             raise ValueError("give --benchmark (" + ", ".join(evaluate.BENCHMARKS) + ") or --versus MODEL")
-        res = evaluate.evaluate(args.model, args.benchmark, args.judge, output=out, limit=args.limit,
-                                settings=_settings(args), data_dir=args.data_dir, seed=args.seed)
+        res = evaluate.evaluate(args.model, args.benchmark, _eval_spec(args, out))
     print(json.dumps(res, indent=2, default=str))
     return 0
 
@@ -116,11 +120,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_improver_eval(args) -> int:
-    from .improver_eval import format_table, run_improver_eval
+    from .improver.figures import ImproverEval, format_table, run_improver_eval
 
-    res = run_improver_eval(args.model, args.prompts, judge_spec=args.judge, limit=args.limit,
-                            baseline=args.baseline, config_path=args.config, overrides=args.set or [],
-                            output=args.output, dev_slice=args.dev_slice, rewrite_samples=args.rewrite_samples)
+    res = run_improver_eval(ImproverEval(args.model, args.prompts, args.judge, args.limit, args.baseline, args.config,
+                                         args.set or [], args.output, args.dev_slice, args.rewrite_samples))
     print(format_table(res), end="")
     return 0
 
@@ -191,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ie.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     ie.add_argument("--dev-slice", action="store_true",
                     help="only the development slice a run holds out of these prompts (data.dev_size, data.split_seed)")
-    ie.add_argument("--rewrite-samples", type=int, help="rewrite tries per draft (default: improver.rewrite_samples)")
+    ie.add_argument("--rewrite-samples", type=int, help="rewrite tries per draft (default: improver.experimental.rewrite_samples)")
     ie.add_argument("--output", "-o", default="improver_eval", help="directory for figures and cached generations")
     ie.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     ie.set_defaults(func=cmd_improver_eval)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from . import config as config_mod
 from .config import Config
-from .runs import atomic_write_json, atomic_write_text, content_hash
+from .files import atomic_write_json, atomic_write_text, content_hash
 
 log = logging.getLogger("sgpo")
 
@@ -83,19 +83,16 @@ def eval_alpaca(job: EvalJob) -> dict:
 
 def _outputs(model_path: str, cfg: Config, tokenizer, records, shard: Path, role: str) -> dict[str, str]:
     """Responses of a model to ``records`` (sampled as in the runs, seeded per prompt), cached in ``shard``."""
-    from .generation import Settings
+    from .files import read_jsonl
     from .models import load_model
-    from .rollout import rollout
-    from .runs import read_jsonl
+    from .rollout import Sampler
 
     have = {r["id"]: r["text"] for r in read_jsonl(shard)} if shard.exists() else {}
     if all(r.id in have for r in records):
         return have
-    g = cfg.generation
     model = load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype)
-    out = rollout(model, tokenizer, records, role, Settings(g.max_new_tokens, g.temperature, g.top_p, g.batch_size),
-                  run_seed=cfg.seed, round_=0, shard=shard, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                  desc=f"{shard.stem}: {role}")
+    sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens)
+    out = sampler.rollout(model, records, role, 0, shard=shard)
     del model
     return {i: x.text for i, x in out.items()}
 

@@ -100,10 +100,47 @@ def _message_text(content: Any, where: str, name: str = "messages") -> str:
         parts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
         if parts:
             return _check_text("".join(parts), where, name)
-    raise DataError(f"{where}: field '{name}' holds a message whose 'content' is not text")
+    raise DataError(f"{where}: field '{name}' is not text (a string, or a list of {{type: text, text}} parts), "
+                    f"got {type(content).__name__}", "a message whose 'content' is not text")
 
 
 _ROLES = ("system", "user", "assistant")
+
+
+def _conversation(msgs: Any, where: str, name: str = "messages") -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """A list of {role, content} messages → (prompt turns ending with a user turn, the final assistant reply or None).
+
+    ``name`` is the row's field the messages come from, for error messages."""
+    if not isinstance(msgs, list) or not msgs:
+        got = "an empty list" if isinstance(msgs, list) else type(msgs).__name__
+        raise DataError(f"{where}: field '{name}' must be a non-empty list of {{role, content}} messages, got {got}",
+                        f"field '{name}' is not a list of messages")
+    turns = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: field '{name}[{i}]' needs 'role' and 'content'",
+                            "a message without 'role' or 'content'")
+        if not isinstance(m["role"], str) or m["role"] not in _ROLES:
+            raise DataError(f"{where}: field '{name}[{i}].role' must be one of {', '.join(_ROLES)}, "
+                            f"got {repr(m['role'])[:40]}", "a message with an unknown role")
+        turns.append((m["role"], _message_text(m["content"], where, f"{name}[{i}].content")))
+    reference = None
+    if turns[-1][0] == "assistant":
+        reference = turns.pop()[1]
+    if not turns:
+        raise DataError(f"{where}: field '{name}' holds only an assistant message; the user's request must come "
+                        f"before it", "no user message")
+    role, text = turns[-1]
+    if role != "user":
+        if reference is None:
+            raise DataError(f"{where}: the conversation in '{name}' ends with a '{role}' message; the last message "
+                            f"must be the user's request or the assistant's reply to it", "no user message")
+        raise DataError(f"{where}: in '{name}' the assistant's reply follows a message from '{role}'; it must "
+                        f"follow the user's request", "no user message")
+    if not text.strip():
+        raise DataError(f"{where}: field '{name}[{len(turns) - 1}].content' is empty (the user's request"
+                        f"{' before the reply' if reference is not None else ''})", "empty user message")
+    return tuple(turns), reference
 
 
 def parse_row(row: Any, where: str) -> Record:
@@ -113,32 +150,22 @@ def parse_row(row: Any, where: str) -> Record:
     if "chosen" in row and "rejected" in row and "prompt" not in row and isinstance(row["chosen"], list):
         # conversational preference rows with an implicit prompt: the turns before the last one of ``chosen``
         if len(row["chosen"]) < 2:
-            raise DataError(f"{where}: field 'chosen' needs the prompt turns before the response (no 'prompt')")
-        row = {**row, "prompt": row["chosen"][:-1]}
+            raise DataError(f"{where}: field 'chosen' holds {len(row['chosen'])} message(s) and there is no field "
+                            f"'prompt'; without 'prompt', 'chosen' must hold the prompt turns and then the reply",
+                            "missing field 'prompt'")
+        prompt, _ = _conversation(row["chosen"][:-1], where, "chosen")
+        return _preference(prompt, row, where)
     if "messages" in row and row["messages"] is not None and not ("prompt" in row and "chosen" in row):
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list")
-        turns = []
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"{where}: field 'messages[{i}]' needs 'role' and 'content'",
-                                "a message without 'role' or 'content'")
-            if not isinstance(m["role"], str) or m["role"] not in _ROLES:
-                raise DataError(f"{where}: field 'messages[{i}].role' must be one of {', '.join(_ROLES)}",
-                                "a message with an unknown role")
-            turns.append((m["role"], _message_text(m["content"], where)))
-        reference = None
-        if turns[-1][0] == "assistant":
-            reference = turns.pop()[1]
-        if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
-            raise DataError(f"{where}: field 'messages' has no non-empty user turn before the response")
-        prompt = tuple(turns)
+        prompt, reference = _conversation(row["messages"], where)
         return Record(record_id(prompt), prompt, reference or None)
     if "prompt" in row:
         p = row["prompt"]
         if isinstance(p, list):  # conversational preference data: prompt as messages
-            return _preference(parse_row({"messages": p}, where).prompt, row, where)
+            if "chosen" not in row and "rejected" not in row:
+                raise DataError(f"{where}: field 'prompt' is a list of messages, the shape of preference data, but "
+                                f"the row has no 'chosen' and 'rejected'; give a conversation as 'messages' instead",
+                                "missing field 'chosen'")
+            return _preference(_conversation(p, where, "prompt")[0], row, where)
         text = _text(row, "prompt", where)
         prompt = (("user", text),)
         if "chosen" in row or "rejected" in row:
@@ -164,12 +191,52 @@ def _preference(prompt: tuple, row: dict, where: str) -> Record:
     def side(name):
         v = row.get(name)
         if isinstance(v, list):  # conversational side: the last assistant message
-            if not v or not isinstance(v[-1], dict) or "content" not in v[-1]:
-                raise DataError(f"{where}: field '{name}' must end with an assistant message")
-            return _message_text(v[-1]["content"], where, name)
+            if not v:
+                raise DataError(f"{where}: field '{name}' is an empty list; it must end with the assistant's reply",
+                                f"field '{name}' is empty")
+            last = v[-1]
+            if not isinstance(last, dict) or "content" not in last:
+                raise DataError(f"{where}: field '{name}[{len(v) - 1}]' must be a message with 'role' and 'content' "
+                                f"(the assistant's reply)", "a message without 'role' or 'content'")
+            role = last.get("role", "assistant")
+            if role != "assistant":
+                raise DataError(f"{where}: field '{name}' ends with a '{_show(role)}' message; its last message "
+                                f"must be the assistant's reply", f"field '{name}' does not end with a reply")
+            text = _message_text(last["content"], where, f"{name}[{len(v) - 1}].content")
+            if not text.strip():
+                raise DataError(f"{where}: field '{name}[{len(v) - 1}].content' is empty (the assistant's reply)",
+                                f"field '{name}' is empty")
+            return text
+        if v is not None and not isinstance(v, str):
+            raise DataError(f"{where}: field '{name}' must be a string or a list of messages, got "
+                            f"{type(v).__name__}", f"field '{name}' is not a string")
         return _text(row, name, where)
 
     return Record(record_id(prompt), prompt, None, side("chosen"), side("rejected"))
+
+
+def _no_reference(row: Any, rec: Record, where: str) -> DataError:
+    """Why a row that parsed gives no reference response (``need="reference"``), said in the row's own terms."""
+    reason = "no reference response"
+    if rec.chosen is not None:
+        return DataError(f"{where}: a preference row (prompt/chosen/rejected) has no reference response; SFT data "
+                         f"needs 'response', 'output' or 'messages' ending with the assistant's reply", reason)
+    if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+        last = row["messages"][-1]
+        role = last.get("role") if isinstance(last, dict) else None
+        if role == "assistant":
+            return DataError(f"{where}: the assistant's reply (the last message of 'messages', the SFT reference) "
+                             f"is empty", reason)
+        return DataError(f"{where}: the conversation ends with a '{_show(role)}' message; the last message must be "
+                         f"the assistant's reply (the SFT reference)", reason)
+    if isinstance(row, dict) and "prompt" not in row and "instruction" in row:
+        names = ("output",)
+    else:
+        names = ("response", "completion")
+    for name in names:
+        if isinstance(row, dict) and row.get(name) is not None:
+            return DataError(f"{where}: field '{name}' is empty (SFT data needs a reference response)", reason)
+    return DataError(f"{where}: missing field '{names[0]}' (SFT data needs a reference response)", reason)
 
 
 def _iter_file(path: Path) -> Iterator[tuple[Any, str]]:
@@ -300,8 +367,7 @@ def load_records(source: str, *, split: str = "train", on_error: str = "raise",
                 raise row
             rec = parse_row(row, where)
             if need == "reference" and not (rec.reference and rec.reference.strip()):
-                raise DataError(f"{where}: missing field 'response' (SFT data needs a reference response)",
-                                "no reference response")
+                raise _no_reference(row, rec, where)
             if need == "preference" and rec.chosen is None:
                 raise DataError(f"{where}: missing field 'chosen' (preference data needs prompt/chosen/rejected)",
                                 "missing field 'chosen'")

@@ -10,16 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Record, load_records, record_id
 from .eval.judges import make_judge
 from .eval.winrate import format_win_rate, win_rate
-from .generation import Settings
+from .config import GenerationConfig
 from .models import load_model, load_tokenizer
-from .rollout import rollout
-from .runs import atomic_write_json, content_hash, write_jsonl
+from .rollout import Sampler
+from .files import atomic_write_json, content_hash, write_jsonl
 
 log = logging.getLogger("sgpo")
 
@@ -60,25 +60,40 @@ def benchmark_items(name: str, limit: int | None = None, data_dir: str | None = 
     return items[:limit] if limit else items
 
 
-def generate_answers(model_name: str, prompts: list[tuple[str, str]], settings: Settings, out_dir: Path,
-                     seed: int = 0, device: str = "auto", dtype: str = "auto") -> dict[str, str]:
+@dataclass
+class EvalSpec:
+    """How an evaluation runs (``sgpo eval``): judge, output directory, size, generation settings, seed."""
+    judge: str = "reference"
+    output: str | Path = "eval"
+    limit: int | None = None
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=256,
+                                                                                  temperature=0.0))
+    data_dir: str | None = None
+    """AlpacaEval's length-control inputs (see ``eval/alpaca_eval.py``)."""
+    seed: int = 0
+    name: str | None = None
+    split: str = "train"
+
+
+def generate_answers(model_name: str, prompts: list[tuple[str, str]], gen: GenerationConfig, out_dir: Path,
+                     seed: int = 0) -> dict[str, str]:
     """Answers of ``model_name`` to (id, prompt text) items, cached in ``out_dir`` by model and settings."""
-    key = content_hash([str(model_name), settings.__dict__, seed])
-    shard = out_dir / f"generations-{key}.jsonl"
     tok = load_tokenizer(model_name)
+    sampler = Sampler(tok, gen, seed)
+    key = content_hash([str(model_name), sampler.settings().__dict__, seed])
+    shard = out_dir / f"generations-{key}.jsonl"
     records = [Record(i, (("user", p),)) for i, p in prompts]
     have = set()
     if shard.exists():
-        from .runs import read_jsonl
+        from .files import read_jsonl
 
         have = {r["id"] for r in read_jsonl(shard)}
-    model = None if all(r.id in have for r in records) else load_model(model_name, device=device, dtype=dtype)
+    model = None if all(r.id in have for r in records) else load_model(model_name)
     if model is None:
-        from .runs import read_jsonl
+        from .files import read_jsonl
 
         return {r["id"]: r["text"] for r in read_jsonl(shard)}
-    gens = rollout(model, tok, records, "eval", settings, run_seed=seed, round_=0, shard=shard,
-                   desc=f"answers: {Path(str(model_name)).name}")
+    gens = sampler.rollout(model, records, "eval", 0, shard=shard)
     return {i: g.text for i, g in gens.items()}
 
 
@@ -109,18 +124,17 @@ def _prob_to_verdict(p: float) -> str | None:
     return "A>>B" if p >= 0.85 else "A>B" if p >= 0.6 else "A=B" if p > 0.4 else "B>A" if p > 0.15 else "B>>A"
 
 
-def evaluate(model: str, benchmark: str, judge_spec: str, *, output: str | Path, limit: int | None = None,
-             settings: Settings = Settings(max_new_tokens=256, temperature=0.0), data_dir: str | None = None,
-             seed: int = 0, name: str | None = None) -> dict:
-    out = Path(output)
+def evaluate(model: str, benchmark: str, spec: EvalSpec) -> dict:
+    """``model`` on a benchmark (``BENCHMARKS``): its leaderboard row, written to ``leaderboard_row.json``."""
+    out, judge_spec = Path(spec.output), spec.judge
     out.mkdir(parents=True, exist_ok=True)
-    items = benchmark_items(benchmark, limit, data_dir)
-    name = name or Path(str(model)).name
+    items = benchmark_items(benchmark, spec.limit, spec.data_dir)
+    name = spec.name or Path(str(model)).name
     warn_if_trained_on(model, [it.prompt for it in items])
-    answers = generate_answers(model, [(it.id, it.prompt) for it in items], settings, out, seed)
+    answers = generate_answers(model, [(it.id, it.prompt) for it in items], spec.generation, out, spec.seed)
     write_jsonl(out / "model_outputs.jsonl", [{"id": it.id, "instruction": it.prompt, "output": answers[it.id],
                                                "generator": name} for it in items])
-    row: dict = {"model": name, "benchmark": benchmark, "n": len(items), "limit": limit,
+    row: dict = {"model": name, "benchmark": benchmark, "n": len(items), "limit": spec.limit,
                  "avg_length": sum(len(answers[it.id]) for it in items) / max(1, len(items))}
     if benchmark == "ifeval":
         from .eval.ifeval import score_ifeval
@@ -136,7 +150,7 @@ def evaluate(model: str, benchmark: str, judge_spec: str, *, output: str | Path,
         row["judge"] = judge_spec
         row["judge_template"] = getattr(judge, "template_name", "sgpo")
         if benchmark == "alpaca_eval":
-            row.update(_alpaca_eval(judge, items, answers, name, out, data_dir))
+            row.update(_alpaca_eval(judge, items, answers, name, out, spec.data_dir))
         else:
             row.update(_arena_hard(judge, items, answers, name, out, benchmark.rsplit("_", 1)[-1]))
     atomic_write_json(out / "leaderboard_row.json", row)
@@ -176,20 +190,18 @@ def _arena_hard(judge, items, answers, name, out, version) -> dict:
     return scores_from_judgments(rows, version=version)
 
 
-def head_to_head(model_a: str, model_b: str, prompts: str, judge_spec: str, *, output: str | Path,
-                 limit: int | None = None, settings: Settings = Settings(max_new_tokens=256, temperature=0.0),
-                 seed: int = 0, split: str = "train") -> dict:
+def head_to_head(model_a: str, model_b: str, prompts: str, spec: EvalSpec) -> dict:
     """Win rate of ``model_a`` against ``model_b`` on a prompt set (references, when the data has them, go to the
     judge: the ``reference`` judge needs them)."""
-    out = Path(output)
+    out, judge_spec, gen, seed = Path(spec.output), spec.judge, spec.generation, spec.seed
     out.mkdir(parents=True, exist_ok=True)
-    records, _ = load_records(prompts, split=split)
-    records = records[:limit] if limit else records
+    records, _ = load_records(prompts, split=spec.split)
+    records = records[:spec.limit] if spec.limit else records
     items = [(r.id, r.prompt_text) for r in records]
     for m in (model_a, model_b):
         warn_if_trained_on(m, [p for _, p in items])
-    a = generate_answers(model_a, items, settings, out, seed)
-    b = generate_answers(model_b, items, settings, out, seed)
+    a = generate_answers(model_a, items, gen, out, seed)
+    b = generate_answers(model_b, items, gen, out, seed)
     refs = [r.reference for r in records]
     judge = make_judge(judge_spec, cache=str(out / "annotations-cache.jsonl"))
     prefs = judge.prefer([r.prompt_text for r in records], [a[r.id] for r in records], [b[r.id] for r in records],

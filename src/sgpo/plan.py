@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from .config import Config
-from .methods import get_method, has_prepare
+from .methods import get_method
 
 
 def pool_size(cfg: Config) -> int | None:
@@ -39,12 +39,12 @@ def plan(cfg: Config, pool: int | None = -1) -> dict:
     total = pool_size(cfg) if pool == -1 else pool
     dev = cfg.data.dev_size if total is None else min(cfg.data.dev_size, max(total - 1, 0))
     train = None if total is None else total - dev
-    rounds = cfg.rounds if getattr(method, "preference_rounds", True) else 0
+    rounds = cfg.rounds if method.has_rounds else 0
     dev_gen = _dev_generations(cfg, dev)
     stages = [{"stage": "round_0", "what": "start model on the development slice", "prompts": dev,
                "generations": dev_gen}]
 
-    if cfg.sft or getattr(method, "runs_sft", False):
+    if cfg.sft or method.runs_sft:
         st = {"stage": "sft", "what": "NLL on the references of the training pool", "prompts": train,
               "sft_examples": train,
               "sft_steps": None if train is None else math.ceil(train / cfg.train.batch_size) * cfg.train.epochs}
@@ -55,19 +55,20 @@ def plan(cfg: Config, pool: int | None = -1) -> dict:
     n_imp = _cap(cfg.data.improver_size, train)
     if method.trains_improver:
         per = cfg.improver.chain if cfg.improver.target != "reference" else 1
-        examples = n_imp * per
+        examples = n_imp * per * cfg.improver.experimental.drafts_per_prompt
         examples += round(cfg.improver.mix_policy * examples)
-        gens = n_imp * (2 if cfg.improver.target == "guided" else 1) + dev_gen
+        gens = n_imp * (2 if cfg.improver.target == "guided" else 1) * cfg.improver.experimental.drafts_per_prompt
+        gens += dev_gen
         stages.append({"stage": "improver", "what": f"improver role of the policy ({cfg.improver.target} targets)",
                        "prompts": n_imp, "generations": gens, "sft_examples": examples,
                        "sft_steps": math.ceil(examples / cfg.train.batch_size) * cfg.train.epochs})
 
-    if has_prepare(method):
+    if method.has_prepare:
         p = dict(method.plan_prepare(cfg))
-        if "sft_examples" in p:
-            p["sft_examples"] = _cap(p["sft_examples"], train)
+        if "sft_examples" in p:  # trained on the improver slice of the pool
+            p["sft_examples"] = p["prompts"] = _cap(p["sft_examples"], train)
             p["sft_steps"] = math.ceil(p["sft_examples"] / cfg.train.batch_size) * cfg.train.epochs
-        stages.append({"stage": "prepare", "prompts": n_imp if method.uses_improver_prompts else None, **p})
+        stages.append({"stage": "prepare", "prompts": None, **p})
 
     n_round = _cap(cfg.data.round_size, train)
     for t in range(1, rounds + 1):

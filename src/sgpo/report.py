@@ -5,7 +5,7 @@ import json
 import math
 from pathlib import Path
 
-from .runs import atomic_write_text
+from .files import atomic_write_text
 
 TABLE_KEYS = [
     ("pairs/kept", "pairs", "{:.0f}"),

@@ -12,13 +12,19 @@ so the responses are the same.
 from __future__ import annotations
 
 import hashlib
+import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import templates
+from .config import GenerationConfig
 from .data import Record
 from .generation import Generation, Request, Settings, auto_batch_size, generate, plan_batches
-from .runs import Shard
+from .text import normalise
+from .files import Shard
+
+log = logging.getLogger("sgpo")
 
 
 def seed_for(run_seed: int, round_: int, record_id: str, role: str) -> int:
@@ -35,52 +41,82 @@ def cut_prompt(ids, max_prompt_tokens: int | None):
     return ids
 
 
-def build_requests(tokenizer, records: Sequence[Record], role: str, *, run_seed: int, round_: int,
-                   drafts: dict[str, str] | None = None, instruction: str | dict[str, str] = "",
-                   max_prompt_tokens: int | None = None) -> list[Request]:
-    """``drafts`` given: improver mode with ``instruction`` (one string, or one per record id)."""
-    reqs = []
-    for r in records:
-        if drafts is not None:
-            text = instruction[r.id] if isinstance(instruction, dict) else instruction
-            ids = templates.improver_ids(tokenizer, r.prompt, drafts[r.id], text)
-        else:
-            ids = templates.policy_ids(tokenizer, r.prompt)
-        ids = cut_prompt(ids, max_prompt_tokens)
-        reqs.append(Request(tuple(ids), seed_for(run_seed, round_, r.id, role)))
-    return reqs
+@dataclass(frozen=True)
+class Sampler:
+    """What every rollout of a run shares: the tokenizer, the ``generation`` config section, the run seed, the input
+    cut, the improver instruction, the process group. ``rollout`` is the one way the recipe generates."""
+    tokenizer: Any
+    gen: GenerationConfig
+    seed: int
+    max_prompt_tokens: int | None = None
+    instruction: str = ""
+    dist: Any = None
 
+    def settings(self) -> Settings:
+        g = self.gen
+        return Settings(g.max_new_tokens, g.temperature, g.top_p, g.batch_size)
 
-def rollout(model, tokenizer, records: Sequence[Record], role: str, settings: Settings, *, run_seed: int,
-            round_: int, drafts: dict[str, str] | None = None, instruction: str | dict[str, str] = "",
-            shard: str | Path | None = None, max_prompt_tokens: int | None = None,
-            desc: str | None = None, dist=None) -> dict[str, Generation]:
-    """Generate one response per record in ``role``; returns {record id: Generation}.
+    def requests(self, records: Sequence[Record], role: str, round_: int,
+                 drafts: dict[str, str] | None = None) -> list[Request]:
+        """``drafts`` given: improver mode, I(x, y) with ``instruction`` (a ``{reference}`` in it is filled with the
+        record's reference); else policy mode, P(x). Inputs longer than ``max_prompt_tokens`` keep their end."""
+        reqs, cut = [], []
+        for r in records:
+            if drafts is not None:
+                ids = templates.improver_ids(self.tokenizer, r.prompt, drafts[r.id], self.instruction, r.reference)
+            else:
+                ids = templates.policy_ids(self.tokenizer, r.prompt)
+            if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+                cut.append(len(ids) - self.max_prompt_tokens)
+            reqs.append(Request(tuple(cut_prompt(ids, self.max_prompt_tokens)), seed_for(self.seed, round_, r.id, role)))
+        if cut:
+            log.info("%s: %d of %d inputs longer than data.max_prompt_tokens=%d lost their start (by %d tokens on "
+                     "average, at most %d)", role, len(cut), len(records), self.max_prompt_tokens,
+                     round(sum(cut) / len(cut)), max(cut))
+        return reqs
 
-    With ``shard``, finished batches are appended there and a re-run generates only what is missing.
-    ``dist`` (a ``sgpo.distributed.Dist``): share the batches among the processes; every rank gets every result.
-    """
-    reqs = build_requests(tokenizer, records, role, run_seed=run_seed, round_=round_, drafts=drafts,
-                          instruction=instruction, max_prompt_tokens=max_prompt_tokens)
-    done: dict[str, Generation] = {}
-    store = Shard(shard) if shard else None
-    if store and (dist is None or dist.is_main):
-        for row in store.rows():
-            done[row["id"]] = Generation(row["text"], tuple(row.get("token_ids", ())), row["finished"])
-    if dist is not None and dist.active:
-        done = dist.broadcast(done)
-        return _rollout_shared(model, tokenizer, records, reqs, settings, done, store, dist, desc)
-    skip = {i for i, r in enumerate(records) if r.id in done}
+    def rollout(self, model, records: Sequence[Record], role: str, round_: int, *,
+                drafts: dict[str, str] | None = None, shard: str | Path | None = None) -> dict[str, Generation]:
+        """One response per record in ``role``; returns {record id: Generation}.
 
-    def save(indices, gens):
-        if store:
-            store.append(_row(records[i].id, g) for i, g in zip(indices, gens))
+        With ``shard``, finished batches are appended there and a re-run generates only what is missing. Under
+        several processes (``dist``) the batches are shared among them; every rank gets every result.
+        """
+        reqs = self.requests(records, role, round_, drafts)
+        done: dict[str, Generation] = {}
+        store = Shard(shard) if shard else None
+        desc = f"{Path(shard).parent.name}: {Path(shard).stem}" if shard else role
+        if store and (self.dist is None or self.dist.is_main):
+            for row in store.rows():
+                done[row["id"]] = Generation(row["text"], tuple(row.get("token_ids", ())), row["finished"])
+        if self.dist is not None and self.dist.active:
+            done = self.dist.broadcast(done)
+            return _rollout_shared(model, self.tokenizer, records, reqs, self.settings(), done, store, self.dist, desc)
+        skip = {i for i, r in enumerate(records) if r.id in done}
 
-    results = generate(model, tokenizer, reqs, settings, on_batch=save, skip=skip, progress=desc or role)
-    out = {}
-    for r, g in zip(records, results):
-        out[r.id] = g if g is not None else done[r.id]
-    return out
+        def save(indices, gens):
+            if store:
+                store.append(_row(records[i].id, g) for i, g in zip(indices, gens))
+
+        results = generate(model, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip, progress=desc)
+        return {r.id: g if g is not None else done[r.id] for r, g in zip(records, results)}
+
+    def rewrite(self, model, records: Sequence[Record], drafts: dict[str, str], round_: int, *, role: str = "improver",
+                shard_dir: str | Path | None = None, samples: int = 1) -> dict[str, Generation]:
+        """The improver's rewrite of every draft; with ``samples`` > 1, a rewrite equal to its draft (after
+        whitespace normalisation) is sampled again, up to ``samples`` tries in all, and the first that differs is kept
+        (no judge involved). Shards: ``<shard_dir>/<role>.jsonl`` (``-`` written ``_``), then ``<role>1.jsonl`` …"""
+        def shard(name):
+            return Path(shard_dir) / f"{name.replace('-', '_')}.jsonl" if shard_dir is not None else None
+
+        out = self.rollout(model, records, role, round_, drafts=drafts, shard=shard(role))
+        for k in range(1, samples):
+            same = [r for r in records if normalise(out[r.id].text) == normalise(drafts[r.id])]
+            if not same:
+                break
+            more = self.rollout(model, same, f"{role}{k}", round_, drafts=drafts, shard=shard(f"{role}{k}"))
+            out.update({r.id: more[r.id] for r in same if normalise(more[r.id].text) != normalise(drafts[r.id])})
+        return out
 
 
 def _row(record_id: str, g: Generation) -> dict:

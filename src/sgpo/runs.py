@@ -1,215 +1,33 @@
-"""The run directory: atomic writes, the manifest of stages, append-only shards, resume.
+"""The run directory: the manifest of stages, skip/resume, the chain of stage inputs, metrics, config checks.
 
 Layout::
 
     RUN/config.yaml          the resolved config
-    RUN/manifest.json        stages with status (pending/running/done), input hash, wall time
-    RUN/<stage files>        e.g. improver/drafts.jsonl, round_1/pairs.jsonl, round_1/metrics.json
+    RUN/manifest.json        stages with status (running/done), input hash, wall time
+    RUN/<stage>/             e.g. improver/drafts.jsonl, round_1/pairs.jsonl, round_1/metrics.json, round_1/model/
     RUN/final/               the last model in HF format
+
+``open_run`` opens (or creates) it and refuses a run made with another config; ``Stages.run`` runs one stage unless
+it is done, so that a re-run resumes at the first unfinished stage.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Callable, Protocol, Sequence
 
+from . import config as config_mod
+from .config import Config
+from .files import RunError, atomic_write_json, content_hash, is_writer
+
+log = logging.getLogger("sgpo")
 
 MANIFEST_FORMAT = 1
-
-# Only the main process of a multi-process run writes run files; the others call ``set_writer(False)``.
-_WRITER = True
-
-
-class RunError(Exception):
-    """A run-directory problem (unwritable, changed config on resume, corrupted file); the message says which."""
-
-
-def set_writer(flag: bool) -> None:
-    """Whether this process writes run files (False on every rank but the main one)."""
-    global _WRITER
-    _WRITER = bool(flag)
-
-
-def is_writer() -> bool:
-    return _WRITER
-
-
-def write_error(path, e: BaseException) -> RunError:
-    """A one-line error for a failed write. Libraries that write through their own streams (torch.save,
-    safetensors) report a full disk as a RuntimeError, so those are named as a failed write too."""
-    if isinstance(e, OSError):
-        return _os_error(path, e)
-    first = (str(e).splitlines() or [""])[0][:160]
-    return RunError(f"cannot write {path}: the write failed ({type(e).__name__}: {first}); is the disk full or "
-                    "the output directory not writable?")
-
-
-def _os_error(path, e: OSError) -> RunError:
-    why = e.strerror or str(e)
-    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        why += " (no room to write: free space and run again, the run resumes)"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why += " (the output directory is not writable)"
-    return RunError(f"cannot write {path}: {why}")
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file, fsync and rename: readers see the old file or the new one, never a torn one."""
-    if not _WRITER:
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise _os_error(path, e) from None
-    fsync_dir(path.parent)
-
-
-@contextmanager
-def atomic_dir(path: Path):
-    """Fill a directory atomically: yields a temporary sibling to write into; on success it replaces ``path``.
-
-    A kill or an error while writing leaves ``path`` as it was (the temporary directory is removed on error, or
-    left behind as ``.<name>.tmp*`` after a kill and cleaned up by the next ``atomic_dir`` on the same path).
-    Only the writer process writes; elsewhere the temporary path is yielded and nothing happens.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if not _WRITER:
-        yield tmp
-        return
-    try:
-        for old in path.parent.glob(f".{path.name}.tmp*"):
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise _os_error(tmp, e) from None
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except (OSError, RuntimeError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(path, e) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_jsonable) + "\n")
-
-
-def _jsonable(o):
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file; a torn last line (a kill during an append) is ignored, any other bad line is an error."""
-    rows = []
-    lines = Path(path).read_bytes().split(b"\n")
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rows.append(json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if n == len(lines):  # unterminated last line
-                break
-            raise RunError(f"{path}:{n}: corrupted line (delete the file to redo its stage)") from None
-    return rows
-
-
-class Shard:
-    """An append-only JSONL file: each ``append`` writes whole lines, flushes and fsyncs (per batch)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        if not _WRITER:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise _os_error(self.path.parent, e) from None
-        if self.path.exists():  # drop a torn tail left by a kill, so appends start on a fresh line
-            data = self.path.read_bytes()
-            if data and not data.endswith(b"\n"):
-                cut = data.rfind(b"\n") + 1
-                with open(self.path, "r+b") as f:
-                    f.truncate(cut)
-
-    def rows(self) -> list[dict]:
-        return read_jsonl(self.path) if self.path.exists() else []
-
-    def append(self, rows: Iterable[dict]) -> None:
-        """Append whole lines and fsync. A failed write (full disk) is cut back, so the shard stays well formed."""
-        if not _WRITER:
-            return
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
-        try:
-            with open(self.path, "ab") as f:
-                start = f.tell()
-                try:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                except OSError:
-                    f.truncate(start)
-                    raise
-        except OSError as e:
-            raise _os_error(self.path, e) from None
-
-
-def content_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 class RunDir:
@@ -247,17 +65,17 @@ class RunDir:
         """Forget the run here (``--force-restart``): remove the manifest and every stage folder it lists."""
         for name in list(self.manifest.get("stages", {})):
             target = self.path(name)
-            if _WRITER and target.is_dir() and target.parent == self.root:
+            if is_writer() and target.is_dir() and target.parent == self.root:
                 shutil.rmtree(target, ignore_errors=True)
         for name in ("manifest.json", "summary.json"):
-            if _WRITER:
+            if is_writer():
                 self.path(name).unlink(missing_ok=True)
         self.manifest = {"format": MANIFEST_FORMAT, "stages": {}}
 
     def tidy(self, stage: str | None = None) -> None:
         """Remove what a killed process can leave behind: temporary files of interrupted atomic writes and, for a
         finished ``stage``, its resumable training checkpoints (its model is saved)."""
-        if not _WRITER:
+        if not is_writer():
             return
         folder = self.root if stage is None else self.path(stage)
         if stage is not None:
@@ -300,5 +118,124 @@ class RunDir:
         entry.update(status="done", seconds=round(time.perf_counter() - t0, 2), finished=time.time())
         self.save_manifest()
 
+    def metrics(self, stage: str) -> dict:
+        """The metrics a finished stage wrote ({} when it wrote none)."""
+        path = self.path(stage, "metrics.json")
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RunError(f"{path} is corrupted; delete it and the '{stage}' entry of the manifest to redo the "
+                           "stage, or --force-restart") from None
+
     def seconds(self, stage: str) -> float:
         return float(self.manifest["stages"].get(stage, {}).get("seconds", 0.0))
+
+
+class Checkpointed(Protocol):
+    """The current model of a run, as the stages save and restore it."""
+
+    def save(self, stage: str) -> None: ...
+
+    def resume_from(self, stage: str) -> None: ...
+
+
+class Stages:
+    """Runs the stages of a run in order. A stage's input hash covers its records and the hash of the stage before
+    it (hence every earlier input): a done stage is reused, and a started one resumed, only when it matches."""
+
+    def __init__(self, run: RunDir, dist, seed: int):
+        self.run, self.dist = run, dist
+        self.chain = [content_hash(["sgpo-run", seed])]
+        self.current = "train"  # the stage now running (its training checkpoints go into its folder)
+
+    def run_stage(self, name: str, fn: Callable[[], dict], inputs: Sequence = (),
+                  model: Checkpointed | None = None) -> dict:
+        """``fn()`` as stage ``name`` unless done; its metrics (with ``time/<name>_s``) are written before the stage is
+        marked done, so a kill never loses them. With ``model``, the stage ends by saving it (and a skipped stage
+        makes its checkpoint the current model)."""
+        self.chain.append(content_hash([self.chain[-1], name, [(x.id, x.prompt, x.reference) for x in inputs]]))
+        self.dist.barrier()
+        self.run.check_inputs(name, self.chain[-1])
+        if self.run.done(name):
+            if model is not None:
+                model.resume_from(name)
+            self.run.tidy(name)
+            log.info("%s: done earlier, skipped", name)
+            return self.run.metrics(name)
+        self.current = name
+        with self.run.stage(name, self.chain[-1]):
+            t0 = time.perf_counter()
+            m = fn()
+            if model is not None:
+                model.save(name)
+            m[f"time/{name}_s"] = round(time.perf_counter() - t0, 2)
+            atomic_write_json(self.run.path(name, "metrics.json"), m)
+        self.run.tidy(name)  # the stage's model is saved: its resumable training checkpoints are no longer needed
+        self.dist.barrier()
+        log.info("%s: done in %.0fs %s", name, m[f"time/{name}_s"], headline(m))
+        return m
+
+
+def headline(m: dict) -> str:
+    keys = ["pairs/kept", "rewards/accuracies", "rewards/margins", "nll/loss", "improver/changed_rate",
+            "improver/win_rate", "eval/dev/win_rate_vs_start"]
+    parts = [f"{k.split('/', 1)[-1] if k != 'pairs/kept' else 'pairs'}={m[k]:.3g}" for k in keys if k in m]
+    return "| " + " ".join(parts) if parts else ""
+
+
+def open_run(out_dir, cfg: Config, force_restart: bool, dist) -> RunDir:
+    """Open (or create) the run directory on every process and save the config; all fail together or none does."""
+    err: Exception | None = None
+    run_dir = None
+    try:
+        run_dir = RunDir(out_dir, writer=dist.is_main)
+        check_resume(run_dir, cfg, force_restart)
+    except RunError as e:
+        err = e
+    if not dist.all_agree(err is None):
+        raise err or RunError(f"{out_dir}: the main process could not open the run directory")
+    dist.barrier()
+    run_dir.tidy()
+    from .files import atomic_write_text
+
+    atomic_write_text(run_dir.path("config.yaml"), config_mod.dump(cfg))
+    return run_dir
+
+
+def check_resume(run: RunDir, cfg: Config, force_restart: bool) -> None:
+    """An output directory holding a run with another config is an error naming the changed keys."""
+    saved = run.path("config.yaml")
+    if force_restart:
+        run.clear()
+        return
+    if not saved.exists():
+        if run.manifest["stages"]:
+            raise RunError(f"{run.root} holds a run without its config.yaml; use another --output, or "
+                           "--force-restart to start over")
+        return
+    import yaml
+
+    try:
+        old = yaml.safe_load(saved.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise RunError(f"{saved} is corrupted; use another --output, or --force-restart to start over")
+    if isinstance(old.get("version"), int) and old["version"] > config_mod.CONFIG_VERSION:
+        raise RunError(f"{run.root} holds a run made by a newer sgpo (config version {old['version']}; this sgpo "
+                       f"reads up to {config_mod.CONFIG_VERSION}); upgrade sgpo or use another --output")
+    changed = config_mod.diff(_with_defaults(config_mod.to_dict(Config()), old), config_mod.to_dict(cfg))
+    if changed:
+        raise RunError(f"{run.root} holds a run with a different config (changed: {', '.join(changed)}); "
+                       "use another --output, or --force-restart to start over")
+
+
+def _with_defaults(defaults: dict, old: dict) -> dict:
+    """``old`` with the keys it lacks (added by a later sgpo) at their defaults."""
+    out = dict(old)
+    for k, v in defaults.items():
+        if k not in out:
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(out[k], dict):
+            out[k] = _with_defaults(v, out[k])
+    return out

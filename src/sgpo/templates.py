@@ -1,22 +1,49 @@
-"""The two roles' inputs, rendered through the tokenizer's chat template. Change prompts here (and the
-``improver.instruction`` config string), nowhere else.
+"""Every prompt the models see, and how it is rendered through the tokenizer's chat template. Change a prompt here
+(or override ``improver.instruction`` in a config), nowhere else. The judges' own prompts are in ``eval/prompts/``.
 
 policy   P(x)    = chat_template(x)
-improver I(x, y) = chat_template(user: improver instruction filled with the request x and the draft y)
+improver I(x, y) = chat_template(user: the improver instruction filled with the request x and the draft y)
+
+An instruction is a plain string with the placeholders ``{prompt}``, ``{draft}`` and, optionally, ``{reference}``
+(the SFT reference of the request; used by the ``guided`` improver targets).
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
+
+IMPROVER_INSTRUCTION = (
+    "Below is a request and a draft response to it. Rewrite the draft into a better response: keep what is good, "
+    "fix what is wrong or missing, and make it clearer. Reply with the improved response only.\n\n"
+    "### Request\n{prompt}\n\n### Draft response\n{draft}"
+)
+
+# ``improver.target: guided``: the model revises its draft with the reference shown (improver-training targets only)
+GUIDED_INSTRUCTION = (
+    "Below is a request, a draft response, and an expert response for reference. Revise the draft one clear step "
+    "towards the quality of the expert response, keeping most of the draft. Reply with the revised draft only.\n\n"
+    "### Request\n{prompt}\n\n### Draft response\n{draft}\n\n### Expert response\n{reference}"
+)
 
 
 def policy_messages(prompt: Sequence[tuple[str, str]]) -> list[dict]:
     return [{"role": r, "content": c} for r, c in prompt]
 
 
-def improver_messages(prompt: Sequence[tuple[str, str]], draft: str, instruction: str) -> list[dict]:
+_PLACEHOLDER = re.compile(r"\{(prompt|draft|reference)\}")
+
+
+def fill(instruction: str, request: str, draft: str, reference: str = "") -> str:
+    """The instruction with its placeholders filled in one pass (text filled in is never scanned again)."""
+    values = {"prompt": request, "draft": draft.strip(), "reference": reference.strip()}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], instruction)
+
+
+def improver_messages(prompt: Sequence[tuple[str, str]], draft: str, instruction: str,
+                      reference: str = "") -> list[dict]:
     """Earlier turns are kept as they are; the last user turn becomes the improver instruction."""
     *history, (role, request) = list(prompt)
-    body = instruction.replace("{prompt}", request).replace("{draft}", draft.strip())
+    body = fill(instruction, request, draft, reference)
     return [{"role": r, "content": c} for r, c in history] + [{"role": "user", "content": body}]
 
 
@@ -38,5 +65,5 @@ def policy_ids(tokenizer, prompt) -> list[int]:
     return render(tokenizer, policy_messages(prompt))
 
 
-def improver_ids(tokenizer, prompt, draft: str, instruction: str) -> list[int]:
-    return render(tokenizer, improver_messages(prompt, draft, instruction))
+def improver_ids(tokenizer, prompt, draft: str, instruction: str, reference: str = "") -> list[int]:
+    return render(tokenizer, improver_messages(prompt, draft, instruction, reference))

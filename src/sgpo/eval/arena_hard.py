@@ -35,7 +35,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -197,42 +197,104 @@ def scores_from_judgments(rows: Iterable[dict], version: str = "v0.1", n_boot: i
     return leaderboard_from_judgments(rows, version, n_boot, seed)[models.pop()]
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for each non-blank line of a JSON Lines file; ``where`` is 'file:line'.
+
+    A line that is not valid UTF-8, not valid JSON or not a JSON object raises ``ValueError`` naming the file, the
+    line and ``what`` the file is (e.g. 'judgments file')."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: the {what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: invalid JSON in the {what} ({e.msg} at column {e.colno}); "
+                                 f"a JSON Lines file holds one JSON object per line") from None
+            except (RecursionError, ValueError) as e:
+                detail = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
+                raise ValueError(f"{where}: invalid JSON in the {what} ({detail})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: each line of the {what} must be a JSON object, got "
+                                 f"{type(row).__name__} (a JSON Lines file holds one object per line)")
+            yield where, row
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
+    """The rows of a JSON Lines file (see ``iter_jsonl`` for the errors)."""
+    return [row for _, row in iter_jsonl(path, what)]
+
+
+def read_judgments(path: str | os.PathLike) -> list[dict]:
+    """The rows of a judgments JSONL file, each checked for a ``model`` name and a ``games`` list."""
+    rows = []
+    for where, row in iter_jsonl(path, "judgments file"):
+        for name, kind, types in (("model", "a string", str), ("games", "a list", list)):
+            if row.get(name) is None:
+                raise ValueError(f"{where}: missing field '{name}' in the judgments file (each row needs 'model' "
+                                 f"and 'games')")
+            if not isinstance(row[name], types):
+                raise ValueError(f"{where}: field '{name}' in the judgments file must be {kind}, got "
+                                 f"{type(row[name]).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: the judgments file holds no rows")
+    return rows
 
 
 def main_metrics(path: str | os.PathLike, version: str = "v0.1", n_boot: int = 100, seed: int = 0) -> dict:
     """Score of a judgments JSONL file: one model's score, or ``{model: score}`` for a file of several models."""
-    rows = read_jsonl(path)
+    rows = read_judgments(path)
     if len({row["model"] for row in rows}) > 1:
         return leaderboard_from_judgments(rows, version=version, n_boot=n_boot, seed=seed)
     return scores_from_judgments(rows, version=version, n_boot=n_boot, seed=seed)
 
 
 # --------------------------------------------------------------------------- questions and baselines
-def _answer_text(record: dict) -> str:
+def _answer_text(record: dict, where: str = "answer record") -> str:
     """Answer text of an upstream answer record (current format, or the v0.1-era format)."""
-    if "messages" in record:
-        content = record["messages"][-1]["content"]
-        return content["answer"] if isinstance(content, dict) else content
-    return record["choices"][0]["turns"][0]["content"]
+    try:
+        if "messages" in record:
+            content = record["messages"][-1]["content"]
+            text = content["answer"] if isinstance(content, dict) else content
+        else:
+            text = record["choices"][0]["turns"][0]["content"]
+    except (KeyError, IndexError, TypeError):
+        fields = ("'messages' (the last message's 'content')" if "messages" in record
+                  else "'choices' (choices[0].turns[0].content)")
+        raise ValueError(f"{where}: missing field {fields}: no answer text in this answer record") from None
+    if not isinstance(text, str):
+        raise ValueError(f"{where}: the answer text must be a string, got {type(text).__name__}")
+    return text
 
 
-def _question_fields(record: dict) -> dict:
+def _question_fields(record: dict, where: str = "question record") -> dict:
     uid = record.get("uid", record.get("question_id"))
-    prompt = record["prompt"] if "prompt" in record else record["turns"][0]["content"]
+    if uid is None:
+        raise ValueError(f"{where}: missing field 'uid' (or 'question_id')")
+    try:
+        prompt = record["prompt"] if "prompt" in record else record["turns"][0]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"{where}: missing field 'prompt' (or 'turns' with turns[0].content)") from None
     return {"uid": uid, "prompt": prompt, "category": record.get("category", ""),
             "subcategory": record.get("subcategory", record.get("cluster", ""))}
 
 
 def _join_questions_and_answers(questions_path: Path, answers_path: Path) -> list[dict]:
     answers = {}
-    for record in read_jsonl(answers_path):
-        answers[record.get("uid", record.get("question_id"))] = _answer_text(record)
+    for where, record in iter_jsonl(answers_path, "answers file"):
+        uid = record.get("uid", record.get("question_id"))
+        if uid is None:
+            raise ValueError(f"{where}: missing field 'uid' (or 'question_id') in the answers file")
+        answers[uid] = _answer_text(record, where)
     out = []
-    for record in read_jsonl(questions_path):
-        question = _question_fields(record)
+    for where, record in iter_jsonl(questions_path, "questions file"):
+        question = _question_fields(record, where)
         if question["uid"] not in answers:
             raise ValueError(f"no baseline answer for question {question['uid']} in {answers_path}")
         question["baseline_answer"] = answers[question["uid"]]

@@ -1,11 +1,11 @@
 """Alignment methods. A method says how a round makes its preference pairs and which model is the reference;
 the loop (``sgpo.recipe``) does everything else. Add one by writing a module with a ``Method`` and registering it
-in ``METHODS`` (name → "module:Class")."""
+in ``METHODS`` (name → "module:Class"); ``methods/base.py`` lists what a method declares."""
 from __future__ import annotations
 
 import importlib
 
-from .base import Context, Method, MethodBase, has_prepare
+from .base import Context, Method
 
 METHODS = {
     "sgpo": "sgpo:SGPO",
@@ -23,4 +23,4 @@ def get_method(name: str) -> Method:
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
 
 
-__all__ = ["Context", "METHODS", "Method", "MethodBase", "get_method", "has_prepare"]
+__all__ = ["Context", "METHODS", "Method", "get_method"]

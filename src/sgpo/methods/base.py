@@ -1,81 +1,101 @@
-"""What a method sees of a run (``Context``) and what it must provide (``Method``).
+"""What a method declares to the recipe (``Method``) and what it sees of a run (``Context``).
 
-A method is small: it says how a round's preference pairs are made and which model is their reference. Everything
-else (data, generation, filtering, reference log-probabilities, DPO, checkpoints, resume) is the shared loop in
-``sgpo.recipe``. Optional parts, each with a default in ``MethodBase``:
+Every method states, as class attributes, which stages the recipe runs for it and how its pairs are made:
 
-``prepare(ctx)``          one-off work before the rounds, run once as the resumable stage ``prepare`` (a separate
-                          improver, an offline preference set); its files go under ``ctx.run.path("prepare", ...)``.
-``plan_prepare(cfg)``     what ``prepare`` will cost, for dry runs (no model is loaded).
-``plan_round(cfg, t)``    generations and pairs of round ``t``, for dry runs.
-``uses_improver_prompts`` the method trains on the improver slice of the pool (recorded in the dry-run plan; the
-                          slice is reserved for every method, so all methods see the same round prompts).
-``preference_rounds``     False for a method that stops after SFT.
+``trains_improver``  the improver stage runs first (the policy's own weights learn the improver role: SGPO)
+``runs_sft``         the SFT stage runs whatever the ``sft`` config key says
+``has_rounds``       preference rounds follow (False: a method that stops after SFT)
+``has_prepare``      a one-off ``prepare(ctx)`` stage runs before the rounds (a separate improver, a fixed set)
+``self_improving``   the round's pairs are the recipe's own — the policy drafts, the same weights rewrite (SGPO,
+                     written out in ``recipe.round_stage``); otherwise the round calls ``make_pairs(ctx)``
+
+and implements ``reference(cfg)`` ('round_start' or 'initial'), ``make_pairs``/``prepare`` where declared, and
+``plan_round``/``plan_prepare`` for dry runs. Everything else (data, generation, gates, reference pass, DPO,
+checkpoints, resume) is the shared loop in ``sgpo.recipe``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..data import Record
 from ..generation import Generation
 from ..pairs import Pair
-from ..runs import RunDir
+from ..training.sft import NLLExample
+
+if TYPE_CHECKING:
+    from ..session import Session
 
 
-@dataclass
-class Context:
-    cfg: Config
-    run: RunDir
-    tokenizer: Any
-    model: Any                   # the current policy π_t (round start); π_0 in ``prepare``
-    round: int                   # t (1-based); 0 in ``prepare``
-    records: list[Record]        # this round's prompts; in ``prepare``: the improver slice of the pool
-    rollout: Callable[..., dict[str, Generation]]
-    """rollout(role, records, *, name, drafts=None, model=None) -> {id: Generation}; resumable, seeded per prompt."""
-    model_path: str = ""
-    """Where ``model`` was loaded from (a checkpoint directory or a hub name)."""
-    initial: Callable[[], Any] | None = None
-    """Returns π_0, the model the rounds start from (after SFT / improver training); ``model`` itself when equal."""
-    load_model: Callable[[str], Any] | None = None
-    """Loads a checkpoint on the run's device and dtype (e.g. a separate model trained in ``prepare``)."""
-    plan: list[list[Record]] = field(default_factory=list)
-    """The prompts of every round, in order (known before the rounds start; used by ``prepare``)."""
-
-
-class Method(Protocol):
-    name: str
-    trains_improver: bool        # the improver role of the policy weights is trained before the rounds
-
-    def reference(self, cfg: Config) -> str:
-        """'round_start' (π_t) or 'initial' (π_0)."""
-
-    def make_pairs(self, ctx: Context) -> list[Pair]:
-        """Unfiltered (chosen, rejected) pairs for round ``ctx.round``."""
-
-
-class MethodBase:
-    """Defaults for the optional parts of a method."""
-
+class Method:
     name = ""
     trains_improver = False
-    uses_improver_prompts = False
-    preference_rounds = True
+    runs_sft = False
+    has_rounds = True
+    has_prepare = False
+    self_improving = False
 
     def reference(self, cfg: Config) -> str:
         return "round_start"
 
-    def make_pairs(self, ctx: Context) -> list[Pair]:
-        return []
+    def make_pairs(self, ctx: "Context") -> list[Pair]:
+        """Unfiltered (chosen, rejected) pairs for round ``ctx.round``."""
+        raise NotImplementedError(f"method '{self.name}' makes no pairs of its own")
+
+    def prepare(self, ctx: "Context") -> dict:
+        """One-off work before the rounds (stage ``prepare``); returns its metrics."""
+        raise NotImplementedError(f"method '{self.name}' has no prepare stage")
 
     def plan_prepare(self, cfg: Config) -> dict:
         return {}
 
     def plan_round(self, cfg: Config, t: int) -> dict:
-        """``{"generations": n, "pairs": n}`` for round ``t`` (pairs before filtering)."""
+        """``{"generations": n, "pairs": n}`` for round ``t`` (pairs before the gates)."""
         return {"generations": 0, "pairs": 0}
 
 
-def has_prepare(method) -> bool:
-    return callable(getattr(method, "prepare", None))
+@dataclass
+class Context:
+    """A stage as a method sees it. ``records``: the round's prompts (in ``prepare``: the improver slice)."""
+    session: "Session"
+    stage: str
+    round: int                   # t (1-based); 0 in ``prepare``
+    records: list[Record]
+    initial_path: str = ""       # π_0, the model the rounds start from (after SFT / improver training)
+    plan: list[list[Record]] = field(default_factory=list)  # the prompts of every round, in order
+
+    @property
+    def cfg(self) -> Config:
+        return self.session.cfg
+
+    @property
+    def tokenizer(self):
+        return self.session.tokenizer
+
+    @property
+    def model(self):
+        """The current policy π_t (round start); π_0 in ``prepare``."""
+        return self.session.model
+
+    def path(self, *parts: str) -> Path:
+        return self.session.run.path(*parts)
+
+    def rollout(self, role: str, records: list[Record], *, name: str, drafts: dict[str, str] | None = None,
+                model: Any = None) -> dict[str, Generation]:
+        """Resumable, seeded generation into ``<stage>/<name>.jsonl`` (improver mode when ``drafts`` are given)."""
+        return self.session.sampler.rollout(model or self.model, records, role, self.round, drafts=drafts,
+                                            shard=self.path(self.stage, f"{name}.jsonl"))
+
+    def initial(self):
+        """π_0: the current model itself when the rounds have not changed it yet, else a copy loaded from disk."""
+        s = self.session
+        return s.model if self.initial_path == s.model_path else s.load(self.initial_path)
+
+    def load_model(self, path: str | Path):
+        return self.session.load(str(path))
+
+    def train_separate(self, examples: list[NLLExample], desc: str, out: Path) -> dict:
+        """Train a copy of the current model on ``examples`` and save it to ``out`` (resumable, multi-process)."""
+        return self.session.train_separate(examples, desc, self.cfg.seed + 1, out)

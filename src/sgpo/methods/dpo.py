@@ -16,14 +16,19 @@ import random
 from .. import templates
 from ..data import cut_reference, load_records
 from ..pairs import Pair
-from ..runs import read_jsonl, write_jsonl
-from .base import Context, MethodBase
+from ..files import read_jsonl, write_jsonl
+from .base import Context, Method
 
 PREFERENCE_FILE = "preference.jsonl"
 
 
-class DPO(MethodBase):
+class DPO(Method):
     name = "dpo"
+    trains_improver = False
+    runs_sft = False
+    has_rounds = True
+    has_prepare = True
+    self_improving = False
 
     def reference(self, cfg) -> str:
         return "initial"
@@ -35,7 +40,7 @@ class DPO(MethodBase):
             pairs = self._external(ctx, n)
         else:
             pairs = self._offline(ctx)
-        write_jsonl(ctx.run.path("prepare", PREFERENCE_FILE), [p.to_json() for p in pairs])
+        write_jsonl(ctx.path("prepare", PREFERENCE_FILE), [p.to_json() for p in pairs])
         return {"dpo/preference_pairs": len(pairs), "dpo/preference_external": int(bool(cfg.data.preference))}
 
     def _external(self, ctx: Context, n: int) -> list[Pair]:
@@ -67,7 +72,7 @@ class DPO(MethodBase):
                 for r in flat]
 
     def make_pairs(self, ctx: Context) -> list[Pair]:
-        pool = [Pair.from_json(d) for d in read_jsonl(ctx.run.path("prepare", PREFERENCE_FILE))]
+        pool = [Pair.from_json(d) for d in read_jsonl(ctx.path("prepare", PREFERENCE_FILE))]
         if not pool:
             return []
         size = ctx.cfg.data.round_size

@@ -1,10 +1,13 @@
 """SFT only: supervised fine-tuning on the references, no preference rounds (the common starting point)."""
 from __future__ import annotations
 
-from .base import MethodBase
+from .base import Method
 
 
-class SFT(MethodBase):
+class SFT(Method):
     name = "sft"
-    preference_rounds = False
-    runs_sft = True  # the SFT stage runs whatever ``sft`` says in the config
+    trains_improver = False
+    runs_sft = True
+    has_rounds = False
+    has_prepare = False
+    self_improving = False

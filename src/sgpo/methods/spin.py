@@ -7,11 +7,16 @@ from __future__ import annotations
 
 from .. import templates
 from ..pairs import Pair
-from .base import Context, MethodBase
+from .base import Context, Method
 
 
-class SPIN(MethodBase):
+class SPIN(Method):
     name = "spin"
+    trains_improver = False
+    runs_sft = False
+    has_rounds = True
+    has_prepare = False
+    self_improving = False
 
     def reference(self, cfg) -> str:
         return "round_start"  # the opponent of round t is the model of round t - 1, i.e. the round-start model

@@ -11,22 +11,26 @@ log-probabilities are recomputed under π_t).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from .. import templates
-from ..improver import examples_from_draft
+from ..files import read_jsonl, write_jsonl
+from ..improver.targets import examples_from_draft
 from ..pairs import Pair
-from ..runs import read_jsonl, write_jsonl
-from ..rollout import cut_prompt
-from ..training.sft import NLLExample, train_nll
-from .base import Context, MethodBase
+from ..training.sft import NLLExample
+from .base import Context, Method
 
 IMPROVER_DIR = "improver_model"
 
 
-class SynPO(MethodBase):
+class SynPO(Method):
     name = "synpo"
-    uses_improver_prompts = True
+    trains_improver = False
+    runs_sft = False
+    has_rounds = True
+    has_prepare = True
+    self_improving = False
 
     def reference(self, cfg) -> str:
         return "round_start"
@@ -36,24 +40,17 @@ class SynPO(MethodBase):
         cfg, tok = ctx.cfg, ctx.tokenizer
         records = [r for r in ctx.records if r.reference]
         drafts = ctx.rollout("draft", records, name="improver_drafts")
+        full_jump = dataclasses.replace(cfg.improver, target="reference")
         examples = []
         for r in records:
-            examples += examples_from_draft(r.id, drafts[r.id].text, r.reference, "reference", 1.0, 1)
-        write_jsonl(ctx.run.path("prepare", "improver_examples.jsonl"), [e.__dict__ for e in examples])
+            examples += examples_from_draft(r.id, drafts[r.id].text, r.reference, full_jump)
+        write_jsonl(ctx.path("prepare", "improver_examples.jsonl"), [e.__dict__ for e in examples])
         by_id = {r.id: r for r in records}
-        limit = cfg.data.max_prompt_tokens  # cut like the rollouts that will use this improver
-        nll = [NLLExample(tuple(cut_prompt(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source,
-                                                                  cfg.improver.instruction), limit)),
+        nll = [NLLExample(tuple(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source,
+                                                       cfg.improver.instruction)),
                           tuple(templates.completion_ids(tok, e.target)), "improver") for e in examples]
-        improver = ctx.load_model(ctx.model_path)  # a separate copy of π_0: the policy is not touched
-        t = cfg.train
-        m = train_nll(improver, nll, pad_id=tok.pad_token_id, batch_size=t.batch_size, epochs=t.epochs, lr=t.lr,
-                      seed=cfg.seed + 1, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                      max_grad_norm=t.max_grad_norm, desc="synpo: separate improver")
-        path = ctx.run.path("prepare", IMPROVER_DIR)
-        improver.save_pretrained(path)
-        tok.save_pretrained(path)
-        del improver
+        # a separate copy of π_0 (the policy is not touched), trained like every other training call
+        m = ctx.train_separate(nll, "synpo: separate improver", ctx.path("prepare", IMPROVER_DIR))
         return {**m, "improver/train_examples": len(examples)}
 
     # -- every round ----------------------------------------------------------------------------------------------
@@ -61,7 +58,7 @@ class SynPO(MethodBase):
         records = ctx.records
         drafts = ctx.rollout("policy", records, name="policy")
         texts = {i: g.text for i, g in drafts.items()}
-        improver = ctx.load_model(str(ctx.run.path("prepare", IMPROVER_DIR)))
+        improver = ctx.load_model(ctx.path("prepare", IMPROVER_DIR))
         refined = ctx.rollout("improver", records, name="improver", drafts=texts, model=improver)
         del improver
         initial = ctx.initial()
@@ -82,7 +79,7 @@ class SynPO(MethodBase):
         """The pairs kept in round t-1 (which already hold those of earlier rounds), reference log-probs cleared."""
         if ctx.round <= 1:
             return []
-        path = ctx.run.path(f"round_{ctx.round - 1}", "pairs.jsonl")
+        path = ctx.path(f"round_{ctx.round - 1}", "pairs.jsonl")
         if not path.exists():
             raise FileNotFoundError(f"synpo accumulates pairs over rounds but {path} is missing")
         out = []

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from ..config import ModelConfig
+
 
 @contextmanager
-def trainable(model, *, lora_r: int = 0, lora_alpha: int = 32, lora_dropout: float = 0.0,
-              gradient_checkpointing: bool = False):
-    """Yield the model to train (a PEFT model with LoRA when ``lora_r`` > 0); afterwards the plain model is back,
-    with the adapter merged into its weights."""
+def trainable(model, cfg: ModelConfig):
+    """Yield the model to train (a PEFT model with LoRA when ``cfg.lora_r`` > 0); afterwards the plain model is back,
+    with the adapter merged into its weights. ``cfg.gradient_checkpointing`` trades compute for activation memory."""
+    lora_r, gradient_checkpointing = cfg.lora_r, cfg.gradient_checkpointing
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -21,9 +23,9 @@ def trainable(model, *, lora_r: int = 0, lora_alpha: int = 32, lora_dropout: flo
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules="all-linear",
-                         task_type="CAUSAL_LM")
-        train_model = get_peft_model(model, cfg)
+        lora = LoraConfig(r=lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules="all-linear", task_type="CAUSAL_LM")
+        train_model = get_peft_model(model, lora)
     try:
         yield train_model
     finally:

@@ -36,9 +36,8 @@ class Batch:
                      self.targets.to(device), self.target_mask.to(device), self.keep)
 
 
-def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int,
-            weights: list[list[float] | None] | None = None) -> Batch:
-    """``seqs``: (prompt_ids, completion_ids) pairs; ``weights``: optional per-completion-token loss weights."""
+def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    """``seqs``: (prompt_ids, completion_ids) pairs, left-padded; the loss mask covers the completion tokens."""
     width = max(len(p) + len(c) for p, c in seqs)
     keep = max(len(c) for _, c in seqs) + 1
     B = len(seqs)
@@ -52,8 +51,7 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int,
         mask[i, width - n:] = 1
         if c:
             targets[i, keep - 1 - len(c):] = torch.tensor(c)
-            w = weights[i] if weights and weights[i] is not None else [1.0] * len(c)
-            tmask[i, keep - 1 - len(c):] = torch.tensor(w, dtype=torch.float32)
+            tmask[i, keep - 1 - len(c):] = 1.0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return Batch(ids, mask, pos, targets, tmask, keep)
 

@@ -1,6 +1,6 @@
-"""DPO: sigmoid loss on (chosen ≻ rejected), reference log-probabilities computed once per round and stored.
-
-loss = -log σ(β · [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])
+"""DPO on (chosen ≻ rejected): reference log-probabilities computed once per round and stored, then the preference
+loss named by ``dpo.loss`` (``losses.py``; default sigmoid DPO:
+loss = -log σ(β · [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])).
 
 * The reference pass runs once, before training, in inference mode, in length-sorted batches; its summed
   log-probabilities are stored with the pairs (on disk, by the caller), so no reference model is in memory during the
@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from .batching import (PairBatch, collate, collate_pairs, length_buckets, micro_batching, packing_supported,
                        pair_length, pair_logps, position_slices, token_logps)
-from .loop import mean_metrics, run_steps
+from ..config import DPOConfig
+from .losses import LogRatios, preference_loss
+from .loop import Job, Optim, mean_metrics, run_steps
 
 LAYOUTS = ("auto", "packed", "stacked")
 
@@ -90,18 +92,6 @@ def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: i
         model.train(was_training)
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
-    """Sigmoid DPO loss and TRL-named metrics (rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies)."""
-    chosen_reward = beta * (policy_chosen - ref_chosen)
-    rejected_reward = beta * (policy_rejected - ref_rejected)
-    margins = chosen_reward - rejected_reward
-    loss = -F.logsigmoid(margins).mean()
-    metrics = {"loss": loss.detach(), "rewards/chosen": chosen_reward.mean().detach(),
-               "rewards/rejected": rejected_reward.mean().detach(), "rewards/margins": margins.mean().detach(),
-               "rewards/accuracies": (margins > 0).float().mean().detach()}
-    return loss, metrics
-
-
 def micro_batches(pairs: list[TokenPair], layout: str, max_positions: int | None) -> list[list[TokenPair]]:
     """Consecutive slices of ``pairs`` whose padded rows hold at most ``max_positions`` positions (one pair at least)."""
     rows = 1 if layout == "packed" else 2
@@ -109,72 +99,71 @@ def micro_batches(pairs: list[TokenPair], layout: str, max_positions: int | None
     return [pairs[s] for s in position_slices(lengths, max_positions)]
 
 
-def dpo_step(pad_id: int, beta: float, improver_nll_coef: float = 0.0, layout: str = "packed",
-             max_positions: int | None = None, backward=None):
+def _log_ratios(logp, part: list[TokenPair]) -> LogRatios:
+    """Policy minus reference summed log-probs of a slice's chosen (first half of ``logp``) and rejected sides."""
+    m, device, dtype = len(part), logp.device, logp.dtype
+
+    def col(values):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return LogRatios(logp[:m] - col([p.ref_chosen for p in part]), logp[m:] - col([p.ref_rejected for p in part]),
+                     col([len(p.chosen_ids) for p in part]), col([len(p.rejected_ids) for p in part]))
+
+
+def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions: int | None = None, backward=None):
     """The step function of ``run_steps``: (loss, metrics) of a batch of pairs.
 
     With ``max_positions`` and ``backward``, a batch whose rows exceed ``max_positions`` positions is cut into
     micro-batches: every slice but the last is back-propagated here (``backward(loss)``) and the returned loss carries
-    the gradient of the last slice plus the value of the others. The DPO loss is a mean of per-pair terms (the NLL term
-    a mean over tokens), so the accumulated gradient is exactly the whole batch's; peak activation memory is a slice's.
+    the gradient of the last slice plus the value of the others. Every preference loss is a mean of per-pair terms (the
+    NLL term a mean over tokens), so the accumulated gradient is exactly the whole batch's; peak activation memory is a
+    slice's. Metrics are computed over the whole batch.
     """
     def step(model, pairs: list[TokenPair]):
         device = next(model.parameters()).device
         n = len(pairs)
         parts = micro_batches(pairs, layout, max_positions) if backward is not None else [pairs]
-        with_nll = improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs)
+        with_nll = cfg.improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs)
         nll_tokens = sum(len(p.chosen_ids) for p in pairs) if with_nll else 0
-        done = 0.0            # value of the slices already back-propagated
-        chosen, rejected, nll_sum, loss = [], [], 0.0, None
+        done, nll_sum, ratios, loss = 0.0, 0.0, [], None   # done: value of the slices already back-propagated
         for k, part in enumerate(parts):
-            logp = pair_logps(model, pair_batch(part, pad_id, layout).to(device))
-            m = len(part)
-            ref_c = torch.tensor([p.ref_chosen for p in part], dtype=logp.dtype, device=device)
-            ref_r = torch.tensor([p.ref_rejected for p in part], dtype=logp.dtype, device=device)
-            part_loss, _ = dpo_loss(logp[:m], logp[m:], ref_c, ref_r, beta)
-            part_loss = part_loss * (m / n)
-            chosen.append(logp[:m].detach() - ref_c)
-            rejected.append(logp[m:].detach() - ref_r)
+            r = _log_ratios(pair_logps(model, pair_batch(part, pad_id, layout).to(device)), part)
+            part_loss = preference_loss(cfg.loss, r, cfg.beta)[0] * (len(part) / n)
+            ratios.append(r.detached())
             if with_nll:
                 b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in part], pad_id).to(device)
                 tl = (token_logps(model, b) * b.target_mask).sum()
                 nll_sum += float(tl.detach())
-                part_loss = part_loss - improver_nll_coef * tl / max(nll_tokens, 1)
+                part_loss = part_loss - cfg.improver_nll_coef * tl / max(nll_tokens, 1)
             if k < len(parts) - 1:
                 backward(part_loss)
                 done += float(part_loss.detach())
             else:
                 loss = part_loss + done
-        zero = torch.zeros(n, dtype=chosen[0].dtype, device=device)
-        _, metrics = dpo_loss(torch.cat(chosen), torch.cat(rejected), zero, zero, beta)
+        _, metrics = preference_loss(cfg.loss, LogRatios.cat(ratios), cfg.beta)
         if with_nll:
             metrics["improver/nll"] = torch.tensor(-nll_sum / max(nll_tokens, 1))
         return loss, metrics
     return step
 
 
-def train_dpo(model, pairs: list[TokenPair], *, pad_id: int, beta: float, batch_size: int, epochs: int, lr: float,
-              seed: int, max_grad_norm: float = 1.0, improver_nll_coef: float = 0.0, accelerator=None,
-              desc: str = "dpo", checkpoint_dir=None, checkpoint_every: int = 0, layout: str = "auto",
-              show_progress: bool = True, max_positions: int | None | str = "auto") -> dict:
+def train_dpo(model, pairs: list[TokenPair], cfg: DPOConfig, job: Job, layout: str = "auto") -> dict:
     """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps.
 
-    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``seed + epoch``). ``max_positions``:
-    positions per forward pass (a larger batch is run in exact micro-batches); ``auto`` = ``default_max_positions``;
-    ``None`` = the whole batch at once. Micro-batching is used in single-process training only.
+    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``job.seed + epoch``); micro-batching
+    (``job.max_positions``) is used in single-process training only.
     """
     if any(p.ref_chosen is None or p.ref_rejected is None for p in pairs):
         raise ValueError("every pair needs reference log-probs: call reference_logps first")
     layout = resolve_layout(model, pairs, layout)
     lengths = _lengths(pairs, layout)
     batches = []
-    for epoch in range(epochs):
-        batches += [[pairs[i] for i in b] for b in length_buckets(lengths, batch_size, seed + epoch)]
-    max_positions, backward = micro_batching(model, max_positions, accelerator)
-    step = dpo_step(pad_id, beta, improver_nll_coef, layout, max_positions, backward)
-    hist = run_steps(model, batches, step, lr=lr,
-                     max_grad_norm=max_grad_norm, accelerator=accelerator, desc=desc, show_progress=show_progress,
-                     checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
+    for epoch in range(cfg.epochs):
+        batches += [[pairs[i] for i in b] for b in length_buckets(lengths, cfg.batch_size, job.seed + epoch)]
+    max_positions, backward = micro_batching(model, job.max_positions, job.accelerator)
+    step = dpo_step(job.pad_id, cfg, layout, max_positions, backward)
+    opt = Optim(cfg.lr, cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every)
+    hist = run_steps(model, batches, step, opt, job)
     m = mean_metrics(hist)
     out = {("dpo/loss" if k == "loss" else k): v for k, v in m.items()}
     out["dpo/steps"] = len(hist)

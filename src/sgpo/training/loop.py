@@ -17,12 +17,13 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from ..runs import RunError, atomic_write_text, fsync_dir, is_writer, write_error
+from ..files import RunError, atomic_write_text, fsync_dir, is_writer, write_error
 
 CHECKPOINT_FORMAT = 1
 
@@ -186,10 +187,32 @@ def _split(batch, weight_fn, rank: int, world: int):
     return part, share
 
 
-def run_steps(model, batches: list, step_fn: Callable, *, lr: float, weight_decay: float = 0.0,
-              warmup_steps: int = 0, max_grad_norm: float = 1.0, accelerator=None, desc: str = "train",
-              show_progress: bool = True, weight_fn: Callable[[list], float] = len,
-              checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0) -> list[dict]:
+@dataclass(frozen=True)
+class Optim:
+    """The optimiser settings of a training call (from the ``train`` or ``dpo`` config section)."""
+    lr: float
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    checkpoint_every: int = 0
+
+
+@dataclass
+class Job:
+    """What a training call needs besides its config section and its data."""
+    pad_id: int
+    seed: int
+    desc: str = "train"
+    accelerator: Any = None
+    checkpoint_dir: str | Path | None = None
+    """Resumable checkpoints of this call (``None``: none written, nothing resumed)."""
+    show_progress: bool = True
+    max_positions: int | None | str = "auto"
+    """Positions per forward pass (a larger batch runs in exact micro-batches); ``auto`` = ``default_max_positions``."""
+
+
+def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
+              weight_fn: Callable[[list], float] = len) -> list[dict]:
     """Run one optimizer step per global batch. ``step_fn(model, batch) -> (loss, metrics dict)``, the loss being a
     mean over ``batch`` weighted as ``weight_fn`` counts it (examples by default).
 
@@ -199,64 +222,89 @@ def run_steps(model, batches: list, step_fn: Callable, *, lr: float, weight_deca
     """
     from tqdm.auto import tqdm
 
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
-    sharded = _is_sharded(accelerator)
-    optimizer = make_optimizer(model, lr, weight_decay)
-    scheduler = warmup_schedule(optimizer, warmup_steps)
-    fingerprint = plan_fingerprint(batches, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                                   max_grad_norm=max_grad_norm)
-    ckpt = Checkpoints(checkpoint_dir, accelerator) if checkpoint_dir is not None else None
-    start, history = 0, []
-    latest = ckpt.latest() if ckpt else None
-    if latest is not None and not sharded:  # restore before wrapping: every rank reads the same files
-        start, history = ckpt.load(latest, model, optimizer, scheduler, fingerprint, rank)
-    pmodel, popt = model, optimizer
-    if accelerator is not None:
-        accelerator.free_memory()
-        _deepspeed_batch_sizes(accelerator, batches, world)
-        pmodel, popt = accelerator.prepare(model, optimizer)
-        if latest is not None and sharded:
-            start, history = ckpt.load(latest, pmodel, popt, scheduler, fingerprint, rank)
-    pmodel.train()
-    bar = tqdm(total=len(batches), initial=start, desc=desc, leave=False,
-               disable=not show_progress or rank != 0, unit="step")
+    acc = job.accelerator
+    world = acc.num_processes if acc is not None else 1
+    state = _TrainState.begin(model, batches, opt, job)
+    bar = tqdm(total=len(batches), initial=state.start, desc=job.desc, leave=False,
+               disable=not job.show_progress or state.rank != 0, unit="step")
     try:
-        for i in range(start, len(batches)):
-            part, share = _split(batches[i], weight_fn, rank, world)
-            loss, metrics = step_fn(pmodel, part)
-            if world > 1:
-                loss = loss * (share * world)
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
-            if max_grad_norm and max_grad_norm > 0:
-                if accelerator is not None:
-                    accelerator.clip_grad_norm_(pmodel.parameters(), max_grad_norm)
-                else:
-                    torch.nn.utils.clip_grad_norm_([p for p in pmodel.parameters() if p.grad is not None],
-                                                   max_grad_norm)
-            popt.step()
-            scheduler.step()
-            popt.zero_grad(set_to_none=True)
+        for i in range(state.start, len(batches)):
+            part, share = _split(batches[i], weight_fn, state.rank, world)
+            loss, metrics = step_fn(state.pmodel, part)
+            state.update(loss * (share * world) if world > 1 else loss, opt.max_grad_norm, acc)
             metrics = {k: float(v) for k, v in metrics.items()}
             if world > 1:
-                metrics = _combine(accelerator, metrics, share)
-            history.append(metrics)
+                metrics = _combine(acc, metrics, share)
+            state.history.append(metrics)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
             last = i + 1 == len(batches)
-            if ckpt and (last or (checkpoint_every and (i + 1) % checkpoint_every == 0)):
-                ckpt.save(i + 1, model, optimizer, scheduler, history, fingerprint)
+            if state.ckpt and (last or (opt.checkpoint_every and (i + 1) % opt.checkpoint_every == 0)):
+                state.ckpt.save(i + 1, model, state.optimizer, state.scheduler, state.history, state.fingerprint)
     finally:
         bar.close()
-    if sharded and checkpoint_dir is not None:
-        _export(accelerator, pmodel, exported_weights(checkpoint_dir))
-    if accelerator is not None:
-        accelerator.free_memory()
+    if state.sharded and job.checkpoint_dir is not None:
+        _export(acc, state.pmodel, exported_weights(job.checkpoint_dir))
+    if acc is not None:
+        acc.free_memory()
     model.eval()
-    return history
+    return state.history
+
+
+@dataclass
+class _TrainState:
+    """Optimizer, scheduler, checkpoints and the (possibly wrapped) model of one ``run_steps`` call."""
+    pmodel: Any
+    optimizer: Any
+    popt: Any
+    scheduler: Any
+    ckpt: Checkpoints | None
+    fingerprint: str
+    rank: int
+    sharded: bool
+    start: int = 0
+    history: list = field(default_factory=list)
+
+    @classmethod
+    def begin(cls, model, batches: list, opt: Optim, job: Job) -> "_TrainState":
+        """Build the optimizer, restore the latest checkpoint of ``job`` when there is one, wrap for accelerate."""
+        acc = job.accelerator
+        optimizer = make_optimizer(model, opt.lr, opt.weight_decay)
+        scheduler = warmup_schedule(optimizer, opt.warmup_steps)
+        fingerprint = plan_fingerprint(batches, lr=opt.lr, weight_decay=opt.weight_decay,
+                                       warmup_steps=opt.warmup_steps, max_grad_norm=opt.max_grad_norm)
+        ckpt = Checkpoints(job.checkpoint_dir, acc) if job.checkpoint_dir is not None else None
+        rank = acc.process_index if acc is not None else 0
+        sharded = _is_sharded(acc)
+        start, history = 0, []
+        latest = ckpt.latest() if ckpt else None
+        if latest is not None and not sharded:  # restore before wrapping: every rank reads the same files
+            start, history = ckpt.load(latest, model, optimizer, scheduler, fingerprint, rank)
+        pmodel, popt = model, optimizer
+        if acc is not None:
+            acc.free_memory()
+            _deepspeed_batch_sizes(acc, batches, acc.num_processes)
+            pmodel, popt = acc.prepare(model, optimizer)
+            if latest is not None and sharded:
+                start, history = ckpt.load(latest, pmodel, popt, scheduler, fingerprint, rank)
+        pmodel.train()
+        return cls(pmodel, optimizer, popt, scheduler, ckpt, fingerprint, rank, sharded, start, history)
+
+    def update(self, loss, max_grad_norm: float, accelerator) -> None:
+        """Backward, clip, optimizer and scheduler step."""
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
+        if max_grad_norm and max_grad_norm > 0:
+            if accelerator is not None:
+                accelerator.clip_grad_norm_(self.pmodel.parameters(), max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_([p for p in self.pmodel.parameters() if p.grad is not None],
+                                               max_grad_norm)
+        self.popt.step()
+        self.scheduler.step()
+        self.popt.zero_grad(set_to_none=True)
 
 
 def _deepspeed_batch_sizes(accelerator, batches: list, world: int) -> None:
@@ -280,7 +328,7 @@ def exported_weights(checkpoint_dir: str | Path) -> Path:
 def _export(accelerator, pmodel, out: Path) -> None:
     state = accelerator.get_state_dict(pmodel)  # gathers the shards (a collective)
     if accelerator.is_main_process:
-        from ..runs import atomic_dir
+        from ..files import atomic_dir
 
         with atomic_dir(out) as tmp:
             accelerator.unwrap_model(pmodel).save_pretrained(tmp, state_dict=state, safe_serialization=True)

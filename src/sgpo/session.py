@@ -1,0 +1,175 @@
+"""What the stages of a run share: config, run directory, tokenizer, sampler, judge and the current model, with the
+few operations the recipe performs on it (generate, train, score, save). One ``Session`` per run."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from pathlib import Path
+
+from . import distributed, templates
+from .config import Config
+from .data import Record
+from .eval.judges import make_judge
+from .files import atomic_dir, is_writer
+from .improver.figures import draft_and_rewrite, figures, win_rate_metrics
+from .models import load_model, load_tokenizer, resolve
+from .pairs import Pair
+from .rollout import Sampler, cut_prompt
+from .runs import RunDir, Stages
+from .training.adapters import trainable
+from .training.dpo import TokenPair, reference_logps, train_dpo
+from .training.loop import Job, exported_weights
+from .training.sft import NLLExample, train_nll
+
+log = logging.getLogger("sgpo")
+
+
+class Session:
+    def __init__(self, cfg: Config, run: RunDir, dist: distributed.Dist):
+        self.cfg, self.run, self.dist = cfg, run, dist
+        self.stages = Stages(run, dist, cfg.seed)
+        # under a launcher every process uses the device the launcher gave it
+        self.device = str(dist.device) if dist.accelerator is not None else cfg.model.device
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.model_path = resolve(cfg.model.name)
+        self.sampler = Sampler(self.tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens,
+                               cfg.improver.instruction, dist)
+        self._model = None
+        self._judge = None
+
+    # -- the current model --------------------------------------------------------------------------------------
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self.load(self.model_path)
+        return self._model
+
+    def load(self, path: str):
+        """A model from ``path`` on the run's device and dtype (a separate copy: the current model is untouched)."""
+        return load_model(path, device=self.device, dtype=self.cfg.model.dtype)
+
+    def resume_from(self, stage: str) -> None:
+        """The stage is done: the current model is its checkpoint (loaded when needed)."""
+        self.model_path, self._model = str(self.run.path(stage, "model")), None
+
+    def save(self, stage: str) -> None:
+        """Save the current model as the stage's checkpoint atomically (main process only; the others wait).
+        ``final/`` holds the model itself, every other stage keeps it in ``<stage>/model``."""
+        path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
+        save_model(self.model, self.tokenizer, path)
+        self.dist.barrier()
+        self.model_path = str(path)
+
+    @property
+    def judge(self):
+        if self._judge is None:
+            self._judge = make_judge(self.cfg.eval.judge)
+        return self._judge
+
+    # -- training --------------------------------------------------------------------------------------------
+    def job(self, desc: str, seed: int) -> Job:
+        """A training call of the running stage, with its resumable checkpoints in ``<stage>/checkpoints/<desc>``."""
+        folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", desc).strip("_")
+        return Job(self.tokenizer.pad_token_id, seed, desc, self.dist.accelerator,
+                   self.run.path(self.stages.current, "checkpoints", folder))
+
+    def train_nll(self, examples: list[NLLExample], desc: str, seed: int, model=None) -> dict:
+        """NLL training of the current model (or of ``model``, a separate one) on ``examples``. Inputs are cut as the
+        rollouts cut them: the model trains on what it sees when it generates (and one uncut long request can take
+        tens of GB in a training step)."""
+        limit = self.cfg.data.max_prompt_tokens
+        examples = [dataclasses.replace(e, prompt_ids=tuple(cut_prompt(e.prompt_ids, limit))) for e in examples]
+        job = self.job(desc, seed)
+        with trainable(self.model if model is None else model, self.cfg.model) as m:
+            metrics = train_nll(m, examples, self.cfg.train, job)
+        if model is None:
+            self._after_training(job)
+        return metrics
+
+    def train_separate(self, examples: list[NLLExample], desc: str, seed: int, out: Path) -> dict:
+        """Train a separate copy of the current model on ``examples`` (through the same path as every training call:
+        accelerator, resumable checkpoints) and save it to ``out``; the current model is not touched."""
+        model = self.load(self.model_path)
+        metrics = self.train_nll(examples, desc, seed, model=model)
+        job = self.job(desc, seed)
+        if self.dist.sharded:  # the trained weights are split across ranks: their export is the model
+            model = self.load(str(exported_weights(job.checkpoint_dir)))
+        save_model(model, self.tokenizer, out)
+        self.dist.barrier()
+        return metrics
+
+    def train_dpo(self, pairs: list[Pair], desc: str, seed: int) -> dict:
+        """DPO of the current model on ``pairs`` (their reference log-probs filled by ``reference_pass``)."""
+        job = self.job(desc, seed)
+        with trainable(self.model, self.cfg.model) as model:
+            metrics = train_dpo(model, self.token_pairs(pairs, self.cfg.dpo.improver_nll_coef > 0), self.cfg.dpo, job)
+        self._after_training(job)
+        return metrics
+
+    def _after_training(self, job: Job) -> None:
+        """Sharded training (FSDP/DeepSpeed) leaves the weights split across ranks: continue from their export."""
+        if self.dist.sharded:
+            self.model_path, self._model = str(exported_weights(job.checkpoint_dir)), None
+
+    def reference_pass(self, pairs: list[Pair], reference: str, initial_path: str) -> None:
+        """Fill the pairs' reference log-probs, once per round: under the round-start model, or the initial one."""
+        if not pairs:
+            return
+        ref_model = self.model
+        if reference == "initial" and initial_path != self.model_path:
+            ref_model = self.load(initial_path)
+        tp = self.token_pairs(pairs, False)
+        reference_logps(ref_model, tp, pad_id=self.tokenizer.pad_token_id, batch_size=self.cfg.dpo.batch_size * 2)
+        for p, x in zip(pairs, tp):
+            p.ref_chosen_logp, p.ref_rejected_logp = x.ref_chosen, x.ref_rejected
+
+    def token_pairs(self, pairs: list[Pair], improver_drafts: bool) -> list[TokenPair]:
+        """Token pairs for the reference pass and DPO; prompts are cut as the rollouts that sampled them cut them."""
+        tok, limit, instruction = self.tokenizer, self.cfg.data.max_prompt_tokens, self.cfg.improver.instruction
+        out = []
+        for p in pairs:
+            prompt = tuple((m["role"], m["content"]) for m in p.prompt)
+            out.append(TokenPair(
+                cut_prompt(templates.render(tok, p.prompt), limit),
+                templates.completion_ids(tok, p.chosen, eos=p.chosen_finished),
+                templates.completion_ids(tok, p.rejected, eos=p.rejected_finished),
+                p.ref_chosen_logp, p.ref_rejected_logp,
+                cut_prompt(templates.improver_ids(tok, prompt, p.rejected, instruction), limit)
+                if improver_drafts else None))
+        return out
+
+    def policy_examples(self, records: list[Record]) -> list[NLLExample]:
+        """SFT examples P(x) → y* (EOS after the reference)."""
+        tok = self.tokenizer
+        return [NLLExample(tuple(templates.policy_ids(tok, r.prompt)),
+                           tuple(templates.completion_ids(tok, r.reference)), "policy") for r in records]
+
+    # -- figures on the development prompts ----------------------------------------------------------------------
+    def dev_figures(self, dev: list[Record], start_dev: dict | None) -> dict:
+        """The current model on the development prompts: head-to-head against the start model's answers
+        (``start_dev``, None in ``round_0``) and the improver's figures (drafts → rewrites, as in the rounds)."""
+        e = self.cfg.eval
+        recs = dev[:max(e.head_to_head_size, e.improver_size)]
+        if not recs:
+            return {}
+        out = draft_and_rewrite(self.sampler, self.model, recs, self.run.path(self.stages.current),
+                                rewrite=e.improver_size, samples=self.cfg.improver.experimental.rewrite_samples)
+        m = {"eval/dev/length": sum(len(out.drafts[r.id].text.split()) for r in recs) / len(recs)}
+        if start_dev is not None and e.head_to_head_size:
+            h = recs[:e.head_to_head_size]
+            prefs = self.judge.prefer([r.prompt_text for r in h], [out.drafts[r.id].text for r in h],
+                                      [start_dev[r.id] for r in h], [r.reference for r in h])
+            m.update(win_rate_metrics("eval/dev/win_rate_vs_start", prefs))
+        if e.improver_size:
+            m.update(figures(self.judge, recs[:e.improver_size], out))
+        return m
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    """Model and tokenizer into ``path`` atomically (main process only)."""
+    with atomic_dir(path) as tmp:
+        if is_writer():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+

@@ -1,0 +1,73 @@
+"""The run's data: SFT records loaded and cut, split by a fixed seed into a training pool and development prompts,
+and the pool dealt out in order — first the improver slice, then one slice per round. Anything cut, skipped or reused
+is logged with a count."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from . import templates
+from .config import Config
+from .data import Record, cut_reference, load_records, split_dev
+
+log = logging.getLogger("sgpo")
+
+
+@dataclass
+class Splits:
+    train: list[Record]       # the training pool (references cut to the token limit)
+    dev: list[Record]         # held out: improver figures and head-to-head evaluation
+    improver: list[Record] = field(default_factory=list)   # the improver slice (reserved for every method)
+    rounds: list[list[Record]] = field(default_factory=list)  # the prompts of round 1, 2, ...
+
+
+def prepare_splits(cfg: Config, tokenizer) -> Splits:
+    d = cfg.data
+    records, report = load_records(d.sft, split=d.split, on_error=d.on_error, need="reference")
+    log.info("data: %s", report.summary())
+    cut = [Record(r.id, r.prompt, cut_reference(r.reference, tokenizer, d.max_reference_tokens)) for r in records]
+    over = [(r, len(templates.policy_ids(tokenizer, r.prompt)) - d.max_prompt_tokens) for r in cut]
+    over = [(r, n) for r, n in over if n > 0]
+    if over and d.on_long_prompt == "skip":
+        log.warning("data: skipped %d of %d prompts longer than data.max_prompt_tokens=%d", len(over), len(cut),
+                    d.max_prompt_tokens)
+        long_ids = {r.id for r, _ in over}
+        cut = [r for r in cut if r.id not in long_ids]
+    elif over:
+        log.warning("data: %d of %d prompts are longer than data.max_prompt_tokens=%d and lose their start (the end, "
+                    "with the question and the generation prompt, is kept): by %d tokens on average, at most %d",
+                    len(over), len(cut), d.max_prompt_tokens, round(sum(n for _, n in over) / len(over)),
+                    max(n for _, n in over))
+    train, dev = split_dev(cut, d.dev_size, d.split_seed)
+    if d.prompts:
+        extra, rep = load_records(d.prompts, split=d.split, on_error=d.on_error)
+        log.info("round prompts: %s", rep.summary())
+        dev_ids = {r.id for r in dev}
+        train = [r for r in extra if r.id not in dev_ids]
+    if not dev:
+        log.warning("data: no development prompts (data.dev_size=%d, %d records): the run computes no head-to-head "
+                    "or improver figures", d.dev_size, len(cut))
+    return deal(Splits(train, dev), cfg)
+
+
+def deal(s: Splits, cfg: Config) -> Splits:
+    """The improver slice, then ``rounds`` slices of ``round_size``, in pool order; a pool too small wraps around
+    (its prompts are reused, and the log says how many)."""
+    d = cfg.data
+    s.improver = take(s.train, 0, d.improver_size)
+    cursor = len(s.improver)
+    for _ in range(cfg.rounds):
+        s.rounds.append(take(s.train, cursor, d.round_size))
+        cursor += len(s.rounds[-1])
+    if cursor > len(s.train):
+        log.warning("data: the training pool has %d prompts but the improver slice (%d) and %d rounds of %d ask for "
+                    "%d: %d prompts are used more than once", len(s.train), d.improver_size, cfg.rounds,
+                    d.round_size, d.improver_size + cfg.rounds * d.round_size, cursor - len(s.train))
+    return s
+
+
+def take(pool: list[Record], start: int, n: int) -> list[Record]:
+    """``n`` records from ``pool`` starting at ``start``, wrapping around a small pool (at most the whole pool)."""
+    if not pool or n <= 0:
+        return []
+    return [pool[(start + i) % len(pool)] for i in range(min(n, len(pool)))]
