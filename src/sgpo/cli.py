@@ -128,11 +128,7 @@ def cmd_improver_eval(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sgpo", description="Self-Generated Preference Optimization")
-    p.add_argument("--debug", action="store_true", help="full tracebacks and verbose logs")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_run_parser(sub) -> None:
     r = sub.add_parser("run", help="run a method end to end (default: SGPO on the embedded default experiment)")
     r.add_argument("config", nargs="?", help="YAML config (omit for the embedded default)")
     r.add_argument("--output", "-o", help="run directory (an unfinished run there is resumed)")
@@ -143,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
 
+
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model on a benchmark, or head-to-head against another model")
     e.add_argument("--model", required=True, help="hub name, local path, run's final/ or embedded model")
     e.add_argument("--benchmark", help="alpaca_eval, arena_hard_v0.1, arena_hard_v2.0, ifeval")
@@ -159,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_eval)
 
+
+def _add_metrics_parser(sub) -> None:
     mt = sub.add_parser("metrics", help="leaderboard metrics from an annotations / judgments file")
     mt.add_argument("kind", choices=("alpaca-eval", "arena-hard"))
     mt.add_argument("file")
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     mt.set_defaults(func=cmd_metrics)
 
+
+def _add_compare_parser(sub) -> None:
     c = sub.add_parser("compare", help="run several methods from the same start and budget, judge them alike, "
                                        "write comparison.md and a bar chart")
     c.add_argument("config", nargs="?", help="YAML config shared by all methods (omit for the embedded default)")
@@ -181,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_compare)
 
+
+def _add_improver_eval_parser(sub) -> None:
     ie = sub.add_parser("improver-eval", help="measure the improver role on held-out prompts (rewrite vs draft)")
     ie.add_argument("--model", required=True, help="model name or path (e.g. RUN/improver/model)")
     ie.add_argument("--prompts", required=True,
@@ -199,10 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     ie.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     ie.set_defaults(func=cmd_improver_eval)
 
+
+def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir")
     rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     rep.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sgpo", description="Self-Generated Preference Optimization")
+    p.add_argument("--debug", action="store_true", help="full tracebacks and verbose logs")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    _add_eval_parser(sub)
+    _add_metrics_parser(sub)
+    _add_compare_parser(sub)
+    _add_improver_eval_parser(sub)
+    _add_report_parser(sub)
     return p
 
 
