@@ -180,7 +180,7 @@ def run_trl(model_name: str, tokenizer, pairs: list[dict], args, precompute: boo
     return out
 
 
-def main(argv=None) -> dict:
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="sgpo:smollm2-135m-instruct")
     ap.add_argument("--pairs", type=int, default=8)
@@ -198,11 +198,18 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.quick:
         args.model, args.pairs, args.batch_size, args.repeats, args.max_tokens = "sgpo:tiny-random", 4, 2, 1, 32
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return args
+
+
+def _modes(args) -> list[str]:
     modes = [m for m in args.modes.split(",") if m]
     if unknown := set(modes) - set(MODES) - set(EXTRA_MODES):
         raise SystemExit(f"unknown modes: {sorted(unknown)}")
+    return modes
+
+
+def _prepare(args) -> tuple:
+    """The tokenizer and the pairs; prints the header line and warms the process up (untimed)."""
     import transformers
     import trl
 
@@ -220,22 +227,35 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         warm(input_ids=torch.tensor([[1, 2, 3, 4]]))
     del warm
+    return tokenizer, pairs
 
+
+def _run_mode(mode: str, tokenizer, pairs: list[dict], args) -> dict:
+    """One timed run of ``mode``, with its pairs per second (wall clock and CPU)."""
+    if mode.startswith("sgpo"):
+        r = run_sgpo(args.model, tokenizer, pairs, args, fused_adamw=mode == "sgpo_fused_adamw")
+    else:
+        r = run_trl(args.model, tokenizer, pairs, args, precompute=mode == "trl_precompute")
+    r["pairs_per_s"] = args.pairs * args.epochs / r["seconds"]
+    r["pairs_per_cpu_s"] = args.pairs * args.epochs / max(r["cpu_seconds"], 1e-9)
+    return r
+
+
+def _run_repeats(modes: list[str], tokenizer, pairs: list[dict], args) -> dict[str, list[dict]]:
+    """Every mode ``args.repeats`` times, interleaved (the order rotates every repeat)."""
     runs = {m: [] for m in modes}
     for rep in range(args.repeats):
         order = modes[rep % len(modes):] + modes[:rep % len(modes)]
         for mode in order:
-            if mode.startswith("sgpo"):
-                r = run_sgpo(args.model, tokenizer, pairs, args, fused_adamw=mode == "sgpo_fused_adamw")
-            else:
-                r = run_trl(args.model, tokenizer, pairs, args, precompute=mode == "trl_precompute")
-            r["pairs_per_s"] = args.pairs * args.epochs / r["seconds"]
-            r["pairs_per_cpu_s"] = args.pairs * args.epochs / max(r["cpu_seconds"], 1e-9)
+            r = _run_mode(mode, tokenizer, pairs, args)
             runs[mode].append(r)
             print(f"  repeat {rep + 1} {mode:<15} {r['seconds']:7.1f} s ({r['cpu_seconds']:.1f} CPU s)  "
                   f"{r['pairs_per_s']:.3f} pairs/s  "
                   f"loss {r['loss']:.4f}  peak RSS {_common.gb(r['peak_rss']):.2f} GB", flush=True)
+    return runs
 
+
+def _print_table(modes: list[str], runs: dict[str, list[dict]]) -> None:
     print()
     print(f"{'mode':<18}{'pairs/s min / median / max':<30}{'pairs/CPU-s (median)':>21}{'seconds (median)':>17}"
           f"{'ref pass s':>12}{'positions/forward':>19}{'tokens':>8}{'peak RSS GB':>13}")
@@ -248,6 +268,10 @@ def main(argv=None) -> dict:
               f"{(f'{statistics.median(ref):.1f}' if ref else 'in steps'):>12}"
               f"{statistics.mean(r['positions_per_forward'] for r in rs):>19.0f}{rs[0]['tokens']:>8}"
               f"{_common.gb(max(r['peak_rss'] for r in rs)):>13.2f}")
+
+
+def _ratios(modes: list[str], runs: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """Per-repeat rate ratios of each sgpo mode to each TRL mode (wall clock and per CPU-second), printed."""
     ratios = {}
     ours_modes = [m for m in modes if m.startswith("sgpo")]
     for ours in ours_modes:
@@ -258,12 +282,11 @@ def main(argv=None) -> dict:
             ratios[key], ratios[key + "_cpu"] = vals, cpu
             print(f"ratio {ours} / {other:<15} min / median / max: {_common.fmt_mmm(vals)}  (wall clock, per "
                   f"repeat); per CPU-second: {_common.fmt_mmm(cpu)}")
-    if "sgpo" in runs:
-        print(f"sgpo layout: {runs['sgpo'][0]['layout']}")
-    print(f"process peak RSS (all modes, two TRL models included): "
-          f"{_common.gb(_common.process_peak_rss_bytes()):.2f} GB")
+    return ratios
 
-    summary = {
+
+def _summary(args, runs: dict[str, list[dict]], ratios: dict[str, list[float]]) -> dict:
+    return {
         "pairs_per_s": statistics.median(r["pairs_per_s"] for r in runs["sgpo"]) if "sgpo" in runs else None,
         "ratio_vs_trl": statistics.median(ratios["trl"]) if "trl" in ratios else None,
         "ratio_vs_trl_precompute": (statistics.median(ratios["trl_precompute"])
@@ -279,6 +302,22 @@ def main(argv=None) -> dict:
         "model": args.model, "pairs": args.pairs, "batch_size": args.batch_size, "epochs": args.epochs,
         "repeats": args.repeats,
     }
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = _modes(args)
+    tokenizer, pairs = _prepare(args)
+    runs = _run_repeats(modes, tokenizer, pairs, args)
+    _print_table(modes, runs)
+    ratios = _ratios(modes, runs)
+    if "sgpo" in runs:
+        print(f"sgpo layout: {runs['sgpo'][0]['layout']}")
+    print(f"process peak RSS (all modes, two TRL models included): "
+          f"{_common.gb(_common.process_peak_rss_bytes()):.2f} GB")
+    summary = _summary(args, runs, ratios)
     print(json.dumps(summary))
     return summary
 

@@ -225,7 +225,7 @@ def greedy_check(model, tokenizer, prompts, max_new: int) -> bool:
     return True
 
 
-def main(argv=None) -> dict:
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny random model, few prompts and tokens (seconds)")
     ap.add_argument("--model", default=None)
@@ -245,25 +245,42 @@ def main(argv=None) -> dict:
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return args
 
+
+def _load(args) -> tuple:
+    """The tokenizer, the model and the rendered prompts; prints the header line."""
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, device="cpu", dtype="float32").eval()
     texts, source = alpaca_prompts(args.prompts)
     prompts = render(tokenizer, texts)
     bs = args.batch_size
-    seq_prompts = prompts[:args.sequential_prompts]
     lens = [len(p) for p in prompts]
     print(f"model {args.model}  prompts {len(prompts)} ({source}, {min(lens)}-{max(lens)} tokens, "
           f"mean {statistics.mean(lens):.1f})  max_new_tokens {args.max_new_tokens}  "
           f"temperature {args.temperature}  batch {bs}  threads {torch.get_num_threads()}  repeats {args.repeats}",
           flush=True)
+    return tokenizer, model, prompts
 
-    # warm-up (allocator, first-call paths), not timed
-    run_engine(model, tokenizer, prompts[:min(bs, 2)], bs, _with(args, max_new_tokens=2))
-    run_padded(model, tokenizer, prompts[:min(bs, 2)], bs, _with(args, max_new_tokens=2))
 
+def _measure(key: str, model, tokenizer, prompts, args) -> tuple[int, float, float, list[int] | None]:
+    """One timed run of method ``key`` (engine, padded or sequential) on ``prompts``: tokens, wall-clock seconds, CPU
+    seconds of this process and, for the engine, the number of new tokens of each generation."""
+    c0 = time.process_time()
+    new_tokens = None
+    if key == "engine":
+        n, dt, gens = run_engine(model, tokenizer, prompts, args.batch_size, args)
+        new_tokens = [len(g.token_ids) for g in gens]
+    elif key == "padded":
+        n, dt = run_padded(model, tokenizer, prompts, args.batch_size, args)
+    else:
+        n, dt = run_sequential(model, tokenizer, prompts, args)
+    return n, dt, time.process_time() - c0, new_tokens
+
+
+def _time_methods(model, tokenizer, prompts, args) -> tuple[dict, dict, dict, list[int]]:
+    """Every method ``args.repeats`` times: tokens/s, tokens per CPU-second, tokens, and the engine's new tokens."""
+    seq_prompts = prompts[:args.sequential_prompts]
     rates = {"engine": [], "padded": [], "sequential": []}
     cpu_rates = {"engine": [], "padded": [], "sequential": []}  # tokens per CPU-second of this process
     tokens = {}
@@ -271,29 +288,27 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):
         print("timing (engine, padded, sequential) ...", flush=True)
         for key in ("engine", "padded", "sequential"):
-            c0 = time.process_time()
-            if key == "engine":
-                n, dt, gens = run_engine(model, tokenizer, prompts, bs, args)
-                new_tokens = [len(g.token_ids) for g in gens]
-            elif key == "padded":
-                n, dt = run_padded(model, tokenizer, prompts, bs, args)
-            else:
-                n, dt = run_sequential(model, tokenizer, seq_prompts, args)
-            cpu = time.process_time() - c0
+            n, dt, cpu, new = _measure(key, model, tokenizer, seq_prompts if key == "sequential" else prompts, args)
+            if new is not None:
+                new_tokens = new
             rates[key].append(n / dt)
             cpu_rates[key].append(n / cpu)
             tokens[key] = n
+    return rates, cpu_rates, tokens, new_tokens
 
-    mean_context = statistics.mean(lens) + statistics.mean(new_tokens) / 2
+
+def _ceilings(model, args, mean_context: float) -> dict:
+    """The matmul ceiling (with its GFLOP/s and FLOPs per token) and the decode-step ceiling (with its steps)."""
     gflops = matmul_gflops(512 if args.quick else 1024, 3 if args.quick else 8)
     fpt = flops_per_token(model, mean_context)
-    matmul_ceiling = gflops * 1e9 / fpt
-    steps = decode_step_tokens_per_s(model, bs, max(1, round(mean_context)), 3 if args.quick else 5)
-    decode_ceiling = max(steps.values())
-    greedy = None
-    if not args.no_greedy_check:
-        greedy = greedy_check(model, tokenizer, prompts[:4], 8 if args.quick else 48)
+    steps = decode_step_tokens_per_s(model, args.batch_size, max(1, round(mean_context)), 3 if args.quick else 5)
+    return {"gflops": gflops, "fpt": fpt, "matmul": gflops * 1e9 / fpt, "steps": steps,
+            "decode": max(steps.values())}
 
+
+def _print_report(args, rates: dict, cpu_rates: dict, tokens: dict, ceil: dict, mean_context: float,
+                  greedy: bool | None) -> None:
+    bs = args.batch_size
     eng, pad, seq = (_stats(rates[k]) for k in ("engine", "padded", "sequential"))
     print()
     print(f"{'method':<38}{'tokens':>7}{'min tok/s':>11}{'median':>9}{'max':>9}{'tok/CPU-s':>11}")
@@ -306,28 +321,54 @@ def main(argv=None) -> dict:
     cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
     print(f"ratio engine / sequential: {eng[1] / seq[1]:.2f}x   engine / padded: {eng[1] / pad[1]:.2f}x   "
           f"(per CPU-second: {cpu['engine'] / cpu['sequential']:.2f}x, {cpu['engine'] / cpu['padded']:.2f}x)")
-    print(f"matmul ceiling: {matmul_ceiling:.0f} tok/s ({gflops:.0f} GFLOP/s fp32, {fpt / 1e6:.0f} MFLOP/token)  "
-          f"engine at {eng[1] / matmul_ceiling:.0%}")
+    print(f"matmul ceiling: {ceil['matmul']:.0f} tok/s ({ceil['gflops']:.0f} GFLOP/s fp32, "
+          f"{ceil['fpt'] / 1e6:.0f} MFLOP/token)  engine at {eng[1] / ceil['matmul']:.0%}")
     print("decode-step ceiling: %.0f tok/s (batch %d, context %d; %s)  engine at %.0f%%" % (
-        decode_ceiling, bs, round(mean_context), ", ".join(f"{k} {v:.0f}" for k, v in steps.items()),
-        100 * eng[1] / decode_ceiling))
+        ceil["decode"], bs, round(mean_context), ", ".join(f"{k} {v:.0f}" for k, v in ceil["steps"].items()),
+        100 * eng[1] / ceil["decode"]))
     if greedy is not None:
         print(f"greedy output identical to model.generate(do_sample=False): {greedy}")
-    result = {
+
+
+def _result(args, rates: dict, cpu_rates: dict, ceil: dict, greedy: bool | None) -> dict:
+    eng, pad, seq = (_stats(rates[k]) for k in ("engine", "padded", "sequential"))
+    cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
+    return {
         "tokens_per_s": round(eng[1], 2),
         "ratio_vs_sequential": round(eng[1] / seq[1], 3),
         "ratio_vs_padded": round(eng[1] / pad[1], 3),
-        "matmul_ceiling_tokens_per_s": round(matmul_ceiling, 1),
-        "decode_ceiling_tokens_per_s": round(decode_ceiling, 1),
+        "matmul_ceiling_tokens_per_s": round(ceil["matmul"], 1),
+        "decode_ceiling_tokens_per_s": round(ceil["decode"], 1),
         "sequential_tokens_per_s": round(seq[1], 2),
         "padded_tokens_per_s": round(pad[1], 2),
         "cpu_ratio_vs_sequential": round(cpu["engine"] / cpu["sequential"], 3),
         "cpu_ratio_vs_padded": round(cpu["engine"] / cpu["padded"], 3),
         "threads": torch.get_num_threads(),
-        "batch_size": bs,
+        "batch_size": args.batch_size,
         "model": args.model,
         "greedy_identical": greedy,
     }
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer, model, prompts = _load(args)
+    bs = args.batch_size
+
+    # warm-up (allocator, first-call paths), not timed
+    run_engine(model, tokenizer, prompts[:min(bs, 2)], bs, _with(args, max_new_tokens=2))
+    run_padded(model, tokenizer, prompts[:min(bs, 2)], bs, _with(args, max_new_tokens=2))
+
+    rates, cpu_rates, tokens, new_tokens = _time_methods(model, tokenizer, prompts, args)
+    mean_context = statistics.mean([len(p) for p in prompts]) + statistics.mean(new_tokens) / 2
+    ceil = _ceilings(model, args, mean_context)
+    greedy = None
+    if not args.no_greedy_check:
+        greedy = greedy_check(model, tokenizer, prompts[:4], 8 if args.quick else 48)
+    _print_report(args, rates, cpu_rates, tokens, ceil, mean_context, greedy)
+    result = _result(args, rates, cpu_rates, ceil, greedy)
     print(json.dumps(result))
     return result
 

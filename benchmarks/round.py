@@ -12,6 +12,7 @@ loading included). The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -24,40 +25,35 @@ import _common  # noqa: E402
 _common.setup_env()
 
 
-def main(argv=None) -> dict:
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=None, help="a YAML config (default: the built-in defaults)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--quick", action="store_true", help="the smoke config on the tiny random model")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import torch
 
-    from sgpo import config as config_mod
-    from sgpo import distributed, recipe, session
-    from sgpo.methods import get_method
+def _timed(stages: dict[str, dict], name: str, fn):
+    """``fn`` adding its seconds, CPU seconds and peak RSS to ``stages[name]`` at every call."""
+    def wrapper(*a, **k):
+        with _common.PeakRSS() as rss, _common.Timer() as t:
+            out = fn(*a, **k)
+        s = stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_rss": 0})
+        s["seconds"] += t.seconds
+        s["cpu_seconds"] += t.cpu_seconds
+        s["peak_rss"] = max(s["peak_rss"], rss.peak)
+        return out
+    return wrapper
+
+
+@contextlib.contextmanager
+def _instrumented(stages: dict[str, dict], positions: list[tuple[int, int]]):
+    """Times the generation, reference and DPO stages into ``stages`` and records (positions, pairs) of every DPO
+    collate into ``positions``, restoring the originals on exit."""
+    from sgpo import session
     from sgpo.rollout import Sampler
-    from sgpo.runs import RunDir
-    from sgpo.splits import prepare_splits
     from sgpo.training import dpo as dpo_mod
 
-    cfg_path = args.config or (str(_common.REPO / "configs" / "smoke.yaml") if args.quick else None)
-    cfg = config_mod.load(cfg_path, args.set)
-    torch.manual_seed(cfg.seed)
-    stages: dict[str, dict] = {}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            with _common.PeakRSS() as rss, _common.Timer() as t:
-                out = fn(*a, **k)
-            s = stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0, "peak_rss": 0})
-            s["seconds"] += t.seconds
-            s["cpu_seconds"] += t.cpu_seconds
-            s["peak_rss"] = max(s["peak_rss"], rss.peak)
-            return out
-        return wrapper
-
-    positions = []
     collate = dpo_mod.collate_pairs
 
     def counting(*a, **k):
@@ -66,25 +62,39 @@ def main(argv=None) -> dict:
         return b
 
     saved = session.reference_logps, session.train_dpo, Sampler.rollout
-    session.reference_logps = timed("reference", session.reference_logps)
-    session.train_dpo = timed("dpo", session.train_dpo)
-    Sampler.rollout = timed("generation", Sampler.rollout)
+    session.reference_logps = _timed(stages, "reference", session.reference_logps)
+    session.train_dpo = _timed(stages, "dpo", session.train_dpo)
+    Sampler.rollout = _timed(stages, "generation", Sampler.rollout)
     dpo_mod.collate_pairs = counting
     try:
-        with tempfile.TemporaryDirectory() as tmp, _common.Timer() as total:
-            with _common.Timer() as setup:
-                s = session.Session(cfg, RunDir(tmp), distributed.Dist(None))
-                data = prepare_splits(cfg, s.tokenizer)
-                s.model  # noqa: B018  (load it now, outside the stage timings)
-            method = get_method(cfg.method)
-            records = data.rounds[0] if data.rounds else []
-            m = recipe.round_stage(s, method, 1, records, s.model_path)
+        yield
     finally:
         session.reference_logps, session.train_dpo, Sampler.rollout = saved
         dpo_mod.collate_pairs = collate
 
-    n_ref_batches = math.ceil(int(m.get("pairs/kept", 0)) / (2 * cfg.dpo.batch_size))
-    train_pos = positions[n_ref_batches:]
+
+def _run_round(cfg) -> tuple:
+    """The first round through the recipe's round stage in a temporary run directory: its metrics, its prompts and
+    the setup and total timers."""
+    from sgpo import distributed, recipe, session
+    from sgpo.methods import get_method
+    from sgpo.runs import RunDir
+    from sgpo.splits import prepare_splits
+
+    with tempfile.TemporaryDirectory() as tmp, _common.Timer() as total:
+        with _common.Timer() as setup:
+            s = session.Session(cfg, RunDir(tmp), distributed.Dist(None))
+            data = prepare_splits(cfg, s.tokenizer)
+            s.model  # noqa: B018  (load it now, outside the stage timings)
+        method = get_method(cfg.method)
+        records = data.rounds[0] if data.rounds else []
+        m = recipe.round_stage(s, method, 1, records, s.model_path)
+    return m, records, setup, total
+
+
+def _print_report(cfg, m: dict, records, stages: dict[str, dict], train_pos: list, setup, total) -> None:
+    import torch
+
     print(f"model {cfg.model.name} | method {cfg.method} | {len(records)} prompts | max_new_tokens "
           f"{cfg.generation.max_new_tokens} | generation batch {cfg.generation.batch_size} | dpo batch "
           f"{cfg.dpo.batch_size}, {cfg.dpo.epochs} epoch(s) | torch {torch.__version__} ({torch.get_num_threads()} "
@@ -106,6 +116,33 @@ def main(argv=None) -> dict:
               f"{pairs_trained / stages['dpo']['seconds']:.3f} pairs/s "
               f"({pairs_trained / (stages['dpo']['seconds'] + stages['reference']['seconds']):.3f} with the "
               f"reference pass)")
+
+
+def main(argv=None) -> dict:
+    args = _parse_args(argv)
+
+    import torch
+
+    # every module the round uses is imported here, before the seed is set (the helpers import them again)
+    from sgpo import config as config_mod
+    from sgpo import distributed, recipe, session  # noqa: F401
+    from sgpo.methods import get_method  # noqa: F401
+    from sgpo.rollout import Sampler  # noqa: F401
+    from sgpo.runs import RunDir  # noqa: F401
+    from sgpo.splits import prepare_splits  # noqa: F401
+    from sgpo.training import dpo as dpo_mod  # noqa: F401
+
+    cfg_path = args.config or (str(_common.REPO / "configs" / "smoke.yaml") if args.quick else None)
+    cfg = config_mod.load(cfg_path, args.set)
+    torch.manual_seed(cfg.seed)
+    stages: dict[str, dict] = {}
+    positions = []
+    with _instrumented(stages, positions):
+        m, records, setup, total = _run_round(cfg)
+
+    n_ref_batches = math.ceil(int(m.get("pairs/kept", 0)) / (2 * cfg.dpo.batch_size))
+    train_pos = positions[n_ref_batches:]
+    _print_report(cfg, m, records, stages, train_pos, setup, total)
     peak = _common.process_peak_rss_bytes()
     print(f"process peak RSS: {_common.gb(peak):.2f} GB")
     summary = {

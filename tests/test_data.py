@@ -57,7 +57,7 @@ def test_missing_or_bad_field_is_named(tmp_path, row, field):
     p = _jsonl(tmp_path / "f.jsonl", [row])
     with pytest.raises(DataError) as e:
         load_records(str(p))
-    assert f"f.jsonl:1" in str(e.value) and f"'{field}'" in str(e.value)
+    assert "f.jsonl:1" in str(e.value) and f"'{field}'" in str(e.value)
 
 
 def test_sft_data_needs_a_reference_and_empty_is_an_error(tmp_path):

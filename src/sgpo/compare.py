@@ -240,7 +240,7 @@ def write_comparison(out: Path, state: dict, methods, benches, notes=()) -> Path
     for b in benches:
         head += [f"{b}: win rate vs start, % [95% CI] (n)", f"{b}: mean length (words)"]
     head += ["wall time (s)", "pairs used", "DPO steps", "status"]
-    lines = [f"# Method comparison", "",
+    lines = ["# Method comparison", "",
              f"Every method starts from `{_start_model(out, methods)}` with the same prompts, sizes and rounds; "
              f"every final model is judged against the start model by the same judge (`{judge}`; ties count half).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -5,7 +5,6 @@ Unknown keys and wrong types are errors that name the key (``ConfigError``).
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path

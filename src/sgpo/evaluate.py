@@ -7,13 +7,12 @@ re-scores without regenerating. Head-to-head (``--versus``) compares two models 
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import Record, load_records, record_id
+from .data import Record, load_records
 from .eval.judges import make_judge
 from .eval.winrate import format_win_rate, win_rate
 from .config import GenerationConfig

@@ -136,6 +136,15 @@ def generate_batch(model, tokenizer, batch: Sequence[Request], s: Settings, deco
     return got
 
 
+@dataclass
+class _Flight:
+    """The sequences in flight in ``_run_kv``: the request index of each live row, the rows' uniforms (when
+    sampling) and the logits of each row's next token."""
+    rows: list[int]
+    u_rows: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
 @torch.inference_mode()
 def _run_kv(decoder, model, tokenizer, requests: Sequence[Request], batches: list[list[int]], width: int,
             s: Settings, deliver: Callable[[list[int], list[Generation]], None],
@@ -155,6 +164,26 @@ def _run_kv(decoder, model, tokenizer, requests: Sequence[Request], batches: lis
         return
     out: dict[int, list[int]] = {i: [] for i in order}
     finished: dict[int, bool] = {}
+    complete = _batch_completer(tokenizer, batches, out, finished, deliver)
+    if s.max_new_tokens <= 0:
+        for i in order:
+            complete(i)
+        return
+    _reserve_kv(decoder, [requests[i].prompt_ids for i in order], width, s.max_new_tokens, min_shared_prefix)
+    queue = deque(order)
+    flight = _Flight(rows=[], u_rows=torch.empty((0, s.max_new_tokens), dtype=torch.float64))
+    refill = max(1, width // 4)
+    try:
+        while queue or flight.rows:
+            _refill_rows(decoder, requests, queue, flight, width - len(flight.rows), refill, pad, s)
+            _decode_step(decoder, flight, out, finished, eos, s, complete)
+    finally:
+        decoder.release()
+
+
+def _batch_completer(tokenizer, batches: list[list[int]], out: dict[int, list[int]], finished: dict[int, bool],
+                     deliver: Callable[[list[int], list[Generation]], None]) -> Callable[[int], None]:
+    """``complete(i)`` marks request ``i`` done and delivers its plan batch once every request of it is done."""
     left = [len(b) for b in batches]
     batch_of = {i: k for k, b in enumerate(batches) for i in b}
 
@@ -165,58 +194,71 @@ def _run_kv(decoder, model, tokenizer, requests: Sequence[Request], batches: lis
             deliver(batches[k], [Generation(tokenizer.decode(out[j], skip_special_tokens=True), tuple(out[j]),
                                             finished.get(j, False)) for j in batches[k]])
 
-    if s.max_new_tokens <= 0:
-        for i in order:
-            complete(i)
-        return
-    prompts = [requests[i].prompt_ids for i in order]
-    decoder.reserve(width, max(len(p) for p in prompts) + s.max_new_tokens)
+    return complete
+
+
+def _reserve_kv(decoder, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int,
+                min_shared_prefix: int) -> None:
+    """Size the decoder's cache for ``width`` rows of the longest prompt plus ``max_new_tokens``, and compute the
+    prompts' shared prefix once when it is long enough (and there is more than one prompt)."""
+    decoder.reserve(width, max(len(p) for p in prompts) + max_new_tokens)
     shared = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-    if shared >= min_shared_prefix and len(order) > 1:
+    if shared >= min_shared_prefix and len(prompts) > 1:
         decoder.set_prefix(prompts[0][:shared])
+
+
+def _refill_rows(decoder, requests: Sequence[Request], queue: deque, flight: _Flight, free: int, refill: int,
+                 pad: int, s: Settings) -> None:
+    """Move the next requests of ``queue`` into the ``free`` rows: when nothing is in flight, or when at least
+    ``refill`` rows (or the whole rest of the queue) can be taken at once. Their prompt logits join ``flight``."""
+    if queue and free and (not flight.rows or free >= min(refill, len(queue))):
+        take = [queue.popleft() for _ in range(min(free, len(queue)))]
+        new = decoder.add([requests[i].prompt_ids for i in take], pad)
+        flight.logits = new if not flight.rows else torch.cat([flight.logits, new])
+        flight.rows += take
+        if s.temperature > 0:
+            flight.u_rows = torch.cat([flight.u_rows, _uniforms([requests[i] for i in take], s.max_new_tokens)])
+
+
+def _decode_step(decoder, flight: _Flight, out: dict[int, list[int]], finished: dict[int, bool], eos: set[int],
+                 s: Settings, complete: Callable[[int], None]) -> None:
+    """Sample one token for every live row, complete the rows that are done (EOS or ``max_new_tokens``), drop them
+    from the decoder and, while rows remain, run the decoder step that gives the next logits."""
     sampling = s.temperature > 0
-    queue = deque(order)
-    rows: list[int] = []  # live row -> request index
-    u_rows = torch.empty((0, s.max_new_tokens), dtype=torch.float64)
-    logits = None
-    refill = max(1, width // 4)
-    try:
-        while queue or rows:
-            free = width - len(rows)
-            if queue and free and (not rows or free >= min(refill, len(queue))):
-                take = [queue.popleft() for _ in range(min(free, len(queue)))]
-                new = decoder.add([requests[i].prompt_ids for i in take], pad)
-                logits = new if not rows else torch.cat([logits, new])
-                rows += take
-                if sampling:
-                    u_rows = torch.cat([u_rows, _uniforms([requests[i] for i in take], s.max_new_tokens)])
-            u = None
-            if sampling:
-                u = u_rows[torch.arange(len(rows)), torch.tensor([len(out[i]) for i in rows])]
-            nxt = _sample(logits, u, s)
-            done = []
-            for j, tok in enumerate(nxt.tolist()):
-                i = rows[j]
-                if tok in eos:
-                    finished[i] = True
-                    done.append(j)
-                else:
-                    out[i].append(tok)
-                    if len(out[i]) >= s.max_new_tokens:
-                        done.append(j)
-            for j in done:
-                complete(rows[j])
-            if done:
-                kept = decoder.drop(done)
-                rows = [rows[j] for j in kept]
-                sel = torch.tensor(kept, dtype=torch.long)
-                nxt = nxt[sel.to(nxt.device)]
-                if sampling:
-                    u_rows = u_rows[sel]
-            if rows:
-                logits = decoder.step(nxt)
-    finally:
-        decoder.release()
+    rows = flight.rows
+    u = None
+    if sampling:
+        u = flight.u_rows[torch.arange(len(rows)), torch.tensor([len(out[i]) for i in rows])]
+    nxt = _sample(flight.logits, u, s)
+    done = _record_tokens(nxt.tolist(), rows, out, finished, eos, s.max_new_tokens)
+    for j in done:
+        complete(rows[j])
+    if done:
+        kept = decoder.drop(done)
+        flight.rows = [rows[j] for j in kept]
+        sel = torch.tensor(kept, dtype=torch.long)
+        nxt = nxt[sel.to(nxt.device)]
+        if sampling:
+            flight.u_rows = flight.u_rows[sel]
+    if flight.rows:
+        flight.logits = decoder.step(nxt)
+
+
+def _record_tokens(tokens: list[int], rows: list[int], out: dict[int, list[int]], finished: dict[int, bool],
+                   eos: set[int], max_new_tokens: int) -> list[int]:
+    """Append each live row's token to its request's output (EOS marks it finished instead); the positions of the
+    rows that are now done."""
+    done = []
+    for j, tok in enumerate(tokens):
+        i = rows[j]
+        if tok in eos:
+            finished[i] = True
+            done.append(j)
+        else:
+            out[i].append(tok)
+            if len(out[i]) >= max_new_tokens:
+                done.append(j)
+    return done
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:

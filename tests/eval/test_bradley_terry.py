@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sgpo.eval.bradley_terry import bradley_terry, win_rate_from_elo
+from sgpo.eval.bradley_terry import BTOptions, bradley_terry, win_rate_from_elo
 
 TRUE_ELO = {"anchor": 1000.0, "p1": 1150.0, "p2": 1040.0, "p3": 870.0}
 
@@ -78,7 +78,7 @@ def _simulated(n, seed):
 
 def test_bootstrap_interval_is_consistent_with_truth_and_normal_width():
     a, b, s = _simulated(4000, seed=11)
-    fitted = bradley_terry(a, b, s, anchor="anchor", n_boot=200, seed=5)
+    fitted = bradley_terry(a, b, s, anchor="anchor", options=BTOptions(n_boot=200, seed=5))
     for name, rating in TRUE_ELO.items():
         f = fitted[name]
         assert f["rating_low"] <= f["rating"] <= f["rating_high"]
@@ -87,7 +87,7 @@ def test_bootstrap_interval_is_consistent_with_truth_and_normal_width():
     # star graph: the interval of a win share is close to the normal one, 2 * 1.96 * sqrt(p(1-p)/n)
     n, p = 2000, 0.3
     wins = (np.random.default_rng(2).random(n) < p).astype(float)
-    star = bradley_terry(["base"] * n, ["m"] * n, 1 - wins, anchor="base", n_boot=400, seed=1)["m"]
+    star = bradley_terry(["base"] * n, ["m"] * n, 1 - wins, anchor="base", options=BTOptions(n_boot=400, seed=1))["m"]
     width = star["win_rate_high"] - star["win_rate_low"]
     share = wins.mean()
     assert width == pytest.approx(100 * 2 * 1.96 * np.sqrt(share * (1 - share) / n), rel=0.2)
@@ -95,9 +95,9 @@ def test_bootstrap_interval_is_consistent_with_truth_and_normal_width():
 
 def test_bootstrap_is_seeded():
     a, b, s = _simulated(500, seed=4)
-    one = bradley_terry(a, b, s, anchor="anchor", n_boot=30, seed=9)
-    same = bradley_terry(a, b, s, anchor="anchor", n_boot=30, seed=9)
-    other = bradley_terry(a, b, s, anchor="anchor", n_boot=30, seed=10)
+    one = bradley_terry(a, b, s, anchor="anchor", options=BTOptions(n_boot=30, seed=9))
+    same = bradley_terry(a, b, s, anchor="anchor", options=BTOptions(n_boot=30, seed=9))
+    other = bradley_terry(a, b, s, anchor="anchor", options=BTOptions(n_boot=30, seed=10))
     assert one == same
     assert one["p1"]["rating_low"] != other["p1"]["rating_low"]
 

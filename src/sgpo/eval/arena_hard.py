@@ -39,7 +39,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .bradley_terry import bradley_terry
+from .bradley_terry import BTOptions, bradley_terry
 
 VERSIONS = ("v0.1", "v2.0")
 DEFAULT_BASELINE = {"v0.1": "gpt-4-0314", "v2.0": "o3-mini-2025-01-31"}
@@ -150,8 +150,8 @@ def _leaderboard_v01(by_model: dict[str, list[dict]], baseline: str, n_boot: int
                 counts.append(weight)
     fitted = {}
     if counts:
-        fitted = bradley_terry(model_a, model_b, score_a, anchor=baseline, counts=counts, n_boot=n_boot, seed=seed,
-                               level=CI_LEVEL["v0.1"])
+        fitted = bradley_terry(model_a, model_b, score_a, anchor=baseline, counts=counts,
+                               options=BTOptions(n_boot=n_boot, seed=seed, level=CI_LEVEL["v0.1"]))
     out = {}
     for model in by_model:
         f = fitted.get(model)

@@ -14,12 +14,25 @@ same distribution as resampling rows) and refits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 ELO_SCALE = 400 / np.log(10)
 ELO_ANCHOR = 1000.0
+
+
+@dataclass(frozen=True)
+class BTOptions:
+    """How ``bradley_terry`` fits: ``n_boot`` bootstrap rounds (0: none) drawn from ``seed`` for a ``level``
+    interval; Newton's method (``fit_strengths``) stops after ``max_iter`` iterations or once a step is
+    below ``tol``."""
+    n_boot: int = 0
+    seed: int = 0
+    level: float = 0.95
+    max_iter: int = 200
+    tol: float = 1e-12
 
 
 def log_expit(x):
@@ -50,12 +63,14 @@ def _log_likelihood(r, a, b, s, c):
 
 
 def fit_strengths(n_players: int, a: np.ndarray, b: np.ndarray, s: np.ndarray, c: np.ndarray, anchor: int,
-                  *, max_iter: int = 200, tol: float = 1e-12) -> np.ndarray:
+                  *, options: BTOptions = BTOptions()) -> np.ndarray:
     """Maximum-likelihood strengths (natural-log odds scale) with ``r[anchor] = 0``.
 
     Players without any battle get NaN. A player who won (or lost) every battle has an infinite
-    strength; the iteration then stops at ``max_iter`` with a very large finite value.
+    strength; the iteration then stops at ``options.max_iter`` with a very large finite value.
+    Only ``options.max_iter`` and ``options.tol`` are used here.
     """
+    max_iter, tol = options.max_iter, options.tol
     r = np.zeros(n_players)
     present = np.zeros(n_players, bool)
     present[a[c > 0]] = present[b[c > 0]] = True
@@ -108,26 +123,26 @@ def win_rate_from_elo(rating: float | np.ndarray, anchor_rating: float = ELO_ANC
 
 
 def bradley_terry(model_a: Sequence[str], model_b: Sequence[str], score_a: Sequence[float], anchor: str,
-                  counts: Sequence[float] | None = None, *, n_boot: int = 0, seed: int = 0,
-                  level: float = 0.95) -> dict[str, dict]:
+                  counts: Sequence[float] | None = None, *, options: BTOptions = BTOptions()) -> dict[str, dict]:
     """Elo ratings anchored at ``anchor`` = 1000, each with its win rate (percent) against the anchor.
 
     ``score_a`` is 1 when ``model_a`` won, 0 when ``model_b`` won, 0.5 for a tie; ``counts`` weights
-    rows (e.g. 3 for a strong verdict). With ``n_boot`` > 0, ``rating_low``/``rating_high`` are the
-    percentiles of the bootstrap ratings for a ``level`` interval and ``win_rate_low``/``high`` the
-    same converted to win rates against the anchor (which stays at 1000 in every round).
+    rows (e.g. 3 for a strong verdict). With ``options.n_boot`` > 0, ``rating_low``/``rating_high`` are
+    the percentiles of the bootstrap ratings for an ``options.level`` interval and ``win_rate_low``/``high``
+    the same converted to win rates against the anchor (which stays at 1000 in every round).
     """
+    n_boot, seed, level = options.n_boot, options.seed, options.level
     players, a, b, s, c = aggregate_battles(model_a, model_b, score_a, counts)
     if anchor not in players:
         raise ValueError(f"the anchor {anchor!r} has no battles")
     k = players.index(anchor)
-    ratings = to_elo(fit_strengths(len(players), a, b, s, c, k))
+    ratings = to_elo(fit_strengths(len(players), a, b, s, c, k, options=options))
     out = {p: {"rating": float(ratings[i]), "win_rate": float(win_rate_from_elo(ratings[i])),
                "n_battles": float(c[(a == i) | (b == i)].sum())} for i, p in enumerate(players)}
     if n_boot > 0:
         rng = np.random.default_rng(seed)
         draws = rng.multinomial(int(round(c.sum())), c / c.sum(), size=n_boot)
-        boot = np.array([to_elo(fit_strengths(len(players), a, b, s, draw, k)) for draw in draws])
+        boot = np.array([to_elo(fit_strengths(len(players), a, b, s, draw, k, options=options)) for draw in draws])
         tail = 100 * (1 - level) / 2
         low, high = np.nanpercentile(boot, tail, axis=0), np.nanpercentile(boot, 100 - tail, axis=0)
         for i, p in enumerate(players):

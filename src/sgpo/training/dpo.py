@@ -17,7 +17,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .batching import (PairBatch, collate, collate_pairs, length_buckets, micro_batching, packing_supported,
                        pair_length, pair_logps, position_slices, token_logps)
