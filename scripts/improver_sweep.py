@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from sgpo import config as config_mod  # noqa: E402
+from sgpo.config import improver_instruction  # noqa: E402
 from sgpo.improver.figures import improver_figures  # noqa: E402
 from sgpo.files import read_jsonl  # noqa: E402
 
@@ -124,7 +125,7 @@ def probe_temperatures(out: Path, name: str, set_name: str, temps: list[float], 
     judge = make_judge(judge_spec)
     for t in temps:
         sampler = Sampler(tok, replace(cfg.generation, temperature=t), cfg.seed, cfg.data.max_prompt_tokens,
-                          cfg.improver.instruction)
+                          improver_instruction(cfg.improver))
         rw = sampler.rollout(model, recs, "eval-improver", 0, drafts=drafts,
                              shard=out / name / f"{set_name}_rewrites_T{t}.jsonl")
         f = improver_figures(judge, [x["prompt"] for x in samples], [x["draft"] for x in samples],

@@ -30,8 +30,15 @@ def smoke_run(tmp_path_factory):
 def test_smoke_run_writes_the_run_directory(smoke_run):
     out, res = smoke_run
     manifest = json.loads((out / "manifest.json").read_text())
-    for stage in ("round_0", "improver", "round_1", "round_2", "final"):
+    for stage in ("round_0", "sft", "improver", "round_1", "round_2", "final", "test", "test_second_judge"):
         assert manifest["stages"][stage]["status"] == "done", stage
+    summary = json.loads((out / "summary.json").read_text())
+    for judge in ("reference", "lm_tiny-random"):
+        for other in ("start", "pre_rounds"):
+            key = f"eval/test/{judge}/win_rate_vs_{other}"
+            assert summary[key + "_n"] == 8 and summary[key + "_ci_low"] <= summary[key] <= summary[key + "_ci_high"]
+            assert key + "_length_matched_n" in summary
+    assert {"eval/test/length_start", "eval/test/finished_final"} <= set(summary)
     for t in (1, 2):
         rows = [json.loads(line) for line in (out / f"round_{t}" / "pairs.jsonl").read_text().splitlines()]
         assert len(rows) >= 1, f"round {t} kept no pair"
@@ -44,12 +51,17 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
                     f"time/round_{t}_s", "eval/dev/win_rate_vs_start"):
             assert key in m, key
         assert m["pairs/kept"] == len(rows)
+        for key in ("pairs/judge_agreement", "pairs/judge_agreement_n", "improver/template_leak_rate",
+                    "improver/echo_rate", "pairs/chosen_finished_rate", "pairs/dropped/template_leak"):
+            assert key in m, key
+        candidates = [json.loads(line) for line in (out / f"round_{t}" / "candidates.jsonl").read_text().splitlines()]
+        assert sum(c["meta"]["dropped"] is None for c in candidates) == len(rows) == m["pairs/judge_agreement_n"]
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 2
     assert (out / "report.md").exists() and (out / "metrics.png").exists()
     assert "final vs start" in res.stderr
-    assert (out / "config.yaml").read_text().count("sgpo:tiny-random") == 1
+    assert (out / "config.yaml").read_text().count("name: sgpo:tiny-random") == 1
 
 
 def test_rerun_of_a_finished_run_skips_everything(smoke_run):
@@ -91,11 +103,13 @@ def test_unwritable_output_directory(tmp_path):
     assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_lora_run_saves_merged_full_checkpoints(tmp_path):
+def test_lora_run_saves_merged_full_checkpoints(tmp_path, smoke_run):
     out = tmp_path / "lora"
     res = sgpo("run", "configs/smoke.yaml", "-o", str(out), "--set", "model.lora_r=4", "--set", "rounds=1",
                "--set", "eval.improver_size=0", "--set", "eval.head_to_head_size=0", "--set", "data.improver_size=4")
     assert res.returncode == 0, res.stderr[-3000:]
+    # the start model and the test prompts are those of the smoke run: its test answers are reused, not regenerated
+    assert "the start model's answers come from the cache" in res.stderr
     import torch
     from safetensors.torch import load_file
 

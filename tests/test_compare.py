@@ -94,7 +94,7 @@ def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
     pref.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello."}) + "\n")  # no 'rejected': an error
     sets = [f"data.sft={sft}", f"data.preference={pref}", "data.dev_size=2", "data.improver_size=1",
             "data.round_size=2", "rounds=1", "generation.max_new_tokens=4", "dpo.batch_size=2", "train.batch_size=2",
-            "eval.head_to_head_size=2", "eval.improver_size=0"]
+            "eval.head_to_head_size=2", "eval.improver_size=0", "data.test_size=0"]
     ran = []
     real_run = recipe.run
 

@@ -7,8 +7,8 @@ from sgpo.config import ConfigError
 def test_defaults_are_the_embedded_experiment():
     cfg = config.load()
     assert cfg.model.name == "sgpo:smollm2-135m-instruct"
-    assert cfg.data.sft == "sgpo:arena-hard-v2"
-    assert cfg.method == "sgpo"
+    assert cfg.data.sft == "sgpo:alpaca-eval"
+    assert cfg.method == "sgpo" and cfg.sft and cfg.data.test_size >= 200  # a test split of at least 200 prompts
 
 
 def test_yaml_and_overrides(tmp_path):

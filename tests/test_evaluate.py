@@ -41,6 +41,18 @@ def test_ifeval_with_limit(tmp_path, tiny_path):
     assert row["n"] == 3 and 0 <= row["prompt_strict"] <= row["prompt_loose"] <= 1
 
 
+def test_ifeval_versus_gives_the_paired_difference(tmp_path, tiny_path):
+    out = tmp_path / "ifev"
+    res = sgpo("eval", "--model", tiny_path, "--benchmark", "ifeval", "--versus", tiny_path, "--limit", "4",
+               "--max-new-tokens", "8", "-o", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((out / "ifeval_versus.json").read_text())
+    assert r["n"] == 4 and r["a"] == r["b"]  # the same model, greedy: the same answers
+    for key in ("prompt_strict_diff", "prompt_loose_diff", "instruction_strict_diff", "instruction_loose_diff"):
+        assert r[key]["diff"] == r[key]["ci_low"] == r[key]["ci_high"] == 0 and r[key]["n"] == 4
+    assert "paired bootstrap" in res.stderr
+
+
 def test_reference_judge_cannot_judge_against_a_benchmark_baseline(tmp_path, tiny_path):
     res = sgpo("eval", "--model", tiny_path, "--benchmark", "alpaca_eval", "--limit", "2", "--max-new-tokens", "4",
                "-o", str(tmp_path / "a"))

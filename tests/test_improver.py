@@ -67,7 +67,9 @@ def tokenizer():
 def test_improver_example_layout_puts_loss_only_on_target_tokens(tokenizer):
     prompt = (("user", "Describe Paris."),)
     e = ImproverExample("r", DRAFT, interpolate(DRAFT, REFERENCE, 0.25))
-    ex = nll_example(tokenizer, prompt, e, "Improve.\n{prompt}\n{draft}")
+    from sgpo.data import Record
+
+    ex = nll_example(tokenizer, Record("r", prompt, REFERENCE), e, "Improve.\n{prompt}\n{draft}")
     assert list(ex.prompt_ids) == templates.improver_ids(tokenizer, prompt, DRAFT, "Improve.\n{prompt}\n{draft}")
     assert list(ex.completion_ids) == templates.completion_ids(tokenizer, e.target)
     batch = collate([(list(ex.prompt_ids), list(ex.completion_ids))], tokenizer.pad_token_id)

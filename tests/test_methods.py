@@ -42,7 +42,8 @@ def write_sft_data(path: Path) -> Path:
 def tiny_overrides(data: Path, method: str, *extra: str) -> list[str]:
     return [f"method={method}", f"data.sft={data}", "data.dev_size=1", "data.improver_size=2", "data.round_size=2",
             "generation.max_new_tokens=4", "generation.batch_size=4", "train.batch_size=2", "dpo.batch_size=2",
-            "eval.head_to_head_size=0", "eval.improver_size=0", "improver.chain=1", "rounds=2", *extra]
+            "eval.head_to_head_size=0", "eval.improver_size=0", "improver.chain=1", "rounds=2", "data.test_size=0",
+            "sft=false", "eval.second_judge=", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_synpo_separate_improver_and_accumulated_pairs(runs, data):
     tok = load_tokenizer("sgpo:tiny-random")
     recs = {r.id: r for r in load_records(str(data))[0]}
     new_recs = [recs[p.record_id] for p in new]
-    s = Sampler(tok, dataclasses.replace(cfg.generation, batch_size=4), cfg.seed, instruction=cfg.improver.instruction)
+    s = Sampler(tok, dataclasses.replace(cfg.generation, batch_size=4), cfg.seed, instruction=config.improver_instruction(cfg.improver))
     start = s.rollout(load_model(start_path(), device="cpu", dtype="float32"), new_recs, "initial-policy", 2)
     assert all(start[p.record_id].text == p.rejected for p in new)
     improver = load_model(str(imp_path), device="cpu", dtype="float32")
@@ -224,7 +225,8 @@ def test_preference_rows_are_not_mistaken_for_sft_rows():
 def test_sft_only_trains_on_references_and_makes_no_pairs(runs):
     run = runs("sft")
     m = json.loads((run / "sft" / "metrics.json").read_text())
-    assert m["nll/examples"] == 13 and m["nll/steps"] == 7  # the whole training pool (14 - 1 dev), batch 2
+    # the SFT slice every method's SFT step trains on (data.sft_size=8 in the smoke config), batch 2
+    assert m["nll/examples"] == 8 and m["nll/steps"] == 4
     assert not list(run.glob("round_[1-9]*")) and not (run / "prepare").exists()
     a = load_model(start_path(), device="cpu", dtype="float32").state_dict()
     final = run / "final"

@@ -1,5 +1,10 @@
-from sgpo.config import PairsConfig
+from sgpo import templates
+from sgpo.gates import Gates, TemplateMarkers
 from sgpo.pairs import Pair, filter_pairs, pair_metrics
+
+
+def _gates(finished):
+    return Gates(TemplateMarkers.of(templates.IMPROVER_INSTRUCTION), finished)
 
 
 def _p(chosen, rejected, cf=True, rf=True):
@@ -9,16 +14,16 @@ def _p(chosen, rejected, cf=True, rf=True):
 def test_filters_count_each_reason():
     pairs = [_p("a better answer", "an answer"), _p("same  text", "same text\n"), _p("", "x"), _p("x", " "),
              _p("cut", "fine", cf=False), _p("fine", "cut", rf=False)]
-    kept, dropped = filter_pairs(pairs, PairsConfig(require_eos=True))
+    kept, dropped = filter_pairs(pairs, _gates("both"))
     assert [p.chosen for p in kept] == ["a better answer"]
-    assert dropped == {"equal": 1, "empty_chosen": 1, "empty_rejected": 1, "chosen_cut_off": 1,
-                       "rejected_cut_off": 1}
-    kept, dropped = filter_pairs(pairs, PairsConfig(require_eos=False))
-    assert len(kept) == 3 and "chosen_cut_off" not in dropped
+    assert dropped == {"equal": 1, "empty_chosen": 1, "empty_rejected": 1, "chosen_unfinished": 1,
+                       "rejected_unfinished": 1}
+    kept, dropped = filter_pairs(pairs, _gates("none"))
+    assert len(kept) == 3 and "chosen_unfinished" not in dropped
 
 
 def test_pair_metrics_names():
-    kept, dropped = filter_pairs([_p("one two three", "one two"), _p("x", "x")], PairsConfig(require_eos=True))
+    kept, dropped = filter_pairs([_p("one two three", "one two"), _p("x", "x")], _gates("both"))
     m = pair_metrics(kept, dropped)
     assert m["pairs/kept"] == 1 and m["pairs/dropped/equal"] == 1
     assert m["lengths/chosen"] == 3 and m["lengths/rejected"] == 2 and m["pairs/edit_distance"] == 1
@@ -41,7 +46,8 @@ def test_training_pairs_see_the_prompt_cut_that_generation_saw(tiny_tokenizer):
     cfg.data.max_prompt_tokens = 24
     text = " ".join(f"word{i}" for i in range(200))
     messages = [{"role": "user", "content": text}]
-    session = SimpleNamespace(tokenizer=tiny_tokenizer, cfg=cfg)
+    session = SimpleNamespace(tokenizer=tiny_tokenizer, cfg=cfg,
+                              sampler=SimpleNamespace(instruction=templates.IMPROVER_INSTRUCTION))
     tp = Session.token_pairs(session, [Pair("a", messages, "good answer", "bad answer")], improver_drafts=True)[0]
     full = templates.render(tiny_tokenizer, messages)
     assert len(full) > 24

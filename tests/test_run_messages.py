@@ -34,7 +34,7 @@ def _data(tmp_path, n=6, long_every=3):
 
 def test_long_prompts_are_counted_with_how_much_was_cut(tmp_path, tiny_tokenizer, caplog):
     cfg = config.load(None, [f"data.sft={_data(tmp_path)}", "data.max_prompt_tokens=40", "data.dev_size=1",
-                             "data.improver_size=1", "data.round_size=2", "rounds=1"])
+                             "data.improver_size=1", "data.round_size=2", "rounds=1", "data.test_size=0"])
     with caplog.at_level(logging.INFO, logger="sgpo"):
         s = prepare_splits(cfg, tiny_tokenizer)
     msg = [r.getMessage() for r in caplog.records if "max_prompt_tokens" in r.getMessage()]
@@ -42,7 +42,7 @@ def test_long_prompts_are_counted_with_how_much_was_cut(tmp_path, tiny_tokenizer
     assert "lose their start" in msg[0] and "at most" in msg[0]
     assert len(s.train) + len(s.dev) == 6  # truncate keeps them
     skip = config.load(None, [f"data.sft={_data(tmp_path)}", "data.max_prompt_tokens=40", "data.dev_size=1",
-                              "data.on_long_prompt=skip"])
+                              "data.on_long_prompt=skip", "data.test_size=0"])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="sgpo"):
         s = prepare_splits(skip, tiny_tokenizer)
@@ -61,17 +61,18 @@ def test_generation_inputs_cut_are_counted(tiny_tokenizer, caplog):
 
 def test_a_small_pool_is_reused_and_says_so(caplog):
     pool = [Record(str(i), (("user", f"q{i}"),), "r") for i in range(5)]
-    cfg = config.load(None, ["data.improver_size=2", "data.round_size=3", "rounds=2"])
+    cfg = config.load(None, ["data.improver_size=2", "data.round_size=3", "rounds=2", "data.sft_size=2"])
     with caplog.at_level(logging.WARNING, logger="sgpo"):
         s = deal(Splits(pool, []), cfg)
     assert [r.id for r in s.improver] == ["0", "1"]
     assert [[r.id for r in x] for x in s.rounds] == [["2", "3", "4"], ["0", "1", "2"]]
     msg = [r.getMessage() for r in caplog.records]
-    assert any("has 5 prompts but the improver slice (2) and 2 rounds of 3 ask for 8: 3 prompts are used more "
-               "than once" in m for m in msg), msg
+    assert [r.id for r in s.sft] == ["3", "4"]  # the SFT slice comes after the rounds
+    assert any("has 5 prompts but the improver slice (2), 2 rounds of 3 and the SFT slice (2) ask for 10: 5 prompts "
+               "are used more than once" in m for m in msg), msg
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sgpo"):
-        deal(Splits(pool * 2, []), cfg)
+        deal(Splits([Record(str(i), (("user", f"q{i}"),), "r") for i in range(10)], []), cfg)
     assert not caplog.records
 
 

@@ -40,3 +40,34 @@ def test_tokenizer_without_chat_template_is_an_error(tmp_path, tiny_tokenizer):
     (tmp_path / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(ModelError, match="no chat template"):
         load_tokenizer(str(tmp_path))
+
+
+def test_reading_b_puts_the_reference_in_the_improver_input_in_training_and_rounds(tiny_tokenizer):
+    """``improver.sees_reference``: the one switch gives I(x, y, y*) to improver training and to the rounds."""
+    from sgpo import config
+    from sgpo.config import GenerationConfig
+    from sgpo.data import Record
+    from sgpo.improver.targets import ImproverExample, nll_example
+    from sgpo.rollout import Sampler
+
+    record = Record("r", (("user", "Name a colour."),), "Blue, like the sky.")
+    b = config.load(None, ["improver.sees_reference=true"])
+    a = config.load(None, ["improver.sees_reference=false"])
+    for cfg, expect in ((b, True), (a, False)):
+        instruction = config.improver_instruction(cfg.improver)
+        nll = nll_example(tiny_tokenizer, record, ImproverExample("r", "Red.", "Red, or blue."), instruction)
+        req = Sampler(tiny_tokenizer, GenerationConfig(), 0, None, instruction).requests([record], "improver", 1,
+                                                                                          {"r": "Red."})[0]
+        for ids in (nll.prompt_ids, req.prompt_ids):
+            assert ("Blue, like the sky." in tiny_tokenizer.decode(ids)) is expect
+        assert "Red." in tiny_tokenizer.decode(req.prompt_ids)
+
+
+def test_reading_switch_and_instruction_must_agree():
+    from sgpo import config
+
+    with pytest.raises(config.ConfigError, match="sees_reference"):
+        config.load(None, ["improver.sees_reference=true", "improver.instruction=Improve {draft} for {prompt}"])
+    with pytest.raises(config.ConfigError, match="sees_reference"):
+        config.load(None, ["improver.sees_reference=false",
+                           "improver.instruction=Improve {draft} for {prompt} like {reference}"])

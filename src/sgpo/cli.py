@@ -68,7 +68,9 @@ def cmd_eval(args) -> int:
     from . import evaluate
 
     out = args.output or os.path.join("evals", datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if args.versus:
+    if args.versus and args.benchmark == "ifeval":
+        res = evaluate.ifeval_versus(args.model, args.versus, _eval_spec(args, out))
+    elif args.versus:
         if not args.prompts:
             raise ValueError("--versus needs --prompts (a data file, HF dataset or sgpo:alpaca-eval)")
         res = evaluate.head_to_head(args.model, args.versus, args.prompts, _eval_spec(args, out))
@@ -144,7 +146,8 @@ def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model on a benchmark, or head-to-head against another model")
     e.add_argument("--model", required=True, help="hub name, local path, run's final/ or embedded model")
     e.add_argument("--benchmark", help="alpaca_eval, arena_hard_v0.1, arena_hard_v2.0, ifeval")
-    e.add_argument("--versus", help="head-to-head: the other model")
+    e.add_argument("--versus", help="head-to-head: the other model (with --benchmark ifeval: both models' IFEval and "
+                                    "the paired bootstrap CI of the difference)")
     e.add_argument("--prompts", help="head-to-head prompt set (file, HF dataset, sgpo:alpaca-eval)")
     e.add_argument("--judge", default="reference", help="reference | openai:MODEL[@URL] | hf:PATH | reward:PATH")
     e.add_argument("--limit", type=int, help="first N prompts only (AlpacaEval LC needs all 805)")

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .templates import IMPROVER_INSTRUCTION
+from .templates import IMPROVER_INSTRUCTION, REFERENCED_INSTRUCTION
 
 CONFIG_VERSION = 1
 
@@ -41,14 +41,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    sft: str = "sgpo:arena-hard-v2"
-    "SFT data (prompts with references): a JSONL/JSON/Parquet file, an HF dataset name or directory, or sgpo:arena-hard-v2 / sgpo:alpaca-eval (shipped in a package)."
+    sft: str = "sgpo:alpaca-eval"
+    "SFT data (prompts with references): a JSONL/JSON/Parquet file, an HF dataset name or directory, or sgpo:alpaca-eval (AlpacaEval's 805 instructions with GPT-4 Turbo's answers) / sgpo:arena-hard-v2 (750 questions with o3-mini's answers), shipped in a package."
     split: str = "train"
     "Split name for HF datasets."
     prompts: str = ""
     "Optional prompt-only data for the preference rounds (same formats); empty = the training pool of `sft`."
+    test_size: int = 200
+    "Prompts held out for reporting only (the test split, fixed seed): the final figures; never trained or tuned on."
     dev_size: int = 48
-    "Prompts held out of training (fixed seed split) for development: improver figures and head-to-head evaluation."
+    "Prompts held out of training (fixed seed split) for development: tuning, improver figures and per-stage head-to-head."
+    sft_size: int = 128
+    "Prompts of the training pool for the SFT step (`sft: true`), after the improver and round slices. Costs one training step per train.batch_size prompts."
     improver_size: int = 48
     "Prompts of the training pool used to build improver-training data."
     round_size: int = 48
@@ -71,13 +75,13 @@ class DataConfig:
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 96
-    "Longest generated response (tokens)."
+    max_new_tokens: int = 128
+    "Longest generated response (tokens). Every rollout's cost grows with it."
     temperature: float = 0.7
     "Sampling temperature; 0 = greedy."
     top_p: float = 1.0
     "Nucleus sampling threshold."
-    batch_size: int = 16
+    batch_size: int = 64
     "Sequences decoded together. Larger is faster on CPU too (measured: 127 tokens/s at 16, 218 at 64) and costs KV-cache memory."
     backend: str = "auto"
     "Generation backend: auto (the built-in batched engine)."
@@ -106,8 +110,10 @@ class ImproverConfig:
     "Improvement steps from draft towards reference; every (y_k → y_k+1) is a training example (more steps: more examples to train on)."
     mix_policy: float = 0.5
     "Policy SFT examples (prompt → reference) per improver example, to keep the policy role."
-    instruction: str = IMPROVER_INSTRUCTION
-    "The improver instruction; {prompt} and {draft} are filled in (see sgpo/templates.py). Rendered in the model's chat template."
+    sees_reference: bool = True
+    "Reading B of 'referencing SFT outputs' (SGPO.md): the improver's input holds the SFT reference too, I(x, y, y*), in improver training and in the rounds. False = reading A: the reference only shapes the training targets."
+    instruction: str = ""
+    "The improver instruction; {prompt}, {draft} and (reading B only) {reference} are filled in. Empty = the built-in one of the reading (sgpo/templates.py). Rendered in the model's chat template."
     experimental: ImproverExperimentalConfig = field(default_factory=ImproverExperimentalConfig)
 
 
@@ -154,8 +160,8 @@ class DPOConfig:
 
 @dataclass
 class PairsConfig:
-    require_eos: bool = False
-    "Drop pairs where a side was cut off by the length limit. Off by default: at the default 96-token budget the embedded model finishes ~1 answer in 10, so requiring EOS would drop most pairs; a cut-off side is trained without EOS."
+    require_finished: str = "chosen_if_rejected"
+    "Which cut-off sides drop a pair (gates.py): chosen_if_rejected (a chosen side cut off where the rejected side finished), chosen, both, none. A cut-off side is trained without EOS."
     verify: str = ""
     "Optional judge spec; keep only pairs it prefers chosen over rejected (off when empty)."
 
@@ -164,10 +170,12 @@ class PairsConfig:
 class EvalConfig:
     judge: str = "reference"
     "Judge for the figures of a run (improver win rate, final-vs-start head-to-head)."
+    second_judge: str = "lm:sgpo:gemma-3-270m"
+    "A judge independent of the policy and of the references (empty = off): pairs/judge_agreement every round and the test-split figures beside `judge`. Validated against GPT-4 Turbo in the README."
     improver_size: int = 32
     "Development prompts on which improver figures are measured every round (0 = off)."
-    head_to_head_size: int = 48
-    "Development prompts for the final-vs-start head-to-head win rate (0 = off)."
+    head_to_head_size: int = 32
+    "Development prompts for the per-stage head-to-head win rate against the start model (0 = off)."
 
 
 @dataclass
@@ -180,8 +188,8 @@ class Config:
     "Run seed: sampling seeds are derived from (seed, round, prompt id, role)."
     rounds: int = 2
     "Self-generated preference rounds T."
-    sft: bool = False
-    "Run SFT on the references first (skip for instruction-tuned start models)."
+    sft: bool = True
+    "Run SFT on the references first (data.sft_size prompts): the paper starts every method from an SFT model; here it also teaches the model to finish within the budget."
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -199,11 +207,12 @@ CHOICES = {
     "dpo.loss": ("sigmoid", "ipo", "hinge", "norm"),
     "data.on_long_prompt": ("truncate", "skip"),
     "data.on_error": ("raise", "skip"),
+    "pairs.require_finished": ("none", "chosen_if_rejected", "chosen", "both"),
 }
 
 
 AT_LEAST = {
-    "rounds": 0, "data.dev_size": 0, "data.improver_size": 0, "data.round_size": 1, "data.max_prompt_tokens": 1,
+    "rounds": 0, "data.dev_size": 0, "data.test_size": 0, "data.sft_size": 0, "data.improver_size": 0, "data.round_size": 1, "data.max_prompt_tokens": 1,
     "data.max_reference_tokens": 1, "improver.chain": 1, "improver.mix_policy": 0.0,
     "improver.experimental.drafts_per_prompt": 1, "improver.experimental.rewrite_samples": 1,
     "generation.max_new_tokens": 1, "generation.batch_size": 1, "generation.temperature": 0.0,
@@ -261,7 +270,22 @@ def validate(cfg: Config) -> Config:
     for key, (lo, hi) in IN_RANGE.items():
         if not lo < get(cfg, key) <= hi:
             raise ConfigError(f"{key}: must be in ({lo}, {hi}], got {get(cfg, key)}")
+    if cfg.improver.instruction and ("{reference}" in cfg.improver.instruction) != cfg.improver.sees_reference:
+        raise ConfigError("improver.instruction: " + ("improver.sees_reference needs a {reference} placeholder in it"
+                          if cfg.improver.sees_reference else "it has a {reference} placeholder but "
+                          "improver.sees_reference is false (set it to true for reading B)"))
+    if cfg.improver.sees_reference and cfg.dpo.improver_nll_coef > 0:
+        raise ConfigError("dpo.improver_nll_coef: not available with improver.sees_reference (the pairs do not carry "
+                          "the references the improver input would need)")
+    if cfg.pairs.verify and cfg.pairs.verify == cfg.eval.second_judge:
+        raise ConfigError("pairs.verify: the judge that selects pairs cannot also be eval.second_judge, the judge of "
+                          "their agreement")
     return cfg
+
+
+def improver_instruction(cfg: "ImproverConfig") -> str:
+    """The improver instruction in force: the configured one, or the built-in one of the reading."""
+    return cfg.instruction or (REFERENCED_INSTRUCTION if cfg.sees_reference else IMPROVER_INSTRUCTION)
 
 
 def get(cfg: Config, dotted: str) -> Any:

@@ -387,14 +387,18 @@ def load_records(source: str, *, split: str = "train", on_error: str = "raise",
     return records, report
 
 
-def split_dev(records: list[Record], dev_size: int, seed: int) -> tuple[list[Record], list[Record]]:
-    """A fixed split by seed: (training pool, development slice). The order of each part is a seeded shuffle."""
+def split_dev(records: list[Record], dev_size: int, seed: int, test_size: int = 0) -> tuple[list[Record], ...]:
+    """A fixed split by seed: (training pool, development slice), or with ``test_size`` (training pool, development
+    slice, test slice). One seeded shuffle: the test slice comes first, then the development slice, so a change of
+    ``dev_size`` never moves a prompt into or out of the test split. At least one record stays in the pool."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    dev_size = min(dev_size, max(len(records) - 1, 0))
-    dev = [records[i] for i in order[:dev_size]]
-    train = [records[i] for i in order[dev_size:]]
-    return train, dev
+    test_size = min(test_size, max(len(records) - 1, 0))
+    dev_size = min(dev_size, max(len(records) - 1 - test_size, 0))
+    test = [records[i] for i in order[:test_size]]
+    dev = [records[i] for i in order[test_size:test_size + dev_size]]
+    train = [records[i] for i in order[test_size + dev_size:]]
+    return (train, dev, test) if test_size else (train, dev)
 
 
 _SENTENCE_END = (".", "!", "?", "。", ":", "\n")

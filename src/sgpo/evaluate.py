@@ -189,6 +189,37 @@ def _arena_hard(judge, items, answers, name, out, version) -> dict:
     return scores_from_judgments(rows, version=version)
 
 
+def ifeval_versus(model_a: str, model_b: str, spec: EvalSpec) -> dict:
+    """IFEval of two models on the same prompts (all 541 unless ``limit``), strict and loose, and the paired bootstrap
+    CI of each difference (a − b): per-prompt accuracy and per-prompt share of instructions followed."""
+    from .eval.ifeval import aggregate_ifeval, evaluate_ifeval
+    from .eval.winrate import paired_difference
+
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    items = benchmark_items("ifeval", spec.limit)
+    rows = [it.extra for it in items]
+    per = {}
+    res: dict = {"benchmark": "ifeval", "model_a": str(model_a), "model_b": str(model_b), "n": len(items)}
+    for label, model in (("a", model_a), ("b", model_b)):
+        answers = generate_answers(model, [(it.id, it.prompt) for it in items], spec.generation, out, spec.seed)
+        per[label] = evaluate_ifeval(rows, {it.prompt: answers[it.id] for it in items})
+        res[label] = aggregate_ifeval(per[label])
+    for mode in ("strict", "loose"):
+        for level, score in (("prompt", lambda r: float(all(getattr(r, mode)))),
+                             ("instruction", lambda r: sum(getattr(r, mode)) / max(1, len(getattr(r, mode))))):
+            d = paired_difference([score(r) for r in per["a"]], [score(r) for r in per["b"]])
+            res[f"{level}_{mode}_diff"] = d
+    atomic_write_json(out / "ifeval_versus.json", res)
+    for mode in ("strict", "loose"):
+        d = res[f"prompt_{mode}_diff"]
+        log.info("IFEval prompt-level %s: %s %.1f%% vs %s %.1f%%, difference %+.1f points [95%% CI %+.1f, %+.1f], "
+                 "n=%d (paired bootstrap over prompts)", mode, Path(str(model_a)).name,
+                 100 * res["a"][f"prompt_{mode}"], Path(str(model_b)).name, 100 * res["b"][f"prompt_{mode}"],
+                 100 * d["diff"], 100 * d["ci_low"], 100 * d["ci_high"], d["n"])
+    return res
+
+
 def head_to_head(model_a: str, model_b: str, prompts: str, spec: EvalSpec) -> dict:
     """Win rate of ``model_a`` against ``model_b`` on a prompt set (references, when the data has them, go to the
     judge: the ``reference`` judge needs them)."""

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kv_decoder
+from .models import free_memory
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,8 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
     finally:
         bar.close()
         model.train(was_training)
+        decoder = None
+        free_memory()  # the KV cache and packed weights are gone: hand their pages back before the next phase
     return results
 
 

@@ -1,14 +1,15 @@
-"""Preference pairs: build, gate with counted reasons (``pairs/dropped/<reason>``), save and resume a round's pairs."""
+"""Preference pairs: build, gate with counted reasons (``pairs/dropped/<reason>``, the gates are in ``gates.py``),
+measure, save and resume a round's pairs."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .config import PairsConfig
 from .files import read_jsonl, write_jsonl
+from .gates import REASONS, Gates, TemplateMarkers, echoes
 from .generation import Generation
-from .text import normalise, word_edit_distance
+from .text import word_edit_distance
 
 
 @dataclass
@@ -22,6 +23,11 @@ class Pair:
     meta: dict = field(default_factory=dict)
     ref_chosen_logp: float | None = None
     ref_rejected_logp: float | None = None
+
+    @property
+    def request(self) -> str:
+        """The last user turn: the request both sides answer."""
+        return self.prompt[-1]["content"]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -39,26 +45,13 @@ class Pair:
                    rejected.finished, meta)
 
 
-def drop_reason(p: Pair, require_eos: bool) -> str | None:
-    """Why a pair is degenerate, or None when it is kept."""
-    if not normalise(p.chosen):
-        return "empty_chosen"
-    if not normalise(p.rejected):
-        return "empty_rejected"
-    if normalise(p.chosen) == normalise(p.rejected):
-        return "equal"
-    if require_eos and not p.chosen_finished:
-        return "chosen_cut_off"
-    if require_eos and not p.rejected_finished:
-        return "rejected_cut_off"
-    return None
-
-
-def filter_pairs(pairs: list[Pair], cfg: PairsConfig) -> tuple[list[Pair], Counter]:
-    """The pairs that pass every gate, and the count of those dropped per reason."""
+def filter_pairs(pairs: list[Pair], gates: Gates) -> tuple[list[Pair], Counter]:
+    """The pairs that pass every gate (``gates.py``), and the count of those dropped per reason. Every pair's verdict
+    is kept in its ``meta["dropped"]`` (None when kept), so a round's candidates can be read with their reasons."""
     kept, dropped = [], Counter()
     for p in pairs:
-        why = drop_reason(p, cfg.require_eos)
+        why = gates.drop_reason(p.request, p.chosen, p.rejected, p.chosen_finished, p.rejected_finished)
+        p.meta["dropped"] = why
         if why:
             dropped[why] += 1
         else:
@@ -66,16 +59,42 @@ def filter_pairs(pairs: list[Pair], cfg: PairsConfig) -> tuple[list[Pair], Count
     return kept, dropped
 
 
+def candidate_metrics(candidates: list[Pair], markers: TemplateMarkers) -> dict:
+    """Before the gates, among all chosen sides (the rewrites, for SGPO): how often they leak the improver template,
+    and how often they echo the request where the rejected side does not."""
+    n = len(candidates)
+    if not n:
+        return {}
+    leak = sum(markers.leaks(p.chosen) for p in candidates)
+    echo = sum(echoes(p.chosen, p.request) and not echoes(p.rejected, p.request) for p in candidates)
+    return {"pairs/candidates": n, "improver/template_leak_rate": leak / n, "improver/echo_rate": echo / n}
+
+
 def pair_metrics(kept: list[Pair], dropped: Counter) -> dict:
     """The pairs/* and lengths/* metrics of a round (lengths in words)."""
     m = {"pairs/kept": len(kept)}
-    for why in ("equal", "empty_chosen", "empty_rejected", "chosen_cut_off", "rejected_cut_off", "not_verified"):
+    for why in (*REASONS, "not_verified"):
         m[f"pairs/dropped/{why}"] = dropped.get(why, 0)
     if kept:
-        m["lengths/chosen"] = sum(len(p.chosen.split()) for p in kept) / len(kept)
-        m["lengths/rejected"] = sum(len(p.rejected.split()) for p in kept) / len(kept)
-        m["pairs/edit_distance"] = sum(word_edit_distance(p.chosen, p.rejected) for p in kept) / len(kept)
+        n = len(kept)
+        m["lengths/chosen"] = sum(len(p.chosen.split()) for p in kept) / n
+        m["lengths/rejected"] = sum(len(p.rejected.split()) for p in kept) / n
+        m["pairs/chosen_finished_rate"] = sum(p.chosen_finished for p in kept) / n
+        m["pairs/rejected_finished_rate"] = sum(p.rejected_finished for p in kept) / n
+        m["pairs/edit_distance"] = sum(word_edit_distance(p.chosen, p.rejected) for p in kept) / n
     return m
+
+
+def judge_agreement(pairs: list[Pair], judge, references: dict[str, str] | None = None) -> dict:
+    """``pairs/judge_agreement``: how often ``judge`` (never one that selected the pairs) prefers chosen over
+    rejected, ties half, with its bootstrap CI and n. ``references`` by record id for judges that need one."""
+    if not pairs or judge is None:
+        return {}
+    from .improver.figures import win_rate_metrics
+
+    refs = [references[p.record_id] for p in pairs] if references else None
+    prefs = judge.prefer([p.request for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], refs)
+    return win_rate_metrics("pairs/judge_agreement", [x for x in prefs if x == x])
 
 
 def verify(pairs: list[Pair], judge_spec: str) -> tuple[list[Pair], int]:
@@ -84,7 +103,7 @@ def verify(pairs: list[Pair], judge_spec: str) -> tuple[list[Pair], int]:
         return pairs, 0
     from .eval.judges import make_judge
 
-    prefs = make_judge(judge_spec).prefer([p.prompt[-1]["content"] for p in pairs], [p.chosen for p in pairs],
+    prefs = make_judge(judge_spec).prefer([p.request for p in pairs], [p.chosen for p in pairs],
                                           [p.rejected for p in pairs], None)
     kept = [p for p, x in zip(pairs, prefs) if x > 0.5]
     return kept, len(pairs) - len(kept)

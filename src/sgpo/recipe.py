@@ -14,18 +14,21 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, held_out
 from .config import Config
 from .data import Record
 from .eval.winrate import format_win_rate
 from .files import atomic_write_json, read_jsonl, set_writer, write_jsonl
 from .improver.targets import examples_from_draft, nll_example
 from .methods import Context, Method, get_method
-from .pairs import Pair, filter_pairs, pair_metrics, save_round, saved_round, verify
+from .gates import Gates, TemplateMarkers
+from .models import resolve
+from .pairs import (Pair, candidate_metrics, filter_pairs, judge_agreement, pair_metrics, save_round, saved_round,
+                    verify)
 from .runs import open_run
 from .session import Session
 from .splits import Splits, prepare_splits
-from .templates import GUIDED_INSTRUCTION
+from .templates import REFERENCED_INSTRUCTION
 
 log = logging.getLogger("sgpo")
 
@@ -53,7 +56,7 @@ def run_stages(s: Session, method: Method, data: Splits) -> dict:
     start_dev = start_answers(s)
     # 1. optional SFT on the references (a method without rounds gets its final figures here)
     if cfg.sft or method.runs_sft:
-        last = stages.run_stage("sft", lambda: {**s.train_nll(s.policy_examples(data.train), "sft", cfg.seed),
+        last = stages.run_stage("sft", lambda: {**s.train_nll(s.policy_examples(data.sft), "sft", cfg.seed),
                                                 **(s.dev_figures(data.dev, start_dev) if not method.has_rounds
                                                    else {})}, inputs=data.train, model=s)
     # 2. improver training: the same weights learn to refine their own drafts
@@ -71,11 +74,17 @@ def run_stages(s: Session, method: Method, data: Splits) -> dict:
         last = stages.run_stage(f"round_{t}", lambda: {**round_stage(s, method, t, records, initial_path),
                                                        **s.dev_figures(data.dev, start_dev)},
                                 inputs=records, model=s)
-    # 4. the final model, and the number that matters
+    # 4. the final model, and the numbers that matter: start, pre-rounds and final models on the test prompts
     if not s.run.done("final"):
         with s.run.stage("final"):
             s.save("final")
-    return finish(s, last)
+    reported, pre_rounds = {}, initial_path if method.has_rounds and data.rounds else None
+    if data.test:
+        reported = stages.run_stage("test", lambda: test_stage(s, data.test, pre_rounds), inputs=data.test)
+        if cfg.eval.second_judge:
+            reported = {**reported, **stages.run_stage("test_second_judge", lambda: second_judge_stage(s, data.test),
+                                                       inputs=data.test)}
+    return finish(s, {**last, **reported})
 
 
 def improver_stage(s: Session, records: list[Record]) -> dict:
@@ -83,7 +92,7 @@ def improver_stage(s: Session, records: list[Record]) -> dict:
     reference (``improver/targets.py``); the same weights learn I(x, y) → target, mixed with policy examples
     P(x) → y* that keep the policy role (``improver.mix_policy`` per improver example)."""
     cfg, ic = s.cfg, s.cfg.improver
-    guided = dataclasses.replace(s.sampler, instruction=GUIDED_INSTRUCTION)
+    guided = dataclasses.replace(s.sampler, instruction=REFERENCED_INSTRUCTION)
     examples = []
     for k in range(ic.experimental.drafts_per_prompt):
         n = str(k or "")
@@ -98,7 +107,7 @@ def improver_stage(s: Session, records: list[Record]) -> dict:
             examples += examples_from_draft(r.id, texts[r.id], r.reference, ic, rev)
     write_jsonl(s.run.path("improver", "examples.jsonl"), [e.__dict__ for e in examples])
     by_id = {r.id: r for r in records}
-    nll = [nll_example(s.tokenizer, by_id[e.record_id].prompt, e, ic.instruction) for e in examples]
+    nll = [nll_example(s.tokenizer, by_id[e.record_id], e, s.sampler.instruction) for e in examples]
     rng = random.Random(cfg.seed)
     policy = [records[rng.randrange(len(records))] for _ in range(round(ic.mix_policy * len(nll)))] if records else []
     m = s.train_nll(nll + s.policy_examples(policy), "improver training", cfg.seed + 1)
@@ -120,9 +129,12 @@ def round_stage(s: Session, method: Method, t: int, records: list[Record], initi
             candidates = [Pair.of(r, rewrites[r.id], drafts[r.id], round=t) for r in records]
         else:
             candidates = method.make_pairs(Context(s, stage, t, records, initial_path))
-        pairs, dropped = filter_pairs(candidates, cfg.pairs)
+        gates = Gates(TemplateMarkers.of(s.sampler.instruction), cfg.pairs.require_finished)
+        pairs, dropped = filter_pairs(candidates, gates)
+        write_jsonl(s.run.path(stage, "candidates.jsonl"), [p.to_json() for p in candidates])  # with their verdicts
         pairs, dropped["not_verified"] = verify(pairs, cfg.pairs.verify)
-        m = pair_metrics(pairs, dropped)
+        m = {**candidate_metrics(candidates, gates.markers), **pair_metrics(pairs, dropped),
+             **pair_agreement(s, pairs, records)}
         s.reference_pass(pairs, method.reference(cfg), initial_path)
         save_round(s.run.path(stage), pairs, m)
     log.info("round %d: %d pairs kept, dropped %s", t, len(pairs),
@@ -133,6 +145,45 @@ def round_stage(s: Session, method: Method, t: int, records: list[Record], initi
     return {**m, **s.train_dpo(pairs, f"round {t}: dpo", cfg.seed + 100 * t)}
 
 
+def pair_agreement(s: Session, pairs: list[Pair], records: list[Record]) -> dict:
+    """How often a judge that did not select the pairs prefers their chosen side: ``pairs/judge_agreement`` (the
+    second judge) and, when the improver never saw the references (reading A), ``pairs/judge_agreement_reference``."""
+    refs = {r.id: r.reference for r in records if r.reference}
+    with s.second_judge() as judge:
+        m = judge_agreement(pairs, judge)
+    # the reference judge, when the pairs have references (not so for an external preference set) that the improver
+    # never saw (reading A), and it did not select the pairs
+    if (all(p.record_id in refs for p in pairs) and not s.cfg.improver.sees_reference
+            and s.cfg.pairs.verify != s.cfg.eval.judge):
+        m.update({k.replace("pairs/judge_agreement", "pairs/judge_agreement_reference"): v
+                  for k, v in judge_agreement(pairs, s.judge, refs).items()})
+    return m
+
+
+def test_stage(s: Session, test: list[Record], pre_rounds_path: str | None) -> dict:
+    """The start model (answers cached by its hash), the pre-rounds model and the final model answer the test
+    prompts with the same seeds; the run's judge compares final with the other two (``held_out.py``)."""
+    gens = {"start": held_out.answers(s, test, "start", resolve(s.cfg.model.name), cached=True)}
+    if pre_rounds_path is not None:
+        gens["pre_rounds"] = held_out.answers(s, test, "pre_rounds", pre_rounds_path)
+    gens["final"] = held_out.answers(s, test, "final", s.model_path)
+    texts = {label: {i: g.text for i, g in x.items()} for label, x in gens.items()}
+    name = held_out.judge_name(s.cfg.eval.judge)
+    m = {**held_out.answer_figures(gens), **held_out.versus(s.judge, name, test, texts)}
+    log.info("test: %s", held_out.summary_line(m, name))
+    return m
+
+
+def second_judge_stage(s: Session, test: list[Record]) -> dict:
+    """The same comparisons as ``test_stage``, judged by ``eval.second_judge`` (a separate stage: its own time)."""
+    texts = held_out.saved_answers(s.run.path("test"))
+    name = held_out.judge_name(s.cfg.eval.second_judge)
+    with s.second_judge() as judge:
+        m = held_out.versus(judge, name, test, texts)
+    log.info("test: %s", held_out.summary_line(m, name))
+    return m
+
+
 def start_answers(s: Session) -> dict[str, str] | None:
     """The start model's answers to the development prompts (``round_0``), the other side of every head-to-head."""
     path = s.run.path("round_0", "dev_policy.jsonl")
@@ -140,7 +191,8 @@ def start_answers(s: Session) -> dict[str, str] | None:
 
 
 def finish(s: Session, last: dict) -> dict:
-    """``summary.json`` (the last stage's eval/ and improver/ figures), the final line of the log, the report."""
+    """``summary.json`` (the test-split figures, and the last stage's eval/ and improver/ figures), the final line of
+    the log, the report."""
     summary = {k: v for k, v in last.items() if k.startswith("eval/") or k.startswith("improver/")}
     atomic_write_json(s.run.path("summary.json"), summary)
     key = "eval/dev/win_rate_vs_start"

@@ -2,18 +2,20 @@
 few operations the recipe performs on it (generate, train, score, save). One ``Session`` per run."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import re
 from pathlib import Path
 
 from . import distributed, templates
-from .config import Config
+from .config import Config, improver_instruction
 from .data import Record
 from .eval.judges import make_judge
 from .files import atomic_dir, is_writer
 from .improver.figures import draft_and_rewrite, figures, win_rate_metrics
-from .models import load_model, load_tokenizer, resolve
+from .models import cache_dir, free_memory, load_model, load_tokenizer, resolve
 from .pairs import Pair
 from .rollout import Sampler, cut_prompt
 from .runs import RunDir, Stages
@@ -34,7 +36,7 @@ class Session:
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.model_path = resolve(cfg.model.name)
         self.sampler = Sampler(self.tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens,
-                               cfg.improver.instruction, dist)
+                               improver_instruction(cfg.improver), dist)
         self._model = None
         self._judge = None
 
@@ -63,9 +65,24 @@ class Session:
 
     @property
     def judge(self):
+        """The run's judge (``eval.judge``), kept loaded; its verdicts are cached by content across runs."""
         if self._judge is None:
-            self._judge = make_judge(self.cfg.eval.judge)
+            self._judge = cached_judge(self.cfg.eval.judge)
         return self._judge
+
+    @contextlib.contextmanager
+    def second_judge(self):
+        """``eval.second_judge`` for one use (None when off), freed afterwards: it is a model of its own, and the
+        training that follows needs the memory."""
+        judge = cached_judge(self.cfg.eval.second_judge) if self.cfg.eval.second_judge else None
+        try:
+            yield judge
+        finally:
+            del judge
+            from .eval import judge_lm
+
+            judge_lm.release_shared()
+            gc.collect()
 
     # -- training --------------------------------------------------------------------------------------------
     def job(self, desc: str, seed: int) -> Job:
@@ -108,7 +125,9 @@ class Session:
         return metrics
 
     def _after_training(self, job: Job) -> None:
-        """Sharded training (FSDP/DeepSpeed) leaves the weights split across ranks: continue from their export."""
+        """Sharded training (FSDP/DeepSpeed) leaves the weights split across ranks: continue from their export.
+        The optimizer state is gone: its memory goes back to the system before the next phase."""
+        free_memory()
         if self.dist.sharded:
             self.model_path, self._model = str(exported_weights(job.checkpoint_dir)), None
 
@@ -126,7 +145,7 @@ class Session:
 
     def token_pairs(self, pairs: list[Pair], improver_drafts: bool) -> list[TokenPair]:
         """Token pairs for the reference pass and DPO; prompts are cut as the rollouts that sampled them cut them."""
-        tok, limit, instruction = self.tokenizer, self.cfg.data.max_prompt_tokens, self.cfg.improver.instruction
+        tok, limit, instruction = self.tokenizer, self.cfg.data.max_prompt_tokens, self.sampler.instruction
         out = []
         for p in pairs:
             prompt = tuple((m["role"], m["content"]) for m in p.prompt)
@@ -162,8 +181,19 @@ class Session:
                                       [start_dev[r.id] for r in h], [r.reference for r in h])
             m.update(win_rate_metrics("eval/dev/win_rate_vs_start", prefs))
         if e.improver_size:
-            m.update(figures(self.judge, recs[:e.improver_size], out))
+            if self.cfg.improver.sees_reference:  # the improver has seen the references: the second judge decides
+                with self.second_judge() as judge:
+                    m.update(figures(judge, recs[:e.improver_size], out))
+            else:
+                m.update(figures(self.judge, recs[:e.improver_size], out))
         return m
+
+
+def cached_judge(spec: str):
+    """A judge whose verdicts are cached by content in the user cache (``judgements/<spec>.jsonl``); only the main
+    process keeps the cache (under a launcher every rank judges, one writes)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
+    return make_judge(spec, cache=str(cache_dir() / "judgements" / f"{name}.jsonl") if is_writer() else None)
 
 
 def save_model(model, tokenizer, path: Path) -> None:

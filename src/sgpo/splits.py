@@ -1,6 +1,6 @@
-"""The run's data: SFT records loaded and cut, split by a fixed seed into a training pool and development prompts,
-and the pool dealt out in order — first the improver slice, then one slice per round. Anything cut, skipped or reused
-is logged with a count."""
+"""The run's data: SFT records loaded and cut, split by a fixed seed into a training pool, development prompts (tuning,
+per-stage figures) and test prompts (the reported figures only), and the pool dealt out in order — first the improver
+slice, then one slice per round, then the SFT slice. Anything cut, skipped or reused is logged with a count."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +16,9 @@ log = logging.getLogger("sgpo")
 @dataclass
 class Splits:
     train: list[Record]       # the training pool (references cut to the token limit)
-    dev: list[Record]         # held out: improver figures and head-to-head evaluation
+    dev: list[Record]         # held out: tuning, improver figures and per-stage head-to-head
+    test: list[Record] = field(default_factory=list)       # held out: the reported figures only, never tuned on
+    sft: list[Record] = field(default_factory=list)        # the SFT slice (``sft: true``)
     improver: list[Record] = field(default_factory=list)   # the improver slice (reserved for every method)
     rounds: list[list[Record]] = field(default_factory=list)  # the prompts of round 1, 2, ...
 
@@ -38,7 +40,7 @@ def prepare_splits(cfg: Config, tokenizer) -> Splits:
                     "with the question and the generation prompt, is kept): by %d tokens on average, at most %d",
                     len(over), len(cut), d.max_prompt_tokens, round(sum(n for _, n in over) / len(over)),
                     max(n for _, n in over))
-    train, dev = split_dev(cut, d.dev_size, d.split_seed)
+    train, dev, *test = split_dev(cut, d.dev_size, d.split_seed, d.test_size)
     if d.prompts:
         extra, rep = load_records(d.prompts, split=d.split, on_error=d.on_error)
         log.info("round prompts: %s", rep.summary())
@@ -47,22 +49,26 @@ def prepare_splits(cfg: Config, tokenizer) -> Splits:
     if not dev:
         log.warning("data: no development prompts (data.dev_size=%d, %d records): the run computes no head-to-head "
                     "or improver figures", d.dev_size, len(cut))
-    return deal(Splits(train, dev), cfg)
+    log.info("data: split (seed %d) into %d training, %d development and %d test prompts", d.split_seed, len(train),
+             len(dev), len(test[0]) if test else 0)
+    return deal(Splits(train, dev, test[0] if test else []), cfg)
 
 
 def deal(s: Splits, cfg: Config) -> Splits:
-    """The improver slice, then ``rounds`` slices of ``round_size``, in pool order; a pool too small wraps around
-    (its prompts are reused, and the log says how many)."""
+    """The improver slice, then ``rounds`` slices of ``round_size``, then the SFT slice (``sft_size``), in pool order;
+    a pool too small wraps around (its prompts are reused, and the log says how many)."""
     d = cfg.data
     s.improver = take(s.train, 0, d.improver_size)
     cursor = len(s.improver)
     for _ in range(cfg.rounds):
         s.rounds.append(take(s.train, cursor, d.round_size))
         cursor += len(s.rounds[-1])
+    s.sft = take(s.train, cursor, d.sft_size or len(s.train))
+    cursor += len(s.sft) if cfg.sft else 0
     if cursor > len(s.train):
-        log.warning("data: the training pool has %d prompts but the improver slice (%d) and %d rounds of %d ask for "
-                    "%d: %d prompts are used more than once", len(s.train), d.improver_size, cfg.rounds,
-                    d.round_size, d.improver_size + cfg.rounds * d.round_size, cursor - len(s.train))
+        log.warning("data: the training pool has %d prompts but the improver slice (%d), %d rounds of %d and the SFT "
+                    "slice (%d) ask for %d: %d prompts are used more than once", len(s.train), d.improver_size,
+                    cfg.rounds, d.round_size, len(s.sft), cursor, cursor - len(s.train))
     return s
 
 

@@ -82,7 +82,11 @@ def make_judge(spec: str, *, cache: str | None = None, **kwargs) -> Judge:
     ``openai:MODEL[@BASE_URL]``         any OpenAI-compatible chat endpoint (``judge_openai``);
     ``hf:PATH``                         a local causal LM read by label-token log-probabilities, both orders
                                         (``judge_hf``);
-    ``reward:PATH``                     a local sequence-classification reward model (``judge_hf``).
+    ``reward:PATH``                     a local sequence-classification reward model (``judge_hf``);
+    ``lm:PATH`` / ``lm-SCORE:PATH``     reference-free: a local causal LM's likelihood of each response, mean
+                                        per-token surprisal given the prompt by default; SCORE one of surprisal,
+                                        fluency, pmi, pmi-sum, mix (``judge_lm``). ``lm:sgpo:gemma-3-270m`` is the
+                                        project's second offline judge (validated in benchmarks/judge_agreement.py).
 
     ``kwargs`` go to the judge's constructor. With ``cache=PATH`` the judge is wrapped in a ``CachedJudge`` writing
     its annotations to that JSONL file. The built judge carries the spec it was made from (``spec``).
@@ -102,9 +106,15 @@ def make_judge(spec: str, *, cache: str | None = None, **kwargs) -> Judge:
         from .judge_hf import HFJudge, RewardJudge
 
         judge = (HFJudge if kind == "hf" else RewardJudge)(arg, **kwargs)
+    elif kind == "lm" or kind.startswith("lm-"):
+        from .judge_lm import DEFAULT_SCORE, LMJudge
+
+        if not arg:
+            raise ValueError(f"judge '{spec}' needs a model: {kind}:PATH")
+        judge = LMJudge(arg, score=kind[3:] or DEFAULT_SCORE, **kwargs)
     else:
         raise ValueError(f"unknown judge '{spec}' (known: reference[:PATH], openai:MODEL[@BASE_URL], hf:PATH, "
-                         "reward:PATH)")
+                         "reward:PATH, lm[-SCORE]:PATH)")
     if cache:
         from .cache import CachedJudge
 

@@ -25,5 +25,19 @@ def win_rate(preferences: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
             "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n, "failed": failed}
 
 
+def paired_difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Mean of ``a - b`` over paired items (the same prompts) with a percentile bootstrap CI that resamples prompts,
+    so both models' scores move together. Returns ``{"diff", "ci_low", "ci_high", "n"}``."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(d)
+    if n == 0:
+        return {"diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    boot = d[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(1)
+    alpha = (1 - level) / 2
+    return {"diff": float(d.mean()), "ci_low": float(np.quantile(boot, alpha)),
+            "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n}
+
+
 def format_win_rate(w: dict) -> str:
     return f"{100 * w['win_rate']:.1f}% [95% CI {100 * w['ci_low']:.1f}–{100 * w['ci_high']:.1f}, n={w['n']}]"

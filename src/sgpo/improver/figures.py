@@ -6,6 +6,7 @@ Given drafts and their rewrites on held-out prompts (with references for the jud
 ``improver/win_rate``       the judge's preference for rewrite over draft (ties half; an unchanged rewrite is a tie)
                             + ``_ci_low/_ci_high/_n``
 ``improver/length_change``  mean (rewrite words - draft words) / draft words
+``improver/win_rate_changed`` the win rate among rewrites that differ from their draft (+ CI, n)
 ``improver/win_rate_len20`` the win rate restricted to rewrites within ±20% of the draft's length (+ CI, n)
 
 With ``judge=None`` only the judge-free figures are computed (changed rate, edit distance, length change).
@@ -57,6 +58,7 @@ def improver_figures(judge, prompts: Sequence[str], drafts: Sequence[str], rewri
     # a rewrite that only changes whitespace is the draft: a tie, whatever the judge makes of it
     prefs = [0.5 if not c else p for c, p in zip(changed, judge.prefer(prompts, rewrites, drafts, references))]
     out.update(win_rate_metrics(prefix + "win_rate", prefs))
+    out.update(win_rate_metrics(prefix + "win_rate_changed", [p for p, c in zip(prefs, changed) if c]))
     out.update(win_rate_metrics(prefix + "win_rate_len20", [p for p, r in zip(prefs, rel) if abs(r) <= 0.2]))
     return out
 
@@ -116,7 +118,7 @@ def load_prompts(source: str, cfg: Config, tokenizer, *, dev_slice: bool = False
     records, report = load_records(source, split=cfg.data.split, on_error=cfg.data.on_error, need="reference")
     log.info("prompts: %s", report.summary())
     if dev_slice:
-        _, records = split_dev(records, cfg.data.dev_size, cfg.data.split_seed)
+        _, records, *_ = split_dev(records, cfg.data.dev_size, cfg.data.split_seed, cfg.data.test_size)
     if limit:
         records = records[:limit]
     return [Record(r.id, r.prompt, cut_reference(r.reference, tokenizer, cfg.data.max_reference_tokens))
@@ -141,10 +143,11 @@ def evaluate_model(model_name: str, records: list[Record], cfg: Config, judge, o
 
     path = resolve(model_name)
     tokenizer = load_tokenizer(model_name)
-    sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens, cfg.improver.instruction)
+    sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens,
+                      config_mod.improver_instruction(cfg.improver))
     key = content_hash({"model": str(Path(path).resolve()) if Path(path).exists() else path,
                         "prompts": [r.id for r in records], "settings": list(sampler.settings().__dict__.items()),
-                        "instruction": cfg.improver.instruction, "seed": cfg.seed,
+                        "instruction": sampler.instruction, "seed": cfg.seed,
                         "max_prompt_tokens": cfg.data.max_prompt_tokens})
     cache = Path(out_dir) / f"{label}-{key[:12]}"
     cache.mkdir(parents=True, exist_ok=True)

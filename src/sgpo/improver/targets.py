@@ -6,7 +6,7 @@ The result differs from y0 and is strictly closer to y* in word edit distance (m
 is), with no model call. Two independently written texts rarely share a sentence, so the script is often one block
 and the step a full jump (docs/improver.md). ``chain`` steps y0 → y1 → … give every (y_k → y_k+1) as an example.
 ``reference``: the full jump y0 → y*. ``guided``: the model revises y0 with y* shown as a hint
-(``templates.GUIDED_INSTRUCTION``); the revision is kept when it is closer to y* by a margin and still overlaps y0,
+(``templates.REFERENCED_INSTRUCTION``); the revision is kept when it is closer to y* by a margin and still overlaps y0,
 else interpolation is used.
 """
 from __future__ import annotations
@@ -88,10 +88,12 @@ def chain(draft: str, reference: str, step: float, n: int) -> list[str]:
     return seq
 
 
-def nll_example(tokenizer, prompt, example: "ImproverExample", instruction: str) -> NLLExample:
-    """The training example of one improver step: input I(x, source) in the chat template, completion = the target
-    and EOS; the loss falls on completion tokens only."""
-    return NLLExample(tuple(templates.improver_ids(tokenizer, prompt, example.source, instruction)),
+def nll_example(tokenizer, record, example: "ImproverExample", instruction: str) -> NLLExample:
+    """The training example of one improver step: input I(x, source) — or I(x, source, y*) when ``instruction`` has a
+    ``{reference}`` (reading B) — in the chat template, completion = the target and EOS; the loss falls on completion
+    tokens only."""
+    return NLLExample(tuple(templates.improver_ids(tokenizer, record.prompt, example.source, instruction,
+                                                   record.reference or "")),
                       tuple(templates.completion_ids(tokenizer, example.target)), "improver")
 
 

@@ -16,9 +16,8 @@ import math
 
 from .. import templates
 from ..files import read_jsonl, write_jsonl
-from ..improver.targets import examples_from_draft
+from ..improver.targets import examples_from_draft, nll_example
 from ..pairs import Pair
-from ..training.sft import NLLExample
 from .base import Context, Method
 
 IMPROVER_DIR = "improver_model"
@@ -46,9 +45,7 @@ class SynPO(Method):
             examples += examples_from_draft(r.id, drafts[r.id].text, r.reference, full_jump)
         write_jsonl(ctx.path("prepare", "improver_examples.jsonl"), [e.__dict__ for e in examples])
         by_id = {r.id: r for r in records}
-        nll = [NLLExample(tuple(templates.improver_ids(tok, by_id[e.record_id].prompt, e.source,
-                                                       cfg.improver.instruction)),
-                          tuple(templates.completion_ids(tok, e.target)), "improver") for e in examples]
+        nll = [nll_example(tok, by_id[e.record_id], e, ctx.session.sampler.instruction) for e in examples]
         # a separate copy of π_0 (the policy is not touched), trained like every other training call
         m = ctx.train_separate(nll, "synpo: separate improver", ctx.path("prepare", IMPROVER_DIR))
         return {**m, "improver/train_examples": len(examples)}

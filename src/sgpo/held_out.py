@@ -1,0 +1,134 @@
+"""The reported figures: the start, pre-rounds and final models answer the test prompts, and each judge compares them.
+
+``eval/test/<judge>/win_rate_vs_start``       final against the start model
+``eval/test/<judge>/win_rate_vs_pre_rounds``  final against the model entering round 1 (after SFT and improver
+                                              training): what the self-generated pairs themselves taught
+each with ``_ci_low``, ``_ci_high``, ``_n`` (ties half, bootstrap over prompts) and a length-controlled variant
+``..._length_matched`` (only answer pairs within ±20% of each other's length in words), plus every model's mean
+length and finished rate (``eval/test/length_<model>``, ``eval/test/finished_<model>``).
+
+All three models sample with the same per-prompt seeds (role ``test``), so their answers differ by the model only.
+The start model's answers are cached by the hash of its weights and the sampling settings (``<cache>/answers``), so
+a rerun or another method reuses them; a judge's verdicts are cached by content (``<cache>/judgements``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from .data import Record
+from .files import content_hash, read_jsonl
+from .generation import Generation
+from .improver.figures import win_rate_metrics
+from .models import cache_dir, free_memory
+
+log = logging.getLogger("sgpo")
+
+LENGTH_MATCH = 0.2   # answers within ±20% of each other's length (words) count as length-matched
+
+
+def model_hash(path: str | Path) -> str:
+    """sha256 of a model directory's weights and config (what decides its outputs)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir()
+                   if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "generation_config.json"))
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def answers(s, records: list[Record], label: str, model_path: str, *, cached: bool = False) -> dict[str, Generation]:
+    """``model_path``'s answers to ``records`` (role ``test``), saved as ``test/answers_<label>.jsonl``. With
+    ``cached``, they come from (and go to) the answer cache keyed by the model's hash."""
+    out = s.run.path(s.stages.current, f"answers_{label}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shard = out
+    if cached:
+        key = content_hash([model_hash(model_path), s.sampler.settings().__dict__, s.cfg.seed,
+                            s.cfg.data.max_prompt_tokens, [r.id for r in records]])
+        shard = cache_dir() / "answers" / f"{key[:24]}.jsonl"
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        if shard.exists() and len(read_jsonl(shard)) >= len(records):
+            log.info("test: the %s model's answers come from the cache (%s, %d answers)", label, shard.name,
+                     len(records))
+            shutil.copyfile(shard, out)
+            return _read(out)
+    model = s.model if model_path == s.model_path else s.load(model_path)
+    gens = s.sampler.rollout(model, records, "test", 0, shard=shard)
+    del model  # a start or pre-rounds model loaded for this is freed before the next one loads
+    free_memory()
+    if shard != out and s.dist.is_main:
+        shutil.copyfile(shard, out)
+    return gens
+
+
+def _read(path: Path) -> dict[str, Generation]:
+    return {r["id"]: Generation(r["text"], tuple(r.get("token_ids", ())), r["finished"]) for r in read_jsonl(path)}
+
+
+def saved_answers(folder: Path) -> dict[str, dict[str, str]]:
+    """The answers a ``test`` stage saved: {model label: {record id: text}}."""
+    out = {}
+    for path in sorted(folder.glob("answers_*.jsonl")):
+        out[path.stem[len("answers_"):]] = {r["id"]: r["text"] for r in read_jsonl(path)}
+    return out
+
+
+def length_matched(a: str, b: str) -> bool:
+    la, lb = len(a.split()), len(b.split())
+    return abs(la - lb) <= LENGTH_MATCH * max(la, lb, 1)
+
+
+def judge_name(spec: str) -> str:
+    """The ``<judge>`` part of a metric name: the spec's kind, or kind and model (``lm:gemma-3-270m``)."""
+    kind, _, arg = spec.partition(":")
+    arg = arg.rsplit("/", 1)[-1].replace("sgpo:", "")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{kind}_{arg}" if arg else kind)
+
+
+def versus(judge, name: str, records: list[Record], texts: dict[str, dict[str, str]]) -> dict:
+    """The final model against the start and pre-rounds models under one judge (``texts``: label → id → text)."""
+    m = {}
+    prompts, refs = [r.prompt_text for r in records], [r.reference for r in records]
+    final = [texts["final"][r.id] for r in records]
+    for other in ("start", "pre_rounds"):
+        if other not in texts:
+            continue
+        b = [texts[other][r.id] for r in records]
+        prefs = judge.prefer(prompts, final, b, refs)
+        key = f"eval/test/{name}/win_rate_vs_{other}"
+        m.update(win_rate_metrics(key, [p for p in prefs if p == p]))
+        m.update(win_rate_metrics(key + "_length_matched",
+                                  [p for p, x, y in zip(prefs, final, b) if p == p and length_matched(x, y)]))
+    return m
+
+
+def summary_line(m: dict, name: str) -> str:
+    """One log line: final against start and pre-rounds under one judge, with and without length matching."""
+    from .eval.winrate import format_win_rate
+
+    parts = []
+    for other in ("start", "pre_rounds"):
+        for suffix, label in (("", ""), ("_length_matched", " (length-matched)")):
+            key = f"eval/test/{name}/win_rate_vs_{other}{suffix}"
+            if key in m:
+                w = {"win_rate": m[key], "ci_low": m[key + "_ci_low"], "ci_high": m[key + "_ci_high"],
+                     "n": m[key + "_n"]}
+                parts.append(f"final vs {other.replace('_', '-')}{label} {format_win_rate(w)}")
+    return f"judge {name}: " + "; ".join(parts)
+
+
+def answer_figures(gens: dict[str, dict[str, Generation]]) -> dict:
+    """Mean length (words) and finished rate of every model's test answers."""
+    m = {}
+    for label, g in gens.items():
+        n = max(1, len(g))
+        m[f"eval/test/length_{label}"] = sum(len(x.text.split()) for x in g.values()) / n
+        m[f"eval/test/finished_{label}"] = sum(x.finished for x in g.values()) / n
+    return m
