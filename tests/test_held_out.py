@@ -46,3 +46,7 @@ def test_model_hash_follows_the_weights(tmp_path):
     assert model_hash(tmp_path) == h
     (tmp_path / "model.safetensors").write_bytes(b"weightz")
     assert model_hash(tmp_path) != h
+
+
+def test_a_hub_name_is_keyed_by_its_name():
+    assert model_hash("org/model-a") == model_hash("org/model-a") != model_hash("org/model-b")

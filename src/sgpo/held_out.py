@@ -24,6 +24,7 @@ from .files import content_hash, read_jsonl
 from .generation import Generation
 from .improver.figures import win_rate_metrics
 from .models import cache_dir, free_memory
+from .rollout import generation_of
 
 log = logging.getLogger("sgpo")
 
@@ -31,8 +32,12 @@ LENGTH_MATCH = 0.2   # answers within ±20% of each other's length (words) count
 
 
 def model_hash(path: str | Path) -> str:
-    """sha256 of a model directory's weights and config (what decides its outputs)."""
+    """sha256 of a model directory's weights and config (what decides its outputs); a hub name that is not a local
+    directory is keyed by the name itself."""
     h = hashlib.sha256()
+    if not Path(path).is_dir():
+        h.update(str(path).encode())
+        return h.hexdigest()
     files = sorted(p for p in Path(path).iterdir()
                    if p.suffix in (".safetensors", ".bin") or p.name in ("config.json", "generation_config.json"))
     for p in files:
@@ -57,8 +62,9 @@ def answers(s, records: list[Record], label: str, model_path: str, *, cached: bo
         if shard.exists() and len(read_jsonl(shard)) >= len(records):
             log.info("test: the %s model's answers come from the cache (%s, %d answers)", label, shard.name,
                      len(records))
-            shutil.copyfile(shard, out)
-            return _read(out)
+            if s.dist.is_main:
+                shutil.copyfile(shard, out)
+            return _read(shard)
     model = s.model if model_path == s.model_path else s.load(model_path)
     gens = s.sampler.rollout(model, records, "test", 0, shard=shard)
     del model  # a start or pre-rounds model loaded for this is freed before the next one loads
@@ -69,7 +75,7 @@ def answers(s, records: list[Record], label: str, model_path: str, *, cached: bo
 
 
 def _read(path: Path) -> dict[str, Generation]:
-    return {r["id"]: Generation(r["text"], tuple(r.get("token_ids", ())), r["finished"]) for r in read_jsonl(path)}
+    return {r["id"]: generation_of(r) for r in read_jsonl(path)}
 
 
 def saved_answers(folder: Path) -> dict[str, dict[str, str]]:
@@ -111,16 +117,14 @@ def versus(judge, name: str, records: list[Record], texts: dict[str, dict[str, s
 
 def summary_line(m: dict, name: str) -> str:
     """One log line: final against start and pre-rounds under one judge, with and without length matching."""
-    from .eval.winrate import format_win_rate
+    from .eval.winrate import format_metric
 
     parts = []
     for other in ("start", "pre_rounds"):
         for suffix, label in (("", ""), ("_length_matched", " (length-matched)")):
             key = f"eval/test/{name}/win_rate_vs_{other}{suffix}"
             if key in m:
-                w = {"win_rate": m[key], "ci_low": m[key + "_ci_low"], "ci_high": m[key + "_ci_high"],
-                     "n": m[key + "_n"]}
-                parts.append(f"final vs {other.replace('_', '-')}{label} {format_win_rate(w)}")
+                parts.append(f"final vs {other.replace('_', '-')}{label} {format_metric(m, key)}")
     return f"judge {name}: " + "; ".join(parts)
 
 

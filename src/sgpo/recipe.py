@@ -17,7 +17,7 @@ import torch
 from . import distributed, held_out
 from .config import Config
 from .data import Record
-from .eval.winrate import format_win_rate
+from .eval.winrate import format_metric
 from .files import atomic_write_json, read_jsonl, set_writer, write_jsonl
 from .improver.targets import examples_from_draft, nll_example
 from .methods import Context, Method, get_method
@@ -197,10 +197,8 @@ def finish(s: Session, last: dict) -> dict:
     atomic_write_json(s.run.path("summary.json"), summary)
     key = "eval/dev/win_rate_vs_start"
     if key in summary:
-        w = {"win_rate": summary[key], "ci_low": summary[f"{key}_ci_low"], "ci_high": summary[f"{key}_ci_high"],
-             "n": summary[f"{key}_n"]}
         log.info("final vs start, head-to-head on held-out development prompts (judge: %s): %s",
-                 s.cfg.eval.judge, format_win_rate(w))
+                 s.cfg.eval.judge, format_metric(summary, key))
     if s.dist.is_main:
         try:
             from .report import write_report

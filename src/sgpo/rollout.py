@@ -88,7 +88,7 @@ class Sampler:
         desc = f"{Path(shard).parent.name}: {Path(shard).stem}" if shard else role
         if store and (self.dist is None or self.dist.is_main):
             for row in store.rows():
-                done[row["id"]] = Generation(row["text"], tuple(row.get("token_ids", ())), row["finished"])
+                done[row["id"]] = generation_of(row)
         if self.dist is not None and self.dist.active:
             done = self.dist.broadcast(done)
             return _rollout_shared(model, self.tokenizer, records, reqs, self.settings(), done, store, self.dist, desc)
@@ -117,6 +117,11 @@ class Sampler:
             more = self.rollout(model, same, f"{role}{k}", round_, drafts=drafts, shard=shard(f"{role}{k}"))
             out.update({r.id: more[r.id] for r in same if normalise(more[r.id].text) != normalise(drafts[r.id])})
         return out
+
+
+def generation_of(row: dict) -> Generation:
+    """A shard row back as a Generation (what ``_row`` wrote)."""
+    return Generation(row["text"], tuple(row.get("token_ids", ())), row["finished"])
 
 
 def _row(record_id: str, g: Generation) -> dict:

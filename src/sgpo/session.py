@@ -78,10 +78,9 @@ class Session:
         try:
             yield judge
         finally:
+            if hasattr(judge, "close"):  # a judge holding a model of its own releases it
+                judge.close()
             del judge
-            from .eval import judge_lm
-
-            judge_lm.release_shared()
             gc.collect()
 
     # -- training --------------------------------------------------------------------------------------------

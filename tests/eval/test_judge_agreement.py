@@ -197,3 +197,13 @@ def test_lm_scores_and_shared_scorer(lm_judge):
 def test_embedded_gemma_is_a_known_name():
     with pytest.raises(ModelError, match="sgpo:gemma-3-270m"):
         resolve("sgpo:no-such-model")
+
+
+def test_close_releases_the_shared_model():
+    from sgpo.eval import judge_lm
+
+    judge = judge_lm.LMJudge("sgpo:tiny-random", score="fluency", device="cpu", dtype="float32")
+    scorer = judge.scorer
+    assert scorer in judge_lm._SCORERS.values()
+    judge.close()
+    assert scorer not in judge_lm._SCORERS.values() and judge.scorer is None

@@ -97,11 +97,6 @@ class LMScorer:
         return self.memo[key]
 
 
-def release_shared() -> None:
-    """Drop the shared scorers (and their models): a run frees the judge's memory before it trains again."""
-    _SCORERS.clear()
-
-
 class LMJudge:
     """Prefers the response with the higher likelihood score (see the module docstring)."""
 
@@ -118,6 +113,13 @@ class LMJudge:
         digest = hashlib.sha256((PROMPT_CONTEXT + "\0" + NULL_CONTEXT).encode()).hexdigest()[:16]
         self.cache_id = (f"lm-{score}:{path}|contexts:{digest}|max_response_chars={max_response_chars}"
                          f"|max_prompt_chars={max_prompt_chars}")
+
+    def close(self) -> None:
+        """Drop this judge's shared scorer (and its model): a run frees the judge's memory before it trains again."""
+        for key, scorer in list(_SCORERS.items()):
+            if scorer is self.scorer:
+                del _SCORERS[key]
+        self.scorer = None
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         out = []

@@ -39,5 +39,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2
             "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n}
 
 
+def format_metric(m: dict, key: str) -> str:
+    """``format_win_rate`` of the win rate stored in a metrics dict as ``key`` with ``_ci_low``/``_ci_high``/``_n``."""
+    return format_win_rate({"win_rate": m[key], "ci_low": m[key + "_ci_low"], "ci_high": m[key + "_ci_high"],
+                            "n": m[key + "_n"]})
+
+
 def format_win_rate(w: dict) -> str:
     return f"{100 * w['win_rate']:.1f}% [95% CI {100 * w['ci_low']:.1f}–{100 * w['ci_high']:.1f}, n={w['n']}]"
