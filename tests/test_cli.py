@@ -12,9 +12,9 @@ pytestmark = pytest.mark.slow  # runs the CLI / a script in a subprocess
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sgpo(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(REPO / "src"))
+def sgpo(*args, cwd=None, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": str(REPO / "src"), **(env or {})}
     return subprocess.run([sys.executable, "-m", "sgpo", *args], cwd=cwd or REPO, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -62,6 +62,38 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
     assert (out / "report.md").exists() and (out / "metrics.png").exists()
     assert "final vs start" in res.stderr
     assert (out / "config.yaml").read_text().count("name: sgpo:tiny-random") == 1
+
+
+def test_final_model_has_a_model_card(smoke_run):
+    import yaml
+
+    out, _ = smoke_run
+    text = (out / "final" / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["library_name"] == "transformers" and "sgpo" in header["tags"]
+    assert header["datasets"] == ["tatsu-lab/alpaca_eval"]  # the embedded AlpacaEval, by its hub id
+    assert "base_model" not in header  # a random local model has no hub id to name
+    for t in (1, 2):  # the pairs of every round, as the round's metrics say
+        m = json.loads((out / f"round_{t}" / "metrics.json").read_text())
+        assert f"| {t} | {m['pairs/candidates']} | {m['pairs/kept']} |" in text
+    summary = json.loads((out / "summary.json").read_text())
+    key = "eval/test/reference/win_rate_vs_start"
+    assert (f"{100 * summary[key]:.1f}% [{100 * summary[key + '_ci_low']:.1f}–{100 * summary[key + '_ci_high']:.1f}], "
+            f"n={summary[key + '_n']}") in text
+    assert "| `dpo.beta` |" in text and "SGPO" in text
+
+
+def test_push_fails_in_one_line_when_offline_or_not_logged_in(smoke_run, tmp_path):
+    out, _ = smoke_run
+    res = sgpo("push", str(out), "--repo-id", "someone/model")  # the tests run with HF_HUB_OFFLINE=1
+    assert res.returncode != 0 and "the hub is offline (HF_HUB_OFFLINE=1)" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    env = {"HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"), "HF_TOKEN": ""}
+    res = sgpo("push", str(out), "--repo-id", "someone/model", env=env)
+    assert res.returncode != 0 and "not logged in to the Hugging Face Hub" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = sgpo("push", str(tmp_path), "--repo-id", "someone/model")
+    assert res.returncode != 0 and "no final model here" in res.stderr
 
 
 def test_rerun_of_a_finished_run_skips_everything(smoke_run):

@@ -17,8 +17,11 @@ def _expected_errors():
     from .data import DataError
     from .models import ModelError
     from .files import RunError
+    from .model_card import PushError
+    from .trackers import TrackerError
+    from .vllm_backend import BackendError
 
-    return (ConfigError, DataError, ModelError, RunError, FileNotFoundError, PermissionError, ValueError)
+    return (ConfigError, DataError, ModelError, RunError, PushError, TrackerError, BackendError, FileNotFoundError, PermissionError, ValueError)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -111,6 +114,13 @@ def cmd_compare(args) -> int:
     logging.getLogger("sgpo").info("comparison directory: %s", out)
     print(compare(args.config, methods, args.eval.split(","), args.judge, out, overrides=args.set or [],
                   limit=args.limit))
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .model_card import push
+
+    print(push(args.run_dir, args.repo_id, private=args.private))
     return 0
 
 
@@ -207,6 +217,14 @@ def _add_improver_eval_parser(sub) -> None:
     ie.set_defaults(func=cmd_improver_eval)
 
 
+def _add_push_parser(sub) -> None:
+    p = sub.add_parser("push", help="upload a run's final model with its model card to the Hugging Face Hub")
+    p.add_argument("run_dir", help="a finished run directory (its final/ is uploaded)")
+    p.add_argument("--repo-id", required=True, help="hub repository, e.g. you/smollm2-135m-sgpo")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.set_defaults(func=cmd_push)
+
+
 def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir")
@@ -224,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_improver_eval_parser(sub)
     _add_report_parser(sub)
+    _add_push_parser(sub)
     return p
 
 

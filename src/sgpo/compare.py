@@ -84,14 +84,18 @@ def eval_alpaca(job: EvalJob) -> dict:
 def _outputs(model_path: str, cfg: Config, tokenizer, records, shard: Path, role: str) -> dict[str, str]:
     """Responses of a model to ``records`` (sampled as in the runs, seeded per prompt), cached in ``shard``."""
     from .files import read_jsonl
-    from .models import load_model
+    from .models import load_model, resolve
     from .rollout import Sampler
+    from .vllm_backend import resolve_backend, worker_options
 
     have = {r["id"]: r["text"] for r in read_jsonl(shard)} if shard.exists() else {}
     if all(r.id in have for r in records):
         return have
-    model = load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype)
-    sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens)
+    backend = resolve_backend(cfg.generation.backend, cfg.model.device)
+    model = (resolve(model_path) if backend == "vllm"
+             else load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype))
+    sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens, backend=backend,
+                      vllm_options=worker_options(cfg, cfg.model.device))
     out = sampler.rollout(model, records, role, 0, shard=shard)
     del model
     return {i: x.text for i, x in out.items()}

@@ -84,7 +84,9 @@ class GenerationConfig:
     batch_size: int = 64
     "Sequences decoded together. Larger is faster on CPU too (measured: 127 tokens/s at 16, 218 at 64) and costs KV-cache memory."
     backend: str = "auto"
-    "Generation backend: auto (the built-in batched engine)."
+    "Generation backend: engine (built in), vllm (vLLM's offline LLM.generate in a process of its own: a start-up per rollout, ~25 s on CPU), auto (vllm on CUDA when installed, else engine: on CPU the two measured alike)."
+    vllm_gpu_memory: float = 0.5
+    "vllm backend on a GPU: the fraction of GPU memory vLLM may take (the training model stays resident beside it)."
 
 
 @dataclass
@@ -188,6 +190,8 @@ class Config:
     "Run seed: sampling seeds are derived from (seed, round, prompt id, role)."
     rounds: int = 2
     "Self-generated preference rounds T."
+    report_to: str = "none"
+    "Experiment trackers: none, or tensorboard, wandb, trackio, mlflow (several: a list, or names separated by commas). Logs go under RUN/logs; see sgpo/trackers.py for what is logged."
     sft: bool = True
     "Run SFT on the references first (data.sft_size prompts): the paper starts every method from an SFT model; here it also teaches the model to finish within the budget."
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -204,6 +208,7 @@ CHOICES = {
     "method": ("sgpo", "spin", "synpo", "dpo", "sft"),
     "improver.target": ("interpolate", "guided", "reference"),
     "dpo.reference": ("round_start", "initial"),
+    "generation.backend": ("auto", "engine", "vllm"),
     "dpo.loss": ("sigmoid", "ipo", "hinge", "norm"),
     "data.on_long_prompt": ("truncate", "skip"),
     "data.on_error": ("raise", "skip"),
@@ -225,6 +230,8 @@ IN_RANGE = {"improver.step": (0, 1), "generation.top_p": (0, 1), "dpo.beta": (0,
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
+    if key == "report_to" and isinstance(value, list):  # a YAML list of trackers
+        value = ",".join(map(str, value))
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
@@ -257,6 +264,8 @@ def _build(cls, values: dict, prefix: str = ""):
 
 
 def validate(cfg: Config) -> Config:
+    from .trackers import TrackerError, names as tracker_names
+
     if cfg.version > CONFIG_VERSION:
         raise ConfigError(f"version: this config is from a newer sgpo (version {cfg.version}; "
                           f"this sgpo reads up to {CONFIG_VERSION})")
@@ -264,6 +273,10 @@ def validate(cfg: Config) -> Config:
         v = get(cfg, key)
         if v not in allowed:
             raise ConfigError(f"{key}: '{v}' is not one of {', '.join(allowed)}")
+    try:
+        tracker_names(cfg.report_to)
+    except TrackerError as e:
+        raise ConfigError(str(e)) from None
     for key, lo in AT_LEAST.items():
         if get(cfg, key) < lo:
             raise ConfigError(f"{key}: must be ≥ {lo}, got {get(cfg, key)}")

@@ -16,8 +16,9 @@ from .data import Record, load_records
 from .eval.judges import make_judge
 from .eval.winrate import format_win_rate, win_rate
 from .config import GenerationConfig
-from .models import load_model, load_tokenizer
+from .models import load_model, load_tokenizer, resolve
 from .rollout import Sampler
+from .vllm_backend import resolve_backend
 from .files import atomic_write_json, content_hash, write_jsonl
 
 log = logging.getLogger("sgpo")
@@ -78,7 +79,7 @@ def generate_answers(model_name: str, prompts: list[tuple[str, str]], gen: Gener
                      seed: int = 0) -> dict[str, str]:
     """Answers of ``model_name`` to (id, prompt text) items, cached in ``out_dir`` by model and settings."""
     tok = load_tokenizer(model_name)
-    sampler = Sampler(tok, gen, seed)
+    sampler = Sampler(tok, gen, seed, backend=resolve_backend(gen.backend, "auto"), vllm_options={"seed": seed})
     key = content_hash([str(model_name), sampler.settings().__dict__, seed])
     shard = out_dir / f"generations-{key}.jsonl"
     records = [Record(i, (("user", p),)) for i, p in prompts]
@@ -87,11 +88,11 @@ def generate_answers(model_name: str, prompts: list[tuple[str, str]], gen: Gener
         from .files import read_jsonl
 
         have = {r["id"] for r in read_jsonl(shard)}
-    model = None if all(r.id in have for r in records) else load_model(model_name)
-    if model is None:
+    if all(r.id in have for r in records):
         from .files import read_jsonl
 
         return {r["id"]: r["text"] for r in read_jsonl(shard)}
+    model = resolve(model_name) if sampler.backend == "vllm" else load_model(model_name)
     gens = sampler.rollout(model, records, "eval", 0, shard=shard)
     return {i: g.text for i, g in gens.items()}
 

@@ -65,7 +65,10 @@ def answers(s, records: list[Record], label: str, model_path: str, *, cached: bo
             if s.dist.is_main:
                 shutil.copyfile(shard, out)
             return _read(shard)
-    model = s.model if model_path == s.model_path else s.load(model_path)
+    if s.sampler.backend == "vllm":  # vLLM loads the checkpoint itself
+        model = s.generator if model_path == s.model_path else model_path
+    else:
+        model = s.model if model_path == s.model_path else s.load(model_path)
     gens = s.sampler.rollout(model, records, "test", 0, shard=shard)
     del model  # a start or pre-rounds model loaded for this is freed before the next one loads
     free_memory()

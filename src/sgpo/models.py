@@ -107,18 +107,23 @@ def embedded_gemma3_path() -> Path:
             work.rmdir()
 
 
+# The tiny model's shape. Heads of 32: vLLM's CPU attention takes no head size under 32 (the vLLM backend's tests
+# run on this model). The cache folder is keyed by the shape, so a changed shape is a new model.
+_TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "num_key_value_heads": 1, "max_position_embeddings": 2048}
+
+
 def tiny_random_path(seed: int = 0) -> Path:
     """A tiny randomly initialised Llama with the SmolLM2 tokenizer, saved once in the cache."""
-    out = cache_dir() / "models" / f"tiny-random-llama-{seed}"
+    shape = hashlib.sha256(repr(sorted(_TINY_SHAPE.items())).encode()).hexdigest()[:8]
+    out = cache_dir() / "models" / f"tiny-random-llama-{seed}-{shape}"
     if (out / "config.json").exists():
         return out
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(embedded_smollm2_path())
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    cfg = LlamaConfig(vocab_size=len(tok), **_TINY_SHAPE, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -38,11 +38,14 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
     Under ``accelerate launch`` every process runs this; only the main one writes (see ``sgpo.distributed``)."""
     dist = distributed.setup(cfg.model.device)
     set_writer(dist.is_main)
+    s = None
     try:
         s = Session(cfg, open_run(out_dir, cfg, force_restart, dist), dist)
         torch.manual_seed(cfg.seed)
         return run_stages(s, get_method(cfg.method), prepare_splits(cfg, s.tokenizer))
     finally:
+        if s is not None:
+            s.trackers.close()
         set_writer(True)
 
 
@@ -96,11 +99,11 @@ def improver_stage(s: Session, records: list[Record]) -> dict:
     examples = []
     for k in range(ic.experimental.drafts_per_prompt):
         n = str(k or "")
-        drafts = s.sampler.rollout(s.model, records, "draft" + n, 0, shard=s.run.path("improver", f"drafts{n}.jsonl"))
+        drafts = s.sampler.rollout(s.generator, records, "draft" + n, 0, shard=s.run.path("improver", f"drafts{n}.jsonl"))
         texts = {r.id: drafts[r.id].text for r in records}
         revisions = {}
         if ic.target == "guided":  # the model revises its draft with the reference shown
-            revisions = guided.rollout(s.model, records, "guided" + n, 0, drafts=texts,
+            revisions = guided.rollout(s.generator, records, "guided" + n, 0, drafts=texts,
                                        shard=s.run.path("improver", f"guided{n}.jsonl"))
         for r in records:
             rev = revisions[r.id].text if r.id in revisions else None
@@ -122,9 +125,9 @@ def round_stage(s: Session, method: Method, t: int, records: list[Record], initi
     pairs, m = saved_round(s.run.path(stage))  # a resumed round reuses its gated, scored pairs
     if pairs is None:
         if method.self_improving:
-            drafts = s.sampler.rollout(s.model, records, "policy", t, shard=s.run.path(stage, "policy.jsonl"))
+            drafts = s.sampler.rollout(s.generator, records, "policy", t, shard=s.run.path(stage, "policy.jsonl"))
             texts = {r.id: drafts[r.id].text for r in records}
-            rewrites = s.sampler.rewrite(s.model, records, texts, t, shard_dir=s.run.path(stage),
+            rewrites = s.sampler.rewrite(s.generator, records, texts, t, shard_dir=s.run.path(stage),
                                          samples=cfg.improver.experimental.rewrite_samples)
             candidates = [Pair.of(r, rewrites[r.id], drafts[r.id], round=t) for r in records]
         else:
@@ -200,11 +203,13 @@ def finish(s: Session, last: dict) -> dict:
         log.info("final vs start, head-to-head on held-out development prompts (judge: %s): %s",
                  s.cfg.eval.judge, format_metric(summary, key))
     if s.dist.is_main:
-        try:
-            from .report import write_report
+        from .model_card import write_card
+        from .report import write_report
 
-            write_report(s.run.root)
-        except Exception as e:  # a report problem must not fail a finished run
-            log.warning("report not written: %s", e)
+        for what, write in (("report", write_report), ("model card", write_card)):
+            try:
+                write(s.run.root)
+            except Exception as e:  # a report problem must not fail a finished run
+                log.warning("%s not written: %s", what, e)
     s.dist.barrier()
     return summary

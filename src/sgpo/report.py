@@ -57,7 +57,7 @@ def write_report(run_dir: str | Path) -> Path:
     summary = run_dir / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
-        lines += _test_table(s)
+        lines += figures_table(s)
         if "eval/dev/win_rate_vs_start" in s:
             lines += [f"**Final model vs start model**, head-to-head on {s['eval/dev/win_rate_vs_start_n']} held-out "
                       f"development prompts: **{100 * s['eval/dev/win_rate_vs_start']:.1f}%** "
@@ -81,14 +81,14 @@ def write_report(run_dir: str | Path) -> Path:
     return out
 
 
-def _win(s: dict, key: str) -> str:
+def win_cell(s: dict, key: str) -> str:
     if key not in s:
         return "–"
     return (f"{100 * s[key]:.1f}% [{100 * s[key + '_ci_low']:.1f}–{100 * s[key + '_ci_high']:.1f}], "
             f"n={s[key + '_n']}")
 
 
-def _test_table(s: dict) -> list[str]:
+def figures_table(s: dict) -> list[str]:
     """The reported figures: final against start and pre-rounds models on the test prompts, per judge."""
     judges = sorted({k.split("/")[2] for k in s if k.startswith("eval/test/") and k.count("/") == 3})
     if not judges:
@@ -98,7 +98,7 @@ def _test_table(s: dict) -> list[str]:
              "|---|---|---|---|---|"]
     for j in judges:
         base = f"eval/test/{j}/win_rate_vs_"
-        lines.append(f"| {j} | " + " | ".join(_win(s, base + x) for x in (
+        lines.append(f"| {j} | " + " | ".join(win_cell(s, base + x) for x in (
             "start", "start_length_matched", "pre_rounds", "pre_rounds_length_matched")) + " |")
     lengths = ", ".join(f"{label.replace('_', '-')} {s[f'eval/test/length_{label}']:.0f} words "
                         f"({s[f'eval/test/finished_{label}']:.0%} finished)"

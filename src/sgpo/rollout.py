@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,13 +45,19 @@ def cut_prompt(ids, max_prompt_tokens: int | None):
 @dataclass(frozen=True)
 class Sampler:
     """What every rollout of a run shares: the tokenizer, the ``generation`` config section, the run seed, the input
-    cut, the improver instruction, the process group. ``rollout`` is the one way the recipe generates."""
+    cut, the improver instruction, the process group, the backend. ``rollout`` is the one way the recipe generates.
+
+    ``backend`` is ``engine`` (``generation.generate`` on the model object) or ``vllm`` (``vllm_backend.generate`` on
+    a checkpoint directory: pass its path; a model object is saved to a temporary directory first). ``vllm_options``
+    are passed to the vLLM worker (dtype, device, GPU memory share)."""
     tokenizer: Any
     gen: GenerationConfig
     seed: int
     max_prompt_tokens: int | None = None
     instruction: str = ""
     dist: Any = None
+    backend: str = "engine"
+    vllm_options: dict | None = None
 
     def settings(self) -> Settings:
         g = self.gen
@@ -89,17 +96,38 @@ class Sampler:
         if store and (self.dist is None or self.dist.is_main):
             for row in store.rows():
                 done[row["id"]] = generation_of(row)
-        if self.dist is not None and self.dist.active:
+        shared = self.dist is not None and self.dist.active
+        if shared:
             done = self.dist.broadcast(done)
-            return _rollout_shared(model, self.tokenizer, records, reqs, self.settings(), done, store, self.dist, desc)
+            if self.backend != "vllm":
+                return _rollout_shared(model, self.tokenizer, records, reqs, self.settings(), done, store, self.dist,
+                                       desc)
         skip = {i for i, r in enumerate(records) if r.id in done}
 
         def save(indices, gens):
             if store:
                 store.append(_row(records[i].id, g) for i, g in zip(indices, gens))
 
-        results = generate(model, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip, progress=desc)
+        if self.backend == "vllm":  # one vLLM on the main process (it batches for itself); the others wait for it
+            results = self._vllm(model, reqs, save, skip) if not shared or self.dist.is_main else None
+            results = self.dist.broadcast(results) if shared else results
+        else:
+            results = generate(model, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip, progress=desc)
         return {r.id: g if g is not None else done[r.id] for r, g in zip(records, results)}
+
+    def _vllm(self, model, reqs: list[Request], save, skip: set[int]) -> list[Generation | None]:
+        """vLLM on ``model``: a checkpoint path, or a model object saved to a temporary directory for the call."""
+        from . import vllm_backend
+
+        opts = self.vllm_options or {}
+        if isinstance(model, (str, Path)):
+            return vllm_backend.generate(model, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip,
+                                         options=opts)
+        with tempfile.TemporaryDirectory(prefix="sgpo-snapshot-") as tmp:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            return vllm_backend.generate(tmp, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip,
+                                         options=opts)
 
     def rewrite(self, model, records: Sequence[Record], drafts: dict[str, str], round_: int, *, role: str = "improver",
                 shard_dir: str | Path | None = None, samples: int = 1) -> dict[str, Generation]:

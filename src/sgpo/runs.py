@@ -118,6 +118,12 @@ class RunDir:
         entry.update(status="done", seconds=round(time.perf_counter() - t0, 2), finished=time.time())
         self.save_manifest()
 
+    def record(self, key: str, value) -> None:
+        """A run-level fact in the manifest (e.g. the generation backend used), updated when it changes."""
+        if self.manifest.get(key) != value:
+            self.manifest[key] = value
+            self.save_manifest()
+
     def metrics(self, stage: str) -> dict:
         """The metrics a finished stage wrote ({} when it wrote none)."""
         path = self.path(stage, "metrics.json")
@@ -147,6 +153,7 @@ class Stages:
         self.run, self.dist = run, dist
         self.chain = [content_hash(["sgpo-run", seed])]
         self.current = "train"  # the stage now running (its training checkpoints go into its folder)
+        self.on_stage: Callable[[str, dict], None] | None = None  # told every finished stage's metrics
 
     def run_stage(self, name: str, fn: Callable[[], dict], inputs: Sequence = (),
                   model: Checkpointed | None = None) -> dict:
@@ -170,6 +177,8 @@ class Stages:
                 model.save(name)
             m[f"time/{name}_s"] = round(time.perf_counter() - t0, 2)
             atomic_write_json(self.run.path(name, "metrics.json"), m)
+            if self.on_stage is not None:
+                self.on_stage(name, m)
         self.run.tidy(name)  # the stage's model is saved: its resumable training checkpoints are no longer needed
         self.dist.barrier()
         log.info("%s: done in %.0fs %s", name, m[f"time/{name}_s"], headline(m))

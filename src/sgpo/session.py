@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from . import distributed, templates
-from .config import Config, improver_instruction
+from .config import Config, improver_instruction, to_dict
 from .data import Record
 from .eval.judges import make_judge
 from .files import atomic_dir, is_writer
@@ -18,7 +18,9 @@ from .improver.figures import draft_and_rewrite, figures, win_rate_metrics
 from .models import cache_dir, free_memory, load_model, load_tokenizer, resolve
 from .pairs import Pair
 from .rollout import Sampler, cut_prompt
+from .vllm_backend import resolve_backend, worker_options
 from .runs import RunDir, Stages
+from .trackers import Trackers
 from .training.adapters import trainable
 from .training.dpo import TokenPair, reference_logps, train_dpo
 from .training.loop import Job, exported_weights
@@ -35,10 +37,19 @@ class Session:
         self.device = str(dist.device) if dist.accelerator is not None else cfg.model.device
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.model_path = resolve(cfg.model.name)
+        backend = resolve_backend(cfg.generation.backend, self.device)
         self.sampler = Sampler(self.tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens,
-                               improver_instruction(cfg.improver), dist)
+                               improver_instruction(cfg.improver), dist, backend, worker_options(cfg, self.device))
+        run.record("generation_backend", backend)
+        self.trackers = Trackers(cfg.report_to, run.root, to_dict(cfg), dist.is_main)
+        self._train_steps: int | None = None  # the run's global training step, when trackers are on
+        self._step_keys: set[str] = set()  # metrics logged per step (their stage means are not logged again)
+        if self.trackers:
+            self.stages.on_stage = lambda name, m: self.trackers.log(
+                {k: v for k, v in m.items() if k not in self._step_keys}, run.manifest.get("train_steps", 0))
         self._model = None
         self._judge = None
+        self._changed = False  # the in-memory weights differ from ``model_path`` (trained since it was saved)
 
     # -- the current model --------------------------------------------------------------------------------------
     @property
@@ -47,21 +58,34 @@ class Session:
             self._model = self.load(self.model_path)
         return self._model
 
+    @property
+    def generator(self):
+        """What rollouts generate with: the current model for the engine; for vLLM a checkpoint directory of exactly
+        the current weights: ``model_path``, or, when training changed them since, the running stage's ``model/``,
+        saved now (the stage's end then keeps it instead of saving again)."""
+        if self.sampler.backend != "vllm":
+            return self.model
+        if self._changed:
+            self.save(self.stages.current)
+        return self.model_path
+
     def load(self, path: str):
         """A model from ``path`` on the run's device and dtype (a separate copy: the current model is untouched)."""
         return load_model(path, device=self.device, dtype=self.cfg.model.dtype)
 
     def resume_from(self, stage: str) -> None:
         """The stage is done: the current model is its checkpoint (loaded when needed)."""
-        self.model_path, self._model = str(self.run.path(stage, "model")), None
+        self.model_path, self._model, self._changed = str(self.run.path(stage, "model")), None, False
 
     def save(self, stage: str) -> None:
         """Save the current model as the stage's checkpoint atomically (main process only; the others wait).
         ``final/`` holds the model itself, every other stage keeps it in ``<stage>/model``."""
         path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
+        if not self._changed and self.model_path == str(path):  # saved already (for a vLLM rollout)
+            return
         save_model(self.model, self.tokenizer, path)
         self.dist.barrier()
-        self.model_path = str(path)
+        self.model_path, self._changed = str(path), False
 
     @property
     def judge(self):
@@ -84,11 +108,36 @@ class Session:
             gc.collect()
 
     # -- training --------------------------------------------------------------------------------------------
-    def job(self, desc: str, seed: int) -> Job:
-        """A training call of the running stage, with its resumable checkpoints in ``<stage>/checkpoints/<desc>``."""
+    def job(self, desc: str, seed: int, loss_name: str = "nll/loss") -> Job:
+        """A training call of the running stage, with its resumable checkpoints in ``<stage>/checkpoints/<desc>``
+        and, when trackers are on, its steps logged (the step's ``loss`` as ``loss_name``)."""
         folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", desc).strip("_")
         return Job(self.tokenizer.pad_token_id, seed, desc, self.dist.accelerator,
-                   self.run.path(self.stages.current, "checkpoints", folder))
+                   self.run.path(self.stages.current, "checkpoints", folder),
+                   on_step=self._step_logger(desc, loss_name) if self.trackers else None)
+
+    def _step_logger(self, desc: str, loss_name: str):
+        """The trackers' per-step feed of one training call. Its steps are numbered after all earlier calls of the
+        run (the offset is kept in the manifest, so a resumed call logs at the same steps)."""
+        offsets = self.run.manifest.setdefault("train_offsets", {})
+        key = f"{self.stages.current}/{desc}"
+        if key not in offsets:
+            offsets[key] = self.run.manifest.get("train_steps", 0)
+            self.run.save_manifest()
+        base = offsets[key]
+
+        def on_step(done: int, metrics: dict) -> None:
+            named = {(loss_name if k == "loss" else k): v for k, v in metrics.items()}
+            self.trackers.log(named, base + done)
+            self._step_keys.update(named)
+            self._train_steps = base + done
+
+        return on_step
+
+    def _count_steps(self) -> None:
+        """After a training call: the run's global training step, for the next call and the stage metrics."""
+        if self.trackers and self._train_steps is not None:
+            self.run.record("train_steps", self._train_steps)
 
     def train_nll(self, examples: list[NLLExample], desc: str, seed: int, model=None) -> dict:
         """NLL training of the current model (or of ``model``, a separate one) on ``examples``. Inputs are cut as the
@@ -99,6 +148,7 @@ class Session:
         job = self.job(desc, seed)
         with trainable(self.model if model is None else model, self.cfg.model) as m:
             metrics = train_nll(m, examples, self.cfg.train, job)
+        self._count_steps()
         if model is None:
             self._after_training(job)
         return metrics
@@ -117,9 +167,10 @@ class Session:
 
     def train_dpo(self, pairs: list[Pair], desc: str, seed: int) -> dict:
         """DPO of the current model on ``pairs`` (their reference log-probs filled by ``reference_pass``)."""
-        job = self.job(desc, seed)
+        job = self.job(desc, seed, "dpo/loss")
         with trainable(self.model, self.cfg.model) as model:
             metrics = train_dpo(model, self.token_pairs(pairs, self.cfg.dpo.improver_nll_coef > 0), self.cfg.dpo, job)
+        self._count_steps()
         self._after_training(job)
         return metrics
 
@@ -127,8 +178,9 @@ class Session:
         """Sharded training (FSDP/DeepSpeed) leaves the weights split across ranks: continue from their export.
         The optimizer state is gone: its memory goes back to the system before the next phase."""
         free_memory()
+        self._changed = True
         if self.dist.sharded:
-            self.model_path, self._model = str(exported_weights(job.checkpoint_dir)), None
+            self.model_path, self._model, self._changed = str(exported_weights(job.checkpoint_dir)), None, False
 
     def reference_pass(self, pairs: list[Pair], reference: str, initial_path: str) -> None:
         """Fill the pairs' reference log-probs, once per round: under the round-start model, or the initial one."""
@@ -171,7 +223,7 @@ class Session:
         recs = dev[:max(e.head_to_head_size, e.improver_size)]
         if not recs:
             return {}
-        out = draft_and_rewrite(self.sampler, self.model, recs, self.run.path(self.stages.current),
+        out = draft_and_rewrite(self.sampler, self.generator, recs, self.run.path(self.stages.current),
                                 rewrite=e.improver_size, samples=self.cfg.improver.experimental.rewrite_samples)
         m = {"eval/dev/length": sum(len(out.drafts[r.id].text.split()) for r in recs) / len(recs)}
         if start_dev is not None and e.head_to_head_size:

@@ -85,7 +85,7 @@ class Context:
     def rollout(self, role: str, records: list[Record], *, name: str, drafts: dict[str, str] | None = None,
                 model: Any = None) -> dict[str, Generation]:
         """Resumable, seeded generation into ``<stage>/<name>.jsonl`` (improver mode when ``drafts`` are given)."""
-        return self.session.sampler.rollout(model or self.model, records, role, self.round, drafts=drafts,
+        return self.session.sampler.rollout(model or self.session.generator, records, role, self.round, drafts=drafts,
                                             shard=self.path(self.stage, f"{name}.jsonl"))
 
     def initial(self):

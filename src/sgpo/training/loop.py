@@ -209,6 +209,9 @@ class Job:
     show_progress: bool = True
     max_positions: int | None | str = "auto"
     """Positions per forward pass (a larger batch runs in exact micro-batches); ``auto`` = ``default_max_positions``."""
+    on_step: Callable[[int, dict], None] | None = None
+    """Called on the main process after every optimizer step with (steps done, the step's metrics and
+    ``train/learning_rate``): the experiment trackers' feed."""
 
 
 def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
@@ -236,6 +239,8 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
             if world > 1:
                 metrics = _combine(acc, metrics, share)
             state.history.append(metrics)
+            if job.on_step is not None and state.rank == 0:
+                job.on_step(i + 1, {**metrics, "train/learning_rate": state.scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
             last = i + 1 == len(batches)
