@@ -181,6 +181,7 @@ def second_judge_stage(s: Session, test: list[Record]) -> dict:
     """The same comparisons as ``test_stage``, judged by ``eval.second_judge`` (a separate stage: its own time)."""
     texts = held_out.saved_answers(s.run.path("test"))
     name = held_out.judge_name(s.cfg.eval.second_judge)
+    s.unload()  # the answers are saved: the policy need not sit beside the judge's model
     with s.second_judge() as judge:
         m = held_out.versus(judge, name, test, texts)
     log.info("test: %s", held_out.summary_line(m, name))

@@ -69,6 +69,13 @@ class Session:
             self.save(self.stages.current)
         return self.model_path
 
+    def unload(self) -> None:
+        """Hand the current model's memory back (it is saved: the next use loads it again from ``model_path``)."""
+        if self._changed:
+            raise RuntimeError("the current model has unsaved training: save it before unloading")
+        self._model = None
+        free_memory()
+
     def load(self, path: str):
         """A model from ``path`` on the run's device and dtype (a separate copy: the current model is untouched)."""
         return load_model(path, device=self.device, dtype=self.cfg.model.dtype)
