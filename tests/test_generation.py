@@ -198,3 +198,14 @@ def test_auto_batch_size_follows_the_memory_budget(tiny):
     assert auto_batch_size(model, reqs, s) == 2 ** 20 // (per_token * 100)
     assert auto_batch_size(model, reqs, Settings(batch_size=0, kv_cache_mb=1024, max_auto_batch=8)) == 8
     assert auto_batch_size(model, reqs, Settings(max_new_tokens=10 ** 9, batch_size=0)) == 1
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_prefill_in_row_groups_gives_the_same_tokens(tiny, monkeypatch, temperature):
+    model, tok = tiny
+    reqs = [Request(p, seed=i) for i, p in enumerate(_prompts(tok))]
+    s = Settings(10, temperature, 1.0, 6)
+    whole = generate(model, tok, reqs, s)
+    monkeypatch.setattr(kv_decoder, "PREFILL_TOKENS", 40)  # a group holds one or two of these prompts
+    grouped = generate(model, tok, reqs, s)
+    assert [g.token_ids for g in grouped] == [g.token_ids for g in whole]

@@ -165,7 +165,9 @@ def pair_agreement(s: Session, pairs: list[Pair], records: list[Record]) -> dict
 
 def test_stage(s: Session, test: list[Record], pre_rounds_path: str | None) -> dict:
     """The start model (answers cached by its hash), the pre-rounds model and the final model answer the test
-    prompts with the same seeds; the run's judge compares final with the other two (``held_out.py``)."""
+    prompts with the same seeds; the run's judge compares final with the other two (``held_out.py``). One model is
+    in memory at a time."""
+    s.unload()
     gens = {"start": held_out.answers(s, test, "start", resolve(s.cfg.model.name), cached=True)}
     if pre_rounds_path is not None:
         gens["pre_rounds"] = held_out.answers(s, test, "pre_rounds", pre_rounds_path)

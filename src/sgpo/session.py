@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import logging
 import re
 from pathlib import Path
@@ -112,7 +111,7 @@ class Session:
             if hasattr(judge, "close"):  # a judge holding a model of its own releases it
                 judge.close()
             del judge
-            gc.collect()
+            free_memory()  # and its pages go back to the system before training
 
     # -- training --------------------------------------------------------------------------------------------
     def job(self, desc: str, seed: int, loss_name: str = "nll/loss") -> Job:

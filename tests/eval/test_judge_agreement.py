@@ -173,21 +173,6 @@ def test_lm_scorer_matches_full_logits_in_any_chunk(lm_judge):
         scorer.chunk = chunk
 
 
-def test_batched_scores_equal_one_at_a_time(tiny_path):
-    from sgpo.eval.judge_lm import LMScorer
-
-    batched, single = LMScorer(tiny_path, device="cpu", dtype="float32"), LMScorer(tiny_path, device="cpu",
-                                                                                     dtype="float32")
-    items = [(PROMPT_CONTEXT.replace("{instruction}", p), r) for p in PROMPTS for r in A + B] + [(NULL_CONTEXT, "")]
-    batched.chunk = 5  # chunks that cut across rows
-    batched.prefetch(items, max_tokens=64)  # several batches, rows of unequal length padded
-    assert set(batched.memo) == set(items)
-    for key in items:
-        total, n = batched.memo[key]
-        want = single._score(*key)
-        assert n == want[1] and total == pytest.approx(want[0], abs=1e-3), key
-
-
 def test_lm_scores_and_shared_scorer(lm_judge):
     fluency = make_judge("lm-fluency:sgpo:tiny-random", device="cpu", dtype="float32")
     assert fluency.scorer is lm_judge.scorer  # one model, one memo

@@ -96,58 +96,6 @@ class LMScorer:
             self.memo[key] = self._score(context, response)
         return self.memo[key]
 
-    def prefetch(self, items: Sequence[tuple[str, str]], max_tokens: int = 4096) -> None:
-        """Score every (context, response) not yet memoised, in padded batches of similar length (at most
-        ``max_tokens`` positions each): the same figures as one at a time (up to float rounding), several times
-        faster (``benchmarks/judge_speed.py``)."""
-        todo = []
-        for key in dict.fromkeys(items):
-            if key not in self.memo:
-                ctx = self.tokenizer.encode(key[0])
-                resp = self.tokenizer.encode(key[1], add_special_tokens=False)
-                if resp:
-                    todo.append((key, ctx, resp))
-                else:
-                    self.memo[key] = (0.0, 0)
-        todo.sort(key=lambda x: len(x[1]) + len(x[2]))
-        batch: list = []
-        for item in todo:
-            if batch and (len(batch) + 1) * (len(item[1]) + len(item[2])) > max_tokens:
-                self._score_batch(batch)
-                batch = []
-            batch.append(item)
-        if batch:
-            self._score_batch(batch)
-
-    @torch.inference_mode()
-    def _score_batch(self, batch: list) -> None:
-        """One right-padded forward for ``batch`` ((key, context ids, response ids) each); memoises each sum."""
-        width = max(len(c) + len(r) for _, c, r in batch)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (_, c, r) in enumerate(batch):
-            ids[i, :len(c) + len(r)] = torch.tensor(c + r)
-            mask[i, :len(c) + len(r)] = 1
-        hidden = self.model.get_decoder()(input_ids=ids.to(self.device),
-                                          attention_mask=mask.to(self.device)).last_hidden_state
-        # the hidden state at position t predicts token t + 1: the positions that predict response tokens, all rows
-        rows = torch.cat([torch.full((len(r),), i) for i, (_, _, r) in enumerate(batch)])
-        pos = torch.cat([torch.arange(len(c) - 1, len(c) + len(r) - 1) for _, c, r in batch])
-        targets = torch.cat([torch.tensor(r) for _, _, r in batch]).to(self.device)
-        picked = hidden[rows.to(self.device), pos.to(self.device)]
-        totals = torch.zeros(len(batch), dtype=torch.float64)
-        head = self.model.get_output_embeddings()
-        for start in range(0, len(targets), self.chunk):  # never all positions' full-vocabulary logits at once
-            logits = head(picked[start:start + self.chunk]).float()
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            tgt = targets[start:start + self.chunk]
-            lp = logits.gather(-1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
-            totals.index_add_(0, rows[start:start + self.chunk], lp.double().cpu())
-        for i, (key, _, r) in enumerate(batch):
-            self.memo[key] = (float(totals[i]), len(r))
-
 
 class LMJudge:
     """Prefers the response with the higher likelihood score (see the module docstring)."""
@@ -174,12 +122,10 @@ class LMJudge:
         self.scorer = None
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        items = [(PROMPT_CONTEXT.replace("{instruction}", p[:self.max_prompt_chars]), r[:self.max_response_chars])
-                 for p, r in zip(prompts, responses)]
-        with_null = self.score_name not in ("surprisal", "fluency")
-        self.scorer.prefetch(items + ([(NULL_CONTEXT, r) for _, r in items] if with_null else []))
         out = []
-        for context, response in items:
+        for prompt, response in zip(prompts, responses):
+            response = response[:self.max_response_chars]
+            context = PROMPT_CONTEXT.replace("{instruction}", prompt[:self.max_prompt_chars])
             c, n = self.scorer.logprob(context, response)
             if n == 0:
                 out.append(float("-inf"))
@@ -194,8 +140,8 @@ class LMJudge:
     def prefer(self, prompts, a, b, references=None) -> list[float]:
         if not (len(prompts) == len(a) == len(b)):
             raise ValueError("prompts, a and b must have the same length")
-        both = self.scores(list(prompts) * 2, list(a) + list(b))  # one pass over both sides: fuller batches
-        sa, sb = both[:len(a)], both[len(a):]
+        sa = self.scores(prompts, a)
+        sb = self.scores(prompts, b)
         out = []
         for x, y, u, v in zip(a, b, sa, sb):
             if x == y or u == v or abs(u - v) < TIE_EPS:
