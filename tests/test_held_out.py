@@ -50,3 +50,21 @@ def test_model_hash_follows_the_weights(tmp_path):
 
 def test_a_hub_name_is_keyed_by_its_name():
     assert model_hash("org/model-a") == model_hash("org/model-a") != model_hash("org/model-b")
+
+
+def test_answer_cache_keeps_vllm_answers_apart(tiny_path, tiny_tokenizer):
+    import dataclasses
+
+    from sgpo.config import Config
+    from sgpo.data import Record
+    from sgpo.files import content_hash
+    from sgpo.held_out import answer_key, model_hash
+    from sgpo.rollout import Sampler
+
+    cfg, recs = Config(), [Record("a", (("user", "hi"),))]
+    engine = Sampler(tiny_tokenizer, cfg.generation, cfg.seed, backend="engine")
+    vllm = dataclasses.replace(engine, backend="vllm")
+    assert answer_key(tiny_path, engine, cfg, recs) != answer_key(tiny_path, vllm, cfg, recs)
+    # the engine's key is the one earlier versions wrote: their caches stay valid
+    assert answer_key(tiny_path, engine, cfg, recs) == content_hash(
+        [model_hash(tiny_path), engine.settings().__dict__, cfg.seed, cfg.data.max_prompt_tokens, ["a"]])

@@ -48,6 +48,14 @@ def model_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def answer_key(model_path: str, sampler, cfg, records: list[Record]) -> str:
+    """The answer cache's key: the model's hash and everything that shapes its samples. vLLM samples differently
+    from the engine, so its answers are kept apart (the engine's keys are those of earlier versions)."""
+    backend = [] if sampler.backend == "engine" else [sampler.backend]
+    return content_hash([model_hash(model_path), sampler.settings().__dict__, cfg.seed, *backend,
+                         cfg.data.max_prompt_tokens, [r.id for r in records]])
+
+
 def answers(s, records: list[Record], label: str, model_path: str, *, cached: bool = False) -> dict[str, Generation]:
     """``model_path``'s answers to ``records`` (role ``test``), saved as ``test/answers_<label>.jsonl``. With
     ``cached``, they come from (and go to) the answer cache keyed by the model's hash."""
@@ -55,9 +63,7 @@ def answers(s, records: list[Record], label: str, model_path: str, *, cached: bo
     out.parent.mkdir(parents=True, exist_ok=True)
     shard = out
     if cached:
-        key = content_hash([model_hash(model_path), s.sampler.settings().__dict__, s.cfg.seed,
-                            s.cfg.data.max_prompt_tokens, [r.id for r in records]])
-        shard = cache_dir() / "answers" / f"{key[:24]}.jsonl"
+        shard = cache_dir() / "answers" / f"{answer_key(model_path, s.sampler, s.cfg, records)[:24]}.jsonl"
         shard.parent.mkdir(parents=True, exist_ok=True)
         if shard.exists() and len(read_jsonl(shard)) >= len(records):
             log.info("test: the %s model's answers come from the cache (%s, %d answers)", label, shard.name,
