@@ -100,6 +100,13 @@ def _run(tmp_path, name, overrides):
 
 @pytest.mark.slow
 def test_every_vllm_rollout_gets_the_model_its_stage_means(tmp_path, monkeypatch):
+    from sgpo.models import cache_dir
+
+    # answer and verdict caches of this test's own (a real vLLM run of the same config may have filled the user's),
+    # the converted models shared
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(cache_dir() / "models")
+    monkeypatch.setenv("SGPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(vllm_backend, "vllm_python", lambda: sys.executable)
     monkeypatch.setattr(vllm_backend, "generate", _engine_on_checkpoint)
     engine = _run(tmp_path, "engine", ["generation.backend=engine"])
