@@ -67,3 +67,21 @@ def test_unknown_and_missing_trackers_are_clear_errors(tmp_path, monkeypatch):
 def test_config_is_flattened_for_hyper_parameters():
     assert flat({"dpo": {"beta": 0.1, "loss": "sigmoid"}, "rounds": 2, "x": [1, 2], "b": True}) == {
         "dpo.beta": 0.1, "dpo.loss": "sigmoid", "rounds": 2, "x": "[1, 2]", "b": True}
+
+
+def test_a_training_call_resumed_after_its_last_step_still_advances_the_step_count(tmp_path):
+    from types import SimpleNamespace
+
+    from sgpo.runs import RunDir
+    from sgpo.session import Session
+
+    run = RunDir(tmp_path / "run")
+    s = SimpleNamespace(run=run, trackers=True, stages=SimpleNamespace(current="sft"))
+    s._step_base = lambda desc: Session._step_base(s, desc)
+    Session._count_steps(s, "sft", 5)  # no step was logged in this process: its checkpoint held all 5
+    s.stages.current = "improver"
+    Session._count_steps(s, "improver training", 3)
+    assert run.manifest["train_steps"] == 8
+    assert run.manifest["train_offsets"] == {"sft/sft": 0, "improver/improver training": 5}
+    Session._count_steps(s, "improver training", 3)  # the same call again: its offset is kept, not moved
+    assert run.manifest["train_steps"] == 8

@@ -80,8 +80,7 @@ def generate_answers(model_name: str, prompts: list[tuple[str, str]], gen: Gener
     """Answers of ``model_name`` to (id, prompt text) items, cached in ``out_dir`` by model and settings."""
     tok = load_tokenizer(model_name)
     sampler = Sampler(tok, gen, seed, backend=resolve_backend(gen.backend, "auto"), vllm_options={"seed": seed})
-    backend = [] if sampler.backend == "engine" else [sampler.backend]  # vLLM's samples are cached apart
-    key = content_hash([str(model_name), sampler.settings().__dict__, seed, *backend])
+    key = content_hash([str(model_name), *sampler.identity()])
     shard = out_dir / f"generations-{key}.jsonl"
     records = [Record(i, (("user", p),)) for i, p in prompts]
     have = set()

@@ -49,11 +49,9 @@ def model_hash(path: str | Path) -> str:
 
 
 def answer_key(model_path: str, sampler, cfg, records: list[Record]) -> str:
-    """The answer cache's key: the model's hash and everything that shapes its samples. vLLM samples differently
-    from the engine, so its answers are kept apart (the engine's keys are those of earlier versions)."""
-    backend = [] if sampler.backend == "engine" else [sampler.backend]
-    return content_hash([model_hash(model_path), sampler.settings().__dict__, cfg.seed, *backend,
-                         cfg.data.max_prompt_tokens, [r.id for r in records]])
+    """The answer cache's key: the model's hash and everything that shapes its samples (``Sampler.identity``)."""
+    return content_hash([model_hash(model_path), *sampler.identity(), cfg.data.max_prompt_tokens,
+                         [r.id for r in records]])
 
 
 def answers(s, records: list[Record], label: str, model_path: str, *, cached: bool = False) -> dict[str, Generation]:

@@ -59,6 +59,11 @@ class Sampler:
     backend: str = "engine"
     vllm_options: dict | None = None
 
+    def identity(self) -> list:
+        """What decides this sampler's samples, for cache keys: the settings, the seed and, when not the engine, the
+        backend (vLLM samples differently; the engine's keys are those of earlier versions)."""
+        return [self.settings().__dict__, self.seed] + ([self.backend] if self.backend != "engine" else [])
+
     def settings(self) -> Settings:
         g = self.gen
         return Settings(g.max_new_tokens, g.temperature, g.top_p, g.batch_size)

@@ -41,7 +41,6 @@ class Session:
                                improver_instruction(cfg.improver), dist, backend, worker_options(cfg, self.device))
         run.record("generation_backend", backend)
         self.trackers = Trackers(cfg.report_to, run.root, to_dict(cfg), dist.is_main)
-        self._train_steps: int | None = None  # the run's global training step, when trackers are on
         self._step_keys: set[str] = set()  # metrics logged per step (their stage means are not logged again)
         if self.trackers:
             self.stages.on_stage = lambda name, m: self.trackers.log(
@@ -122,28 +121,32 @@ class Session:
                    self.run.path(self.stages.current, "checkpoints", folder),
                    on_step=self._step_logger(desc, loss_name) if self.trackers else None)
 
-    def _step_logger(self, desc: str, loss_name: str):
-        """The trackers' per-step feed of one training call. Its steps are numbered after all earlier calls of the
-        run (the offset is kept in the manifest, so a resumed call logs at the same steps)."""
+    def _step_base(self, desc: str) -> int:
+        """The global step before training call ``desc`` of the running stage: the run's step count when the call
+        first started, kept in the manifest so that a resumed call keeps its numbering."""
         offsets = self.run.manifest.setdefault("train_offsets", {})
         key = f"{self.stages.current}/{desc}"
         if key not in offsets:
             offsets[key] = self.run.manifest.get("train_steps", 0)
             self.run.save_manifest()
-        base = offsets[key]
+        return offsets[key]
+
+    def _step_logger(self, desc: str, loss_name: str):
+        """The trackers' per-step feed of one training call, numbered after all earlier calls of the run."""
+        base = self._step_base(desc)
 
         def on_step(done: int, metrics: dict) -> None:
             named = {(loss_name if k == "loss" else k): v for k, v in metrics.items()}
             self.trackers.log(named, base + done)
             self._step_keys.update(named)
-            self._train_steps = base + done
 
         return on_step
 
-    def _count_steps(self) -> None:
-        """After a training call: the run's global training step, for the next call and the stage metrics."""
-        if self.trackers and self._train_steps is not None:
-            self.run.record("train_steps", self._train_steps)
+    def _count_steps(self, desc: str, steps: int) -> None:
+        """After training call ``desc`` (``steps`` optimizer steps in all, resumed ones included): the run's global
+        step, for the next call and the stage metrics."""
+        if self.trackers:
+            self.run.record("train_steps", self._step_base(desc) + steps)
 
     def train_nll(self, examples: list[NLLExample], desc: str, seed: int, model=None) -> dict:
         """NLL training of the current model (or of ``model``, a separate one) on ``examples``. Inputs are cut as the
@@ -154,7 +157,7 @@ class Session:
         job = self.job(desc, seed)
         with trainable(self.model if model is None else model, self.cfg.model) as m:
             metrics = train_nll(m, examples, self.cfg.train, job)
-        self._count_steps()
+        self._count_steps(desc, metrics["nll/steps"])
         if model is None:
             self._after_training(job)
         return metrics
@@ -176,7 +179,7 @@ class Session:
         job = self.job(desc, seed, "dpo/loss")
         with trainable(self.model, self.cfg.model) as model:
             metrics = train_dpo(model, self.token_pairs(pairs, self.cfg.dpo.improver_nll_coef > 0), self.cfg.dpo, job)
-        self._count_steps()
+        self._count_steps(desc, metrics["dpo/steps"])
         self._after_training(job)
         return metrics
 

@@ -65,10 +65,7 @@ def resolve_backend(name: str, device: str) -> str:
             raise BackendError("generation.backend=vllm but vLLM is not installed: run `bash scripts/setup.sh "
                                "--with-vllm` (CPU) or `pip install vllm` (CUDA), or set SGPO_VLLM_PYTHON")
         return "vllm"
-    import torch
-
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return "vllm" if cuda and found is not None else "engine"
+    return "vllm" if _on_cuda(device) and found is not None else "engine"
 
 
 def worker_options(cfg, device: str) -> dict:
@@ -125,7 +122,7 @@ def _job(checkpoint, tokenizer, requests: Sequence[Request], batches: list[list[
             "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
             "eos": sorted(_checkpoint_eos(checkpoint, tokenizer)), "max_model_len": longest,
             "gpu_memory": float(options.get("gpu_memory", 0.5)), "min_call": MIN_CALL,
-            "enforce_eager": not (device.startswith("cuda") or device == "auto" and _cuda()),
+            "enforce_eager": not _on_cuda(device),
             "batches": [[[i, list(requests[i].prompt_ids), int(requests[i].seed)] for i in b] for b in batches]}
 
 
@@ -140,10 +137,11 @@ def _checkpoint_eos(checkpoint, tokenizer) -> set[int]:
     return _eos_ids(SimpleNamespace(generation_config=gen_cfg), tokenizer)
 
 
-def _cuda() -> bool:
-    import torch
+def _on_cuda(device: str) -> bool:
+    """Whether ``device`` (a config value: auto, cpu, cuda, cuda:1) means a GPU here: CUDA graphs, no eager mode."""
+    from .models import pick_device
 
-    return torch.cuda.is_available()
+    return pick_device(device).type == "cuda"
 
 
 def _worker_env() -> dict:
