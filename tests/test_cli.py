@@ -47,15 +47,17 @@ def test_smoke_run_writes_the_run_directory(smoke_run):
         m = json.loads((out / f"round_{t}" / "metrics.json").read_text())
         for key in ("pairs/kept", "lengths/chosen", "lengths/rejected", "pairs/edit_distance", "dpo/loss",
                     "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                    "improver/changed_rate", "improver/win_rate", "improver/win_rate_ci_low", "improver/win_rate_n",
-                    f"time/round_{t}_s", "eval/dev/win_rate_vs_start"):
+                    "improver/changed_rate", f"time/round_{t}_s", "eval/dev/win_rate_vs_start"):
             assert key in m, key
+        assert "improver/win_rate" not in m  # a round measures its improver on its own candidates
         assert m["pairs/kept"] == len(rows)
         for key in ("pairs/judge_agreement", "pairs/judge_agreement_n", "improver/template_leak_rate",
                     "improver/echo_rate", "pairs/chosen_finished_rate", "pairs/dropped/template_leak"):
             assert key in m, key
         candidates = [json.loads(line) for line in (out / f"round_{t}" / "candidates.jsonl").read_text().splitlines()]
         assert sum(c["meta"]["dropped"] is None for c in candidates) == len(rows) == m["pairs/judge_agreement_n"]
+    improver = json.loads((out / "improver" / "metrics.json").read_text())
+    assert {"improver/win_rate", "improver/win_rate_ci_low", "improver/win_rate_n"} <= set(improver)
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(out / "final").config.num_hidden_layers == 2

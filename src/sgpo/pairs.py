@@ -9,7 +9,7 @@ from pathlib import Path
 from .files import read_jsonl, write_jsonl
 from .gates import REASONS, Gates, TemplateMarkers, echoes
 from .generation import Generation
-from .text import word_edit_distance
+from .text import normalise, word_edit_distance
 
 
 @dataclass
@@ -60,14 +60,16 @@ def filter_pairs(pairs: list[Pair], gates: Gates) -> tuple[list[Pair], Counter]:
 
 
 def candidate_metrics(candidates: list[Pair], markers: TemplateMarkers) -> dict:
-    """Before the gates, among all chosen sides (the rewrites, for SGPO): how often they leak the improver template,
-    and how often they echo the request where the rejected side does not."""
+    """Before the gates, among all chosen sides (the rewrites, for SGPO): how often they differ from the rejected side
+    (the draft), leak the improver template, and echo the request where the rejected side does not."""
     n = len(candidates)
     if not n:
         return {}
     leak = sum(markers.leaks(p.chosen) for p in candidates)
     echo = sum(echoes(p.chosen, p.request) and not echoes(p.rejected, p.request) for p in candidates)
-    return {"pairs/candidates": n, "improver/template_leak_rate": leak / n, "improver/echo_rate": echo / n}
+    changed = sum(normalise(p.chosen) != normalise(p.rejected) for p in candidates)
+    return {"pairs/candidates": n, "improver/changed_rate": changed / n, "improver/template_leak_rate": leak / n,
+            "improver/echo_rate": echo / n}
 
 
 def pair_metrics(kept: list[Pair], dropped: Counter) -> dict:

@@ -75,7 +75,7 @@ def run_stages(s: Session, method: Method, data: Splits) -> dict:
     # 3. rounds of preference pairs + DPO
     for t, records in enumerate(data.rounds if method.has_rounds else [], 1):
         last = stages.run_stage(f"round_{t}", lambda: {**round_stage(s, method, t, records, initial_path),
-                                                       **s.dev_figures(data.dev, start_dev)},
+                                                       **s.dev_figures(data.dev, start_dev, improver=False)},
                                 inputs=records, model=s)
     # 4. the final model, and the numbers that matter: start, pre-rounds and final models on the test prompts
     if not s.run.done("final"):

@@ -225,27 +225,29 @@ class Session:
                            tuple(templates.completion_ids(tok, r.reference)), "policy") for r in records]
 
     # -- figures on the development prompts ----------------------------------------------------------------------
-    def dev_figures(self, dev: list[Record], start_dev: dict | None) -> dict:
+    def dev_figures(self, dev: list[Record], start_dev: dict | None, improver: bool = True) -> dict:
         """The current model on the development prompts: head-to-head against the start model's answers
-        (``start_dev``, None in ``round_0``) and the improver's figures (drafts → rewrites, as in the rounds)."""
+        (``start_dev``, None in ``round_0``) and, with ``improver``, the improver's figures (drafts → rewrites, as in
+        the rounds; a round measures its improver on its own candidates instead, before and after the gates)."""
         e = self.cfg.eval
-        recs = dev[:max(e.head_to_head_size, e.improver_size)]
+        rewrite = e.improver_size if improver else 0
+        recs = dev[:max(e.head_to_head_size, rewrite)]
         if not recs:
             return {}
         out = draft_and_rewrite(self.sampler, self.generator, recs, self.run.path(self.stages.current),
-                                rewrite=e.improver_size, samples=self.cfg.improver.experimental.rewrite_samples)
+                                rewrite=rewrite, samples=self.cfg.improver.experimental.rewrite_samples)
         m = {"eval/dev/length": sum(len(out.drafts[r.id].text.split()) for r in recs) / len(recs)}
         if start_dev is not None and e.head_to_head_size:
             h = recs[:e.head_to_head_size]
             prefs = self.judge.prefer([r.prompt_text for r in h], [out.drafts[r.id].text for r in h],
                                       [start_dev[r.id] for r in h], [r.reference for r in h])
             m.update(win_rate_metrics("eval/dev/win_rate_vs_start", prefs))
-        if e.improver_size:
+        if rewrite:
             if self.cfg.improver.sees_reference:  # the improver has seen the references: the second judge decides
                 with self.second_judge() as judge:
-                    m.update(figures(judge, recs[:e.improver_size], out))
+                    m.update(figures(judge, recs[:rewrite], out))
             else:
-                m.update(figures(self.judge, recs[:e.improver_size], out))
+                m.update(figures(self.judge, recs[:rewrite], out))
         return m
 
 

@@ -123,12 +123,17 @@ def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions:
         n = len(pairs)
         parts = micro_batches(pairs, layout, max_positions) if backward is not None else [pairs]
         with_nll = cfg.improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs)
-        nll_tokens = sum(len(p.chosen_ids) for p in pairs) if with_nll else 0
-        done, nll_sum, ratios, loss = 0.0, 0.0, [], None   # done: value of the slices already back-propagated
+        nll_tokens = sum(len(p.chosen_ids) for p in pairs)
+        done, nll_sum, chosen_sum, ratios, loss = 0.0, 0.0, 0.0, [], None   # done: the slices already back-propagated
         for k, part in enumerate(parts):
-            r = _log_ratios(pair_logps(model, pair_batch(part, pad_id, layout).to(device)), part)
+            logp = pair_logps(model, pair_batch(part, pad_id, layout).to(device))
+            r = _log_ratios(logp, part)
             part_loss = preference_loss(cfg.loss, r, cfg.beta)[0] * (len(part) / n)
             ratios.append(r.detached())
+            chosen_logp = logp[:len(part)].sum()   # the chosen sides' NLL in the policy role (RPO), mean per token
+            chosen_sum += float(chosen_logp.detach())
+            if cfg.nll_coef > 0:
+                part_loss = part_loss - cfg.nll_coef * chosen_logp / max(nll_tokens, 1)
             if with_nll:
                 b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in part], pad_id).to(device)
                 tl = (token_logps(model, b) * b.target_mask).sum()
@@ -140,6 +145,7 @@ def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions:
             else:
                 loss = part_loss + done
         _, metrics = preference_loss(cfg.loss, LogRatios.cat(ratios), cfg.beta)
+        metrics["nll/chosen"] = torch.tensor(-chosen_sum / max(nll_tokens, 1))
         if with_nll:
             metrics["improver/nll"] = torch.tensor(-nll_sum / max(nll_tokens, 1))
         return loss, metrics
