@@ -27,74 +27,107 @@ def one_thread():
 def fake_run(calls, fail):
     """A stand-in for recipe.run that writes what a finished run leaves behind (or fails for some methods)."""
     def run(cfg, out, **kw):
-        calls.append(cfg.method)
+        calls.append((cfg.method, cfg.seed))
         if cfg.method in fail:
             raise RuntimeError(f"{cfg.method} exploded")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config.dump(cfg))
-        (out / "manifest.json").write_text(json.dumps({"stages": {"round_0": {"status": "done", "seconds": 1.5},
-                                                                  "round_1": {"status": "done", "seconds": 2.0}}}))
-        score = {"spin": 0.6, "sgpo": 0.7, "dpo": 0.55}[cfg.method]
-        (out / "summary.json").write_text(json.dumps({
-            "eval/dev/win_rate_vs_start": score, "eval/dev/win_rate_vs_start_ci_low": score - 0.1,
-            "eval/dev/win_rate_vs_start_ci_high": score + 0.1, "eval/dev/win_rate_vs_start_n": 6,
-            "eval/dev/length": 12.0}))
+        (out / "manifest.json").write_text(json.dumps({"stages": {"round_0": {"status": "done", "seconds": 30},
+                                                                  "round_1": {"status": "done", "seconds": 60}}}))
+        score = {"spin": 0.6, "sgpo": 0.7, "dpo": 0.55}[cfg.method] + 0.01 * cfg.seed
+        summary = {"eval/test/length_final": 40.0, "eval/test/finished_final": 0.8}
+        for judge, x in (("reference", score), ("lm_gemma", score - 0.2)):
+            k = f"eval/test/{judge}/win_rate_vs_start"
+            summary.update({k: x, k + "_ci_low": x - 0.1, k + "_ci_high": x + 0.1, k + "_n": 200,
+                            k + "_length_matched": x, k + "_length_matched_ci_low": x - 0.2,
+                            k + "_length_matched_ci_high": x + 0.2, k + "_length_matched_n": 50})
+        (out / "summary.json").write_text(json.dumps(summary))
         (out / "round_1").mkdir(exist_ok=True)
-        (out / "round_1" / "metrics.json").write_text(json.dumps({"pairs/kept": 3, "dpo/steps": 2}))
+        (out / "round_1" / "metrics.json").write_text(json.dumps({"pairs/kept": 3, "dpo/steps": 2,
+                                                                  "rewards/margins": 0.1}))
+        (out / "round_1" / "policy.jsonl").write_text(json.dumps({"id": "a", "text": "x", "token_ids": [1, 2, 3]})
+                                                      + "\n")
+        (out / "round_1" / "dev_policy.jsonl").write_text(json.dumps({"id": "a", "text": "x", "token_ids": [1]})
+                                                          + "\n")
         return {}
     return run
+
+
+def rows_of(md: Path) -> dict:
+    return {tuple(c.strip() for c in line.split("|")[1:3]): line for line in md.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+
+
+def plan_of(methods, seeds=(0,), overrides=()):
+    return compare_mod.Plan(str(SMOKE), list(methods), list(seeds), ["test"], list(overrides))
 
 
 def test_failed_method_is_reported_and_the_rerun_only_redoes_it(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(recipe, "run", fake_run(calls, fail={"dpo"}))
     out = tmp_path / "cmp"
-    md = compare_mod.compare(str(SMOKE), ["spin", "dpo", "sgpo"], ["dev"], "reference", out)
-    assert calls == ["spin", "dpo", "sgpo"]  # the failure did not stop sgpo
-    rows = {line.split(" | ")[0].strip("| "): line for line in md.read_text().splitlines() if line.startswith("| ")}
-    assert "failed: RuntimeError: dpo exploded" in rows["dpo"]
-    assert "60.0 [50.0–70.0] (6)" in rows["spin"] and "70.0 [60.0–80.0] (6)" in rows["sgpo"]
-    assert " 4 | 3 | 2 | done" in rows["spin"]  # wall time (1.5 + 2.0 s), pairs, DPO steps
-    assert (out / "comparison.png").stat().st_size > 0
+    md = compare_mod.compare(plan_of(["spin", "dpo", "sgpo"]), out)
+    assert calls == [("spin", 0), ("dpo", 0), ("sgpo", 0)]  # the failure did not stop sgpo
+    rows = rows_of(md)
+    assert "failed: RuntimeError: dpo exploded" in rows[("dpo", "0")]
+    assert "60.0% [50.0–70.0]" in rows[("spin", "0")] and "70.0% [60.0–80.0]" in rows[("sgpo", "0")]
+    assert "50.0% [30.0–70.0], n=50" in rows[("sgpo", "0")]  # the second judge's length-matched rate
+    assert "| 2 | 3 | 3 | 1.5 | done" in rows[("spin", "0")]  # DPO steps, pairs, tokens (not dev's), minutes
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "rounds.png").stat().st_size > 0
     state = json.loads((out / "compare.json").read_text())
-    assert state["methods"]["dpo"]["status"] == "failed" and state["methods"]["spin"]["status"] == "done"
+    assert state["runs"]["dpo@0"]["status"] == "failed" and state["runs"]["spin@0"]["status"] == "done"
 
     calls.clear()
     monkeypatch.setattr(recipe, "run", fake_run(calls, fail=set()))
-    md = compare_mod.compare(str(SMOKE), ["spin", "dpo", "sgpo"], ["dev"], "reference", out)
-    assert calls == ["dpo"]  # finished methods are skipped
-    text = md.read_text()
-    assert "failed" not in text and "55.0 [45.0–65.0] (6)" in text
+    md = compare_mod.compare(plan_of(["spin", "dpo", "sgpo"]), out)
+    assert calls == [("dpo", 0)]  # finished runs are skipped
+    assert "failed" not in md.read_text() and "55.0% [45.0–65.0]" in md.read_text()
 
     # a changed config is not "finished": that method runs again
     calls.clear()
-    compare_mod.compare(str(SMOKE), ["spin", "dpo"], ["dev"], "reference", out, overrides=["dpo.beta=0.2"])
-    assert calls == ["spin", "dpo"]
+    compare_mod.compare(plan_of(["spin", "dpo"], overrides=["dpo.beta=0.2"]), out)
+    assert calls == [("spin", 0), ("dpo", 0)]
+
+
+def test_seeds_run_apart_and_their_spread_is_reported(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(recipe, "run", fake_run(calls, fail=set()))
+    out = tmp_path / "cmp"
+    md = compare_mod.compare(plan_of(["spin", "sgpo"], seeds=[1, 3]), out)
+    assert calls == [("spin", 1), ("spin", 3), ("sgpo", 1), ("sgpo", 3)]
+    assert (out / "sgpo" / "seed_3" / "summary.json").exists()
+    rows = rows_of(md)
+    assert "73.0% [63.0–83.0]" in rows[("sgpo", "3")] and "71.0% [61.0–81.0]" in rows[("sgpo", "1")]
+    text = md.read_text()
+    assert "sgpo, reference: mean 72.0% over 2 seeds, spread 2.0 points" in text
+    assert "spin, lm_gemma: mean 42.0% over 2 seeds" in text
 
 
 def test_unknown_benchmark_or_method_fails_before_anything_runs(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(recipe, "run", fake_run(calls, fail=set()))
+    bad = compare_mod.Plan(str(SMOKE), ["spin"], [0], ["mmlu"])
     with pytest.raises(ValueError, match="unknown benchmark"):
-        compare_mod.compare(str(SMOKE), ["spin"], ["mmlu"], "reference", tmp_path / "a")
+        compare_mod.compare(bad, tmp_path / "a")
     with pytest.raises(Exception, match="method"):
-        compare_mod.compare(str(SMOKE), ["spin", "ppo"], ["dev"], "reference", tmp_path / "b")
+        compare_mod.compare(plan_of(["spin", "ppo"]), tmp_path / "b")
     assert calls == []
 
 
 @pytest.mark.slow
 def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
     """Real runs on the tiny model: dpo fails on a malformed preference file, spin finishes; after the file is
-    fixed, a re-run resumes dpo only and evaluates it on the same prompts with the same judge."""
+    fixed, a re-run resumes dpo only and evaluates it on the same prompts with the same judges; the start model's
+    IFEval answers are generated once for both."""
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "response": f"{t.title()} are common."})
-                           + "\n" for t in ["cats", "dogs", "cars", "cups", "hats", "pens", "keys", "maps"]))
+                           + "\n" for t in ["cats", "dogs", "cars", "cups", "hats", "pens", "keys", "maps", "cows"]))
     pref = tmp_path / "pref.jsonl"
     pref.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello."}) + "\n")  # no 'rejected': an error
-    sets = [f"data.sft={sft}", f"data.preference={pref}", "data.dev_size=2", "data.improver_size=1",
-            "data.round_size=2", "rounds=1", "generation.max_new_tokens=4", "dpo.batch_size=2", "train.batch_size=2",
-            "eval.head_to_head_size=2", "eval.improver_size=0", "data.test_size=0"]
+    sets = [f"data.sft={sft}", f"data.preference={pref}", "data.dev_size=2", "data.test_size=2",
+            "data.improver_size=1", "data.round_size=2", "rounds=1", "generation.max_new_tokens=4",
+            "dpo.batch_size=2", "train.batch_size=2", "eval.head_to_head_size=2", "eval.improver_size=0"]
     ran = []
     real_run = recipe.run
 
@@ -103,15 +136,18 @@ def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
         return real_run(cfg, out, **kw)
     monkeypatch.setattr(recipe, "run", spy)
     out = tmp_path / "cmp"
-    args = ["compare", str(SMOKE), "--methods", "spin,dpo", "--eval", "dev,alpaca_eval", "--judge", "reference",
-            "--limit", "2", "--output", str(out)] + [x for s in sets for x in ("--set", s)]
+    args = ["compare", str(SMOKE), "--methods", "spin,dpo", "--eval", "test,ifeval,dev", "--limit", "2",
+            "--output", str(out)] + [x for s in sets for x in ("--set", s)]
     assert main(args) == 0
     state = json.loads((out / "compare.json").read_text())
-    assert state["methods"]["spin"]["status"] == "done"
-    assert state["methods"]["dpo"]["status"] == "failed" and "rejected" in state["methods"]["dpo"]["error"]
-    spin_eval = state["methods"]["spin"]["eval"]
-    assert spin_eval["dev"]["n"] == 2 and spin_eval["alpaca_eval"]["n"] == 2
-    assert 0 <= spin_eval["alpaca_eval"]["ci_low"] <= spin_eval["alpaca_eval"]["score"] <= 1
+    assert state["runs"]["spin@0"]["status"] == "done"
+    assert state["runs"]["dpo@0"]["status"] == "failed" and "rejected" in state["runs"]["dpo@0"]["error"]
+    spin = state["runs"]["spin@0"]["eval"]
+    assert spin["dev"]["n"] == 2 and spin["ifeval"]["n"] == 2
+    assert {"reference", "lm_tiny-random"} <= set(spin["test"]["judges"])
+    assert all(j["n"] == 2 and 0 <= j["ci_low"] <= j["score"] <= j["ci_high"] <= 1
+               for j in spin["test"]["judges"].values())
+    assert state["runs"]["spin@0"]["generated_tokens"] > 0
 
     pref.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}) + "\n"
                     + json.dumps({"prompt": "Bye?", "chosen": "Goodbye.", "rejected": "No."}) + "\n")
@@ -119,13 +155,14 @@ def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
     assert main(args) == 0
     assert ran == ["dpo"]
     state = json.loads((out / "compare.json").read_text())
-    assert all(state["methods"][m]["status"] == "done" for m in ("spin", "dpo"))
-    assert state["methods"]["dpo"]["pairs"] == 2 and state["methods"]["dpo"]["dpo_steps"] == 1
-    # both finals were judged against the same start-model answers
-    start = [json.loads(x) for x in (out / "eval" / "alpaca_eval" / "start.jsonl").read_text().splitlines()]
-    assert len(start) == 2
+    assert all(state["runs"][k]["status"] == "done" for k in ("spin@0", "dpo@0"))
+    assert state["runs"]["dpo@0"]["pairs"] == 2 and state["runs"]["dpo@0"]["dpo_steps"] == 1
+    # the start model's IFEval answers: one file, shared by both runs; each final model has its own
+    generations = sorted((out / "eval" / "ifeval").glob("generations-*.jsonl"))
+    assert len(generations) == 3
     table = (out / "comparison.md").read_text()
-    assert "| spin |" in table and "| dpo |" in table and "failed" not in table and "comparison.png" in table
+    assert "| spin | 0 |" in table and "| dpo | 0 |" in table and "failed" not in table
+    assert "IFEval strict (Δ vs start)" in table and "comparison.png" in table
 
 
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])

@@ -100,20 +100,21 @@ def cmd_metrics(args) -> int:
 
 def cmd_compare(args) -> int:
     from . import config
-    from .compare import compare
+    from .compare import Plan, compare
 
-    methods = args.methods.split(",")
+    overrides = (args.set or []) + ([f"eval.judge={args.judge}"] if args.judge else [])
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [config.load(args.config, overrides).seed]
+    plan = Plan(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], seeds,
+                [b.strip() for b in args.eval.split(",") if b.strip()], overrides, args.limit)
     if args.dry_run:
-        from .plan import format_plan, plan
+        from .plan import format_plan, plan as run_plan
 
-        for m in methods:
-            cfg = config.load(args.config, (args.set or []) + [f"method={m.strip()}", f"eval.judge={args.judge}"])
-            print(format_plan(plan(cfg)) + "\n")
+        for m in plan.methods:
+            print(format_plan(run_plan(config.load(args.config, overrides + [f"method={m}"]))) + "\n")
         return 0
     out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
     logging.getLogger("sgpo").info("comparison directory: %s", out)
-    print(compare(args.config, methods, args.eval.split(","), args.judge, out, overrides=args.set or [],
-                  limit=args.limit))
+    print(compare(plan, out))
     return 0
 
 
@@ -187,9 +188,11 @@ def _add_compare_parser(sub) -> None:
                                        "write comparison.md and a bar chart")
     c.add_argument("config", nargs="?", help="YAML config shared by all methods (omit for the embedded default)")
     c.add_argument("--methods", default="sft,dpo,spin,synpo,sgpo", help="comma-separated methods")
-    c.add_argument("--eval", default="dev", help="comma-separated benchmarks: dev, alpaca_eval")
-    c.add_argument("--judge", default="reference", help="judge spec used for every method (e.g. reference)")
-    c.add_argument("--limit", type=int, help="evaluate on the first N benchmark prompts only")
+    c.add_argument("--seeds", help="comma-separated run seeds, each method runs once per seed (default: the config's)")
+    c.add_argument("--eval", default="test", help="comma-separated benchmarks: test (the runs' own test-split figures, "
+                                                  "every judge), ifeval, dev, alpaca_eval")
+    c.add_argument("--judge", help="override eval.judge for every method")
+    c.add_argument("--limit", type=int, help="ifeval / alpaca_eval: the first N prompts only")
     c.add_argument("--output", "-o", help="comparison directory (re-running skips finished methods)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every method")
     c.add_argument("--dry-run", action="store_true", help="print each method's plan, run nothing")

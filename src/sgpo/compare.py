@@ -1,21 +1,28 @@
-"""``sgpo compare``: several methods from the same start model, with the same prompts and budget, judged alike.
+"""``sgpo compare``: several methods, and seeds, from the same start model, prompts and budget, judged alike.
 
-Each method runs as an ordinary run in ``OUT/<method>`` (the config with only ``method`` and ``eval.judge`` changed,
-so prompts, sizes, rounds and DPO settings are shared), then every requested benchmark evaluates its final model
-with the same judge. ``OUT/compare.json`` records each method's state: a finished method is skipped on a re-run, a
-failed one is retried (its run directory resumes where it stopped). A failure is recorded with its error and does
-not stop the other methods. The result is ``OUT/comparison.md`` (one table) and ``OUT/comparison.png``.
+Each (method, seed) is an ordinary run in ``OUT/<method>/seed_<seed>`` from the same config with only ``method`` and
+``seed`` changed, so splits, slices, sizes, rounds and DPO settings are shared. Then each requested benchmark
+evaluates its final model. ``OUT/compare.json`` records every run's state: a finished run is skipped on a re-run, a
+failed or killed one resumes where its run directory stopped, and a benchmark already computed is not computed
+again. A failure is recorded with its error and does not stop the others. The result is ``OUT/comparison.md`` and
+its charts (``compare_report.py``).
 
-Benchmarks are functions in ``BENCHMARKS`` (``register_benchmark``); each takes an ``EvalJob`` and returns
-``{"score", "ci_low", "ci_high", "n", "length", "label"}`` (score: a win rate in [0, 1]). The evaluation module can
-replace an entry without touching the rest.
+Benchmarks (``BENCHMARKS``; each takes an ``EvalJob`` and returns a dict of figures):
+
+``test``         the run's own test-split figures (``summary.json``): final vs start under every judge the run used
+                 (``eval.judge`` and ``eval.second_judge``), with the length-matched variant, mean length, finished
+                 rate
+``ifeval``       IFEval of the final and the start model (the start model's answers generated once per comparison),
+                 prompt-level strict and loose, with the paired bootstrap CI of each difference
+``dev``          the run's head-to-head against the start model on the development prompts
+``alpaca_eval``  AlpacaEval instructions, final vs start, judged with GPT-4 Turbo's answers as references (a run
+                 that trains on AlpacaEval prompts is warned about)
 """
 from __future__ import annotations
 
 import gc
 import json
 import logging
-import math
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +30,7 @@ from typing import Callable
 
 from . import config as config_mod
 from .config import Config
-from .files import atomic_write_json, atomic_write_text, content_hash
+from .files import atomic_write_json, content_hash, read_jsonl
 
 log = logging.getLogger("sgpo")
 
@@ -32,11 +39,10 @@ DEFAULT_METHODS = ("sft", "dpo", "spin", "synpo", "sgpo")
 
 @dataclass
 class EvalJob:
-    method: str
-    cfg: Config                  # the method's resolved config
+    name: str                    # the run's label in file names: <method>-seed<seed>
+    cfg: Config                  # the run's resolved config
     run_dir: Path                # its run directory
-    out_dir: Path                # where this benchmark keeps its files for the whole comparison (shared by methods)
-    judge_spec: str
+    out_dir: Path                # where this benchmark keeps its files for the whole comparison (shared by runs)
     limit: int | None = None
     _judge: list = field(default_factory=list)  # shared lazily-built judge (one per comparison)
 
@@ -50,7 +56,7 @@ class EvalJob:
         if not self._judge:
             from .eval.judges import make_judge
 
-            self._judge.append(make_judge(self.judge_spec))
+            self._judge.append(make_judge(self.cfg.eval.judge))
         return self._judge[0]
 
 
@@ -64,26 +70,84 @@ def register_benchmark(name: str):
     return deco
 
 
+def _summary(run_dir: Path) -> dict:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@register_benchmark("test")
+def eval_test(job: EvalJob) -> dict:
+    """The run's test-split figures, final vs start, for each judge: ``{"judges": {name: {score, ci_low, ci_high, n,
+    lc, lc_ci_low, lc_ci_high, lc_n}}, "length", "finished"}`` (lc: among length-matched answer pairs)."""
+    s = _summary(job.run_dir)
+    judges = {}
+    for key in s:
+        if key.startswith("eval/test/") and key.endswith("/win_rate_vs_start"):
+            k, name = key, key.split("/")[2]
+            lm = k + "_length_matched"
+            judges[name] = {"score": s[k], "ci_low": s[k + "_ci_low"], "ci_high": s[k + "_ci_high"], "n": s[k + "_n"],
+                            "lc": s.get(lm), "lc_ci_low": s.get(lm + "_ci_low"), "lc_ci_high": s.get(lm + "_ci_high"),
+                            "lc_n": s.get(lm + "_n")}
+    if not judges:
+        raise ValueError(f"{job.run_dir / 'summary.json'} has no eval/test figures (is data.test_size 0?)")
+    return {"judges": judges, "length": s.get("eval/test/length_final"), "finished": s.get("eval/test/finished_final"),
+            "start_length": s.get("eval/test/length_start"), "start_finished": s.get("eval/test/finished_start")}
+
+
+@register_benchmark("ifeval")
+def eval_ifeval(job: EvalJob) -> dict:
+    """IFEval (all 541 unless ``limit``; 256 new tokens, greedy) of the final model and the start model, whose answers
+    are shared by every run of the comparison (cached in the benchmark's folder by model name)."""
+    from .evaluate import EvalSpec, ifeval_versus
+    from .models import resolve
+
+    spec = EvalSpec(output=job.out_dir, limit=job.limit)
+    r = ifeval_versus(job.model_path, resolve(job.cfg.model.name), spec)
+    out = {"n": r["n"]}
+    for mode in ("strict", "loose"):
+        out[mode] = r["a"][f"prompt_{mode}"]
+        out[f"start_{mode}"] = r["b"][f"prompt_{mode}"]
+        out[f"{mode}_diff"] = r[f"prompt_{mode}_diff"]
+    atomic_write_json(job.out_dir / f"ifeval_versus_{job.name}.json", r)
+    return out
+
+
 @register_benchmark("dev")
 def eval_dev(job: EvalJob) -> dict:
     """The run's own final figure: head-to-head against the start model on the held-out development prompts."""
-    path = job.run_dir / "summary.json"
-    s = json.loads(path.read_text()) if path.exists() else {}
+    s = _summary(job.run_dir)
     if "eval/dev/win_rate_vs_start" not in s:
-        raise ValueError(f"{path} has no eval/dev/win_rate_vs_start (is eval.head_to_head_size 0?)")
-    return {"score": s["eval/dev/win_rate_vs_start"], "ci_low": s["eval/dev/win_rate_vs_start_ci_low"],
-            "ci_high": s["eval/dev/win_rate_vs_start_ci_high"], "n": s["eval/dev/win_rate_vs_start_n"],
-            "length": s.get("eval/dev/length"), "label": "dev: win rate vs start"}
+        raise ValueError(f"{job.run_dir / 'summary.json'} has no eval/dev/win_rate_vs_start "
+                         "(is eval.head_to_head_size 0?)")
+    k = "eval/dev/win_rate_vs_start"
+    return {"score": s[k], "ci_low": s[k + "_ci_low"], "ci_high": s[k + "_ci_high"], "n": s[k + "_n"],
+            "length": s.get("eval/dev/length")}
 
 
 @register_benchmark("alpaca_eval")
 def eval_alpaca(job: EvalJob) -> dict:
-    return alpaca_eval_vs_start(job)
+    """AlpacaEval instructions, the final model head-to-head against the start model, judged with the GPT-4 Turbo
+    outputs as references (ties half). Not AlpacaEval's own protocol (model vs GPT-4 Turbo): no LC win rate."""
+    from .data import load_records
+    from .eval.winrate import win_rate
+    from .models import load_tokenizer, resolve
+
+    cfg = job.cfg
+    records, _ = load_records("sgpo:alpaca-eval", need="reference")
+    records = records[:job.limit] if job.limit else records
+    tok = load_tokenizer(cfg.model.name)
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    start = _outputs(resolve(cfg.model.name), cfg, tok, records, job.out_dir / "start.jsonl")
+    final = _outputs(job.model_path, cfg, tok, records, job.out_dir / f"{job.name}.jsonl")
+    prefs = job.judge.prefer([r.prompt_text for r in records], [final[r.id] for r in records],
+                             [start[r.id] for r in records], [r.reference for r in records])
+    w = win_rate(prefs)
+    return {"score": w["win_rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"], "n": w["n"],
+            "length": sum(len(final[r.id].split()) for r in records) / max(1, len(records))}
 
 
-def _outputs(model_path: str, cfg: Config, tokenizer, records, shard: Path, role: str) -> dict[str, str]:
+def _outputs(model_path: str, cfg: Config, tokenizer, records, shard: Path) -> dict[str, str]:
     """Responses of a model to ``records`` (sampled as in the runs, seeded per prompt), cached in ``shard``."""
-    from .files import read_jsonl
     from .models import load_model, resolve
     from .rollout import Sampler
     from .vllm_backend import resolve_backend, worker_options
@@ -96,46 +160,22 @@ def _outputs(model_path: str, cfg: Config, tokenizer, records, shard: Path, role
              else load_model(model_path, device=cfg.model.device, dtype=cfg.model.dtype))
     sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens, backend=backend,
                       vllm_options=worker_options(cfg, cfg.model.device))
-    out = sampler.rollout(model, records, role, 0, shard=shard)
+    out = sampler.rollout(model, records, "eval", 0, shard=shard)
     del model
     return {i: x.text for i, x in out.items()}
 
 
-def alpaca_eval_vs_start(job: EvalJob) -> dict:
-    """AlpacaEval instructions, the final model head-to-head against the start model, judged with the GPT-4 Turbo
-    outputs as references (ties half). Not AlpacaEval's own protocol (model vs GPT-4 Turbo): no LC win rate."""
-    from .data import load_records
-    from .eval.winrate import win_rate
-    from .models import load_tokenizer, resolve
-
-    cfg = job.cfg
-    records, _ = load_records("sgpo:alpaca-eval", need="reference")
-    if job.limit:
-        records = records[:job.limit]
-    tok = load_tokenizer(cfg.model.name)
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    start = _outputs(resolve(cfg.model.name), cfg, tok, records, job.out_dir / "start.jsonl", "eval")
-    final = _outputs(job.model_path, cfg, tok, records, job.out_dir / f"{job.method}.jsonl", "eval")
-    prefs = job.judge.prefer([r.prompt_text for r in records], [final[r.id] for r in records],
-                             [start[r.id] for r in records], [r.reference for r in records])
-    atomic_write_text(job.out_dir / f"{job.method}_judgments.jsonl",
-                      "".join(json.dumps({"id": r.id, "preference": p}) + "\n" for r, p in zip(records, prefs)))
-    w = win_rate(prefs)
-    return {"score": w["win_rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"], "n": w["n"],
-            "length": sum(len(final[r.id].split()) for r in records) / max(1, len(records)),
-            "label": "alpaca_eval: win rate vs start"}
-
-
-# -- the comparison -------------------------------------------------------------------------------------------------
+# -- what a run cost ------------------------------------------------------------------------------------------------
 def run_figures(run_dir: Path) -> dict:
-    """Wall time (sum of the stage times in the manifest), pairs trained on, DPO and SFT steps of a run."""
+    """Wall time (the stage times in the manifest), pairs trained on, DPO and SFT steps, and the tokens generated
+    for training (every rollout shard but the development and test figures')."""
     from .report import stage_metrics
 
     run_dir = Path(run_dir)
     manifest = run_dir / "manifest.json"
     stages = json.loads(manifest.read_text()).get("stages", {}) if manifest.exists() else {}
     out = {"time_s": sum(float(s.get("seconds", 0.0)) for s in stages.values()), "pairs": 0, "dpo_steps": 0,
-           "sft_steps": 0}
+           "sft_steps": 0, "generated_tokens": generated_tokens(run_dir)}
     for name, m in stage_metrics(run_dir):
         if name.startswith("round_"):
             out["pairs"] += int(m.get("pairs/kept", 0)) if "dpo/steps" in m else 0
@@ -143,12 +183,77 @@ def run_figures(run_dir: Path) -> dict:
         out["sft_steps"] += int(m.get("nll/steps", 0))
     prep = run_dir / "prepare" / "metrics.json"
     if prep.exists():
-        out["sft_steps"] += int(json.loads(prep.read_text()).get("nll/steps", 0))
+        p = json.loads(prep.read_text())
+        out["sft_steps"] += int(p.get("nll/steps", 0))
+        out["dpo_steps"] += int(p.get("dpo/steps", 0))
     return out
 
 
+def generated_tokens(run_dir: Path) -> int:
+    """Tokens generated for training: the ``token_ids`` of every rollout shard of the run, not counting the
+    development figures (``dev_*``) and the test answers."""
+    total = 0
+    for shard in Path(run_dir).glob("*/*.jsonl"):
+        if shard.parent.name == "test" or shard.name.startswith("dev_"):
+            continue
+        for row in read_jsonl(shard):
+            if isinstance(row, dict) and isinstance(row.get("token_ids"), list):
+                total += len(row["token_ids"])
+    return total
+
+
+# -- the comparison -------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What ``sgpo compare`` was asked: the shared config, methods, seeds, benchmarks, overrides, limit."""
+    config: str | None
+    methods: list[str]
+    seeds: list[int]
+    benchmarks: list[str]
+    overrides: list[str] = field(default_factory=list)
+    limit: int | None = None
+
+    def runs(self) -> list[tuple[str, int]]:
+        return [(m, s) for m in self.methods for s in self.seeds]
+
+
+def compare(plan: Plan, out_dir: str | Path) -> Path:
+    """Run and evaluate every (method, seed) of ``plan`` into ``out_dir`` (resuming what is there); write the table."""
+    from .compare_report import write_comparison
+
+    cfgs = _configs(plan)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "compare.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    state.setdefault("runs", {})
+    state.update(config=plan.config, benchmarks=plan.benchmarks, limit=plan.limit,
+                 notes=[n for n in [_overlap_note(next(iter(cfgs.values())), plan.benchmarks)] if n])
+    shared_judge: list = []
+    for (m, seed), cfg in cfgs.items():
+        entry = _entry(state, m, seed, cfg)
+        try:
+            run_and_evaluate(entry, cfg, out, plan, shared_judge)
+        finally:
+            atomic_write_json(state_path, state)
+            gc.collect()
+            _free_accelerator_memory()
+    return write_comparison(out, state, plan)
+
+
+def _configs(plan: Plan) -> dict[tuple[str, int], Config]:
+    """Every run's config, loaded (and so validated) before anything runs."""
+    unknown = [b for b in plan.benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark '{unknown[0]}' (known: {', '.join(sorted(BENCHMARKS))})")
+    if not plan.methods or not plan.seeds:
+        raise ValueError("no methods or no seeds to compare")
+    return {(m, s): config_mod.load(plan.config, [*plan.overrides, f"method={m}", f"seed={s}"])
+            for m, s in plan.runs()}
+
+
 def _overlap_note(cfg: Config, benches) -> str | None:
-    """The training prompts must not include the evaluation prompts; checked where the data is local."""
+    """``alpaca_eval`` on a run that trains on AlpacaEval instructions is not held out: say so (local data only)."""
     if "alpaca_eval" not in benches:
         return None
     src = cfg.data.sft
@@ -157,70 +262,57 @@ def _overlap_note(cfg: Config, benches) -> str | None:
     from .data import load_records
 
     train = {r.id for r in load_records(src, split=cfg.data.split, on_error="skip")[0]}
-    evals = {r.id for r in load_records("sgpo:alpaca-eval")[0]}
-    n = len(train & evals)
+    n = len(train & {r.id for r in load_records("sgpo:alpaca-eval")[0]})
     if not n:
         return None
-    msg = (f"WARNING: {n} AlpacaEval instructions are also in the training data ({src}); "
-           "the alpaca_eval figures are not held-out results")
+    msg = (f"WARNING: {n} AlpacaEval instructions are also in the training data ({src}); the alpaca_eval figures are "
+           "not held-out results (the test benchmark is)")
     log.warning(msg)
     return msg
 
 
-def compare(config_path: str | None, methods, benches, judge: str, out_dir: str | Path, *, overrides=(),
-            limit: int | None = None) -> Path:
+def _entry(state: dict, method: str, seed: int, cfg: Config) -> dict:
+    """The state of one run; a changed config starts it afresh."""
+    key, digest = f"{method}@{seed}", content_hash(config_mod.to_dict(cfg))
+    entry = state["runs"].get(key, {})
+    if entry.get("config") != digest:
+        entry = {"config": digest}
+    entry.update(method=method, seed=seed)
+    state["runs"][key] = entry
+    return entry
+
+
+def run_dir_of(out: Path, method: str, seed: int) -> Path:
+    return Path(out) / method / f"seed_{seed}"
+
+
+def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_judge: list) -> None:
+    """One run (skipped when finished) and its benchmarks (each computed once); a failure is recorded, not raised."""
     from . import recipe
 
-    methods = [m.strip() for m in methods if m.strip()]
-    benches = [b.strip() for b in benches if b.strip()]
-    unknown = [b for b in benches if b not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmark '{unknown[0]}' (known: {', '.join(sorted(BENCHMARKS))})")
-    if not methods:
-        raise ValueError("no methods to compare")
-    cfgs = {m: config_mod.load(config_path, [*overrides, f"method={m}", f"eval.judge={judge}"]) for m in methods}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "compare.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    state.setdefault("methods", {})
-    state.update(config=config_path, judge=judge, benchmarks=benches, limit=limit)
-    notes = [n for n in [_overlap_note(cfgs[methods[0]], benches)] if n]
-    shared_judge: list = []
-
-    for m in methods:
-        cfg = cfgs[m]
-        key = content_hash(config_mod.to_dict(cfg))
-        entry = state["methods"].get(m, {})
-        if entry.get("config") != key:
-            entry = {"config": key}
-        state["methods"][m] = entry
-        if entry.get("status") == "done" and all(b in entry.get("eval", {}) for b in benches):
-            log.info("compare: %s done earlier, skipped", m)
-            continue
-        log.info("compare: %s", m)
-        try:
-            if not entry.get("run_done"):
-                recipe.run(cfg, out / m)
-                entry["run_done"] = True
-            entry.update(run_figures(out / m))
-            entry.setdefault("eval", {})
-            for b in benches:
-                if b not in entry["eval"]:
-                    job = EvalJob(m, cfg, out / m, out / "eval" / b, judge, limit, shared_judge)
-                    entry["eval"][b] = BENCHMARKS[b](job)
-            entry["status"] = "done"
-            entry.pop("error", None)
-        except Exception as e:  # one method's failure is reported and does not stop the others
-            entry["status"] = "failed"
-            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
-            log.error("compare: %s failed: %s", m, entry["error"])
-            log.debug("%s", traceback.format_exc())
-        finally:
-            atomic_write_json(state_path, state)
-            gc.collect()
-            _free_accelerator_memory()
-    return write_comparison(out, state, methods, benches, notes)
+    m, seed = entry["method"], entry["seed"]
+    if entry.get("status") == "done" and all(b in entry.get("eval", {}) for b in plan.benchmarks):
+        log.info("compare: %s seed %d done earlier, skipped", m, seed)
+        return
+    log.info("compare: %s seed %d", m, seed)
+    run_dir = run_dir_of(out, m, seed)
+    try:
+        if not entry.get("run_done"):
+            recipe.run(cfg, run_dir)
+            entry["run_done"] = True
+        entry.update(run_figures(run_dir))
+        entry.setdefault("eval", {})
+        for b in plan.benchmarks:
+            if b not in entry["eval"]:
+                job = EvalJob(f"{m}-seed{seed}", cfg, run_dir, out / "eval" / b, plan.limit, shared_judge)
+                entry["eval"][b] = BENCHMARKS[b](job)
+        entry["status"] = "done"
+        entry.pop("error", None)
+    except Exception as e:  # one run's failure is reported and does not stop the others
+        entry["status"] = "failed"
+        entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+        log.error("compare: %s seed %d failed: %s", m, seed, entry["error"])
+        log.debug("%s", traceback.format_exc())
 
 
 def _free_accelerator_memory() -> None:
@@ -231,101 +323,3 @@ def _free_accelerator_memory() -> None:
             torch.cuda.empty_cache()
     except Exception:
         pass
-
-
-def _pct(x) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
-
-
-def write_comparison(out: Path, state: dict, methods, benches, notes=()) -> Path:
-    """``comparison.md`` (the table) and ``comparison.png`` (bars with 95% CIs) from the comparison state."""
-    judge = state.get("judge", "")
-    head = ["method"]
-    for b in benches:
-        head += [f"{b}: win rate vs start, % [95% CI] (n)", f"{b}: mean length (words)"]
-    head += ["wall time (s)", "pairs used", "DPO steps", "status"]
-    lines = ["# Method comparison", "",
-             f"Every method starts from `{_start_model(out, methods)}` with the same prompts, sizes and rounds; "
-             f"every final model is judged against the start model by the same judge (`{judge}`; ties count half).",
-             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in methods:
-        e = state["methods"].get(m, {})
-        row = [m]
-        for b in benches:
-            r = e.get("eval", {}).get(b)
-            if r:
-                row += [f"{_pct(r['score'])} [{_pct(r['ci_low'])}–{_pct(r['ci_high'])}] ({r['n']})",
-                        "–" if r.get("length") is None else f"{r['length']:.0f}"]
-            else:
-                row += ["–", "–"]
-        row += [f"{e['time_s']:.0f}" if "time_s" in e else "–", str(e.get("pairs", "–")),
-                str(e.get("dpo_steps", "–"))]
-        status = e.get("status", "not run")
-        if status == "failed":
-            status = "failed: " + e.get("error", "").replace("|", "\\|")
-        row.append(status)
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "*wall time*: the sum of the run's stage times; *pairs used*: preference pairs trained on, summed "
-              "over rounds (SynPO re-uses the pairs of earlier rounds, so its pairs and DPO steps grow with the "
-              "rounds); *DPO steps*: optimizer steps per process."]
-    if "alpaca_eval" in benches:
-        lim = state.get("limit")
-        lines += ["", "*alpaca_eval*: the AlpacaEval instructions"
-                  + (f" (the first {lim})" if lim else "")
-                  + "; each final model's answer against the start model's answer to the same instruction, the "
-                  "judge given the GPT-4 Turbo output as the reference. This is not AlpacaEval's own protocol "
-                  "(model vs GPT-4 Turbo), so there is no length-controlled win rate"
-                  + (" (which would also need all 805 instructions)." if lim else ".")]
-    if "dev" in benches:
-        lines += ["", "*dev*: the held-out development prompts of the training data, against the start model's "
-                  "answers with the SFT references given to the judge."]
-    for n in notes:
-        lines += ["", f"**{n}**"]
-    png = _chart(out, state, methods, benches)
-    if png:
-        lines += ["", f"![comparison]({png.name})"]
-    path = out / "comparison.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
-
-
-def _start_model(out: Path, methods) -> str:
-    for m in methods:
-        p = out / m / "config.yaml"
-        if p.exists():
-            import yaml
-
-            return (yaml.safe_load(p.read_text()) or {}).get("model", {}).get("name", "?")
-    return "?"
-
-
-def _chart(out: Path, state: dict, methods, benches) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(1, len(benches)), figsize=(1.2 + 1.1 * len(methods) * max(1, len(benches)), 3.4),
-                             squeeze=False)
-    for ax, b in zip(axes[0], benches):
-        xs, ys, lo, hi, labels = [], [], [], [], []
-        for i, m in enumerate(methods):
-            r = state["methods"].get(m, {}).get("eval", {}).get(b)
-            labels.append(m if r else f"{m}\n(failed)" if state["methods"].get(m, {}).get("status") == "failed"
-                          else f"{m}\n(–)")
-            if r and not math.isnan(r["score"]):
-                xs.append(i)
-                ys.append(100 * r["score"])
-                lo.append(100 * (r["score"] - r["ci_low"]))
-                hi.append(100 * (r["ci_high"] - r["score"]))
-        ax.bar(xs, ys, yerr=[lo, hi], capsize=4, color="#4c72b0")
-        ax.axhline(50, color="grey", lw=0.8, ls="--")
-        ax.set_xticks(range(len(methods)), labels, fontsize=8)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("win rate vs start (%)", fontsize=8)
-        ax.set_title(b, fontsize=9)
-    fig.tight_layout()
-    path = out / "comparison.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -33,24 +33,32 @@ def _dev_generations(cfg: Config, dev: int) -> int:
     return n + min(cfg.eval.improver_size, n) if n else 0
 
 
+def _sft_stage(cfg: Config, method, train: int | None, dev_gen: int) -> dict:
+    n_sft = cfg.data.sft_size if cfg.sft else 0
+    if not method.has_rounds:  # SFT alone trains on the prompts the other methods see (Splits.seen)
+        n_sft += cfg.data.improver_size + cfg.rounds * cfg.data.round_size
+    n_sft = _cap(n_sft, train)
+    st = {"stage": "sft", "what": "NLL on the references of its training slices", "prompts": n_sft,
+          "sft_examples": n_sft, "sft_steps": math.ceil(n_sft / cfg.train.batch_size) * cfg.train.epochs}
+    if not method.has_rounds:
+        st["generations"] = dev_gen
+    return st
+
+
 def plan(cfg: Config, pool: int | None = -1) -> dict:
     """The stages of a run of ``cfg`` with their sizes, and totals. ``pool=-1``: count it (see ``pool_size``)."""
     method = get_method(cfg.method)
     total = pool_size(cfg) if pool == -1 else pool
     dev = cfg.data.dev_size if total is None else min(cfg.data.dev_size, max(total - 1, 0))
-    train = None if total is None else total - dev
+    test = cfg.data.test_size if total is None else min(cfg.data.test_size, max(total - dev - 1, 0))
+    train = None if total is None else total - dev - test
     rounds = cfg.rounds if method.has_rounds else 0
     dev_gen = _dev_generations(cfg, dev)
     stages = [{"stage": "round_0", "what": "start model on the development slice", "prompts": dev,
                "generations": dev_gen}]
 
     if cfg.sft or method.runs_sft:
-        st = {"stage": "sft", "what": "NLL on the references of the training pool", "prompts": train,
-              "sft_examples": train,
-              "sft_steps": None if train is None else math.ceil(train / cfg.train.batch_size) * cfg.train.epochs}
-        if not rounds:
-            st["generations"] = dev_gen
-        stages.append(st)
+        stages.append(_sft_stage(cfg, method, train, dev_gen))
 
     n_imp = _cap(cfg.data.improver_size, train)
     if method.trains_improver:
@@ -76,9 +84,13 @@ def plan(cfg: Config, pool: int | None = -1) -> dict:
         pairs = p.get("pairs", 0)
         stages.append({"stage": f"round_{t}", "what": f"pairs by {method.name}, reference = "
                        f"{'π_0' if method.reference(cfg) == 'initial' else 'π_t (round start)'}",
-                       "prompts": n_round, "generations": p.get("generations", 0) + dev_gen, "pairs": pairs,
+                       "prompts": n_round, "pairs": pairs,
+                       "generations": p.get("generations", 0) + min(cfg.eval.head_to_head_size, dev),
                        "dpo_steps": math.ceil(pairs / cfg.dpo.batch_size) * cfg.dpo.epochs})
 
+    if test:
+        stages.append({"stage": "test", "what": "start (cached by hash), pre-rounds and final model answer the test "
+                       "split", "prompts": test, "generations": test * (3 if rounds else 2)})
     totals = {}
     for key in ("generations", "sft_steps", "dpo_steps", "pairs"):
         vals = [s.get(key) for s in stages if key in s]

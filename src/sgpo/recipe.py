@@ -59,7 +59,8 @@ def run_stages(s: Session, method: Method, data: Splits) -> dict:
     start_dev = start_answers(s)
     # 1. optional SFT on the references (a method without rounds gets its final figures here)
     if cfg.sft or method.runs_sft:
-        last = stages.run_stage("sft", lambda: {**s.train_nll(s.policy_examples(data.sft), "sft", cfg.seed),
+        sft = data.sft if method.has_rounds else data.seen(cfg.sft)  # SFT alone: the prompts the others see
+        last = stages.run_stage("sft", lambda: {**s.train_nll(s.policy_examples(sft), "sft", cfg.seed),
                                                 **(s.dev_figures(data.dev, start_dev) if not method.has_rounds
                                                    else {})}, inputs=data.train, model=s)
     # 2. improver training: the same weights learn to refine their own drafts

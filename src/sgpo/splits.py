@@ -22,6 +22,11 @@ class Splits:
     improver: list[Record] = field(default_factory=list)   # the improver slice (reserved for every method)
     rounds: list[list[Record]] = field(default_factory=list)  # the prompts of round 1, 2, ...
 
+    def seen(self, sft: bool) -> list[Record]:
+        """The prompts the methods with rounds see, with their references: the SFT slice (when ``sft``), the improver
+        slice and every round's. SFT alone trains on these, so that every method sees the same prompts."""
+        return (self.sft if sft else []) + self.improver + [r for rs in self.rounds for r in rs]
+
 
 def prepare_splits(cfg: Config, tokenizer) -> Splits:
     d = cfg.data
