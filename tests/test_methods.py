@@ -225,8 +225,8 @@ def test_preference_rows_are_not_mistaken_for_sft_rows():
 def test_sft_only_trains_on_references_and_makes_no_pairs(runs):
     run = runs("sft")
     m = json.loads((run / "sft" / "metrics.json").read_text())
-    # the SFT slice every method's SFT step trains on (data.sft_size=8 in the smoke config), batch 2
-    assert m["nll/examples"] == 8 and m["nll/steps"] == 4
+    # the prompts the methods with rounds see (sft=false here): the improver slice (2) and two rounds of 2, batch 2
+    assert m["nll/examples"] == 6 and m["nll/steps"] == 3
     assert not list(run.glob("round_[1-9]*")) and not (run / "prepare").exists()
     a = load_model(start_path(), device="cpu", dtype="float32").state_dict()
     final = run / "final"

@@ -152,8 +152,6 @@ class DPOConfig:
     "Preference loss (sgpo/training/losses.py): sigmoid (DPO), ipo, hinge, norm (length-normalised DPO: log-ratios divided by response length)."
     reference: str = "round_start"
     "Reference model: round_start (the model at the start of each round) or initial (the start model)."
-    nll_coef: float = 0.0
-    "Weight of the chosen side's NLL (policy role, mean per token) added to the preference loss (RPO, arXiv 2404.19733): keeps DPO from lowering the chosen side's likelihood with the rejected one's. No extra forward pass."
     improver_nll_coef: float = 0.0
     "Weight of an improver NLL term (draft → chosen in improver mode) added to the DPO loss."
     max_grad_norm: float = 1.0
@@ -224,7 +222,7 @@ AT_LEAST = {
     "improver.experimental.drafts_per_prompt": 1, "improver.experimental.rewrite_samples": 1,
     "generation.max_new_tokens": 1, "generation.batch_size": 1, "generation.temperature": 0.0,
     "train.batch_size": 1, "train.epochs": 0, "train.warmup_steps": 0, "train.checkpoint_every": 0,
-    "dpo.batch_size": 1, "dpo.epochs": 0, "dpo.improver_nll_coef": 0.0, "dpo.nll_coef": 0.0, "dpo.checkpoint_every": 0,
+    "dpo.batch_size": 1, "dpo.epochs": 0, "dpo.improver_nll_coef": 0.0, "dpo.checkpoint_every": 0,
     "eval.improver_size": 0, "eval.head_to_head_size": 0,
 }
 IN_RANGE = {"improver.step": (0, 1), "generation.top_p": (0, 1), "dpo.beta": (0, float("inf")),

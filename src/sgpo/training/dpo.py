@@ -130,10 +130,7 @@ def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions:
             r = _log_ratios(logp, part)
             part_loss = preference_loss(cfg.loss, r, cfg.beta)[0] * (len(part) / n)
             ratios.append(r.detached())
-            chosen_logp = logp[:len(part)].sum()   # the chosen sides' NLL in the policy role (RPO), mean per token
-            chosen_sum += float(chosen_logp.detach())
-            if cfg.nll_coef > 0:
-                part_loss = part_loss - cfg.nll_coef * chosen_logp / max(nll_tokens, 1)
+            chosen_sum += float(logp[:len(part)].detach().sum())   # the chosen sides' log-prob (policy role)
             if with_nll:
                 b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in part], pad_id).to(device)
                 tl = (token_logps(model, b) * b.target_mask).sum()
