@@ -99,10 +99,9 @@ def eval_ifeval(job: EvalJob) -> dict:
     """IFEval (all 541 unless ``limit``; 256 new tokens, greedy) of the final model and the start model, whose answers
     are shared by every run of the comparison (cached in the benchmark's folder by model name)."""
     from .evaluate import EvalSpec, ifeval_versus
-    from .models import resolve
 
     spec = EvalSpec(output=job.out_dir, limit=job.limit)
-    r = ifeval_versus(job.model_path, resolve(job.cfg.model.name), spec)
+    r = ifeval_versus(job.model_path, job.cfg.model.name, spec)
     out = {"n": r["n"]}
     for mode in ("strict", "loose"):
         out[mode] = r["a"][f"prompt_{mode}"]
