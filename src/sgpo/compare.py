@@ -81,10 +81,9 @@ def eval_test(job: EvalJob) -> dict:
     lc, lc_ci_low, lc_ci_high, lc_n}}, "length", "finished"}`` (lc: among length-matched answer pairs)."""
     s = _summary(job.run_dir)
     judges = {}
-    for key in s:
-        if key.startswith("eval/test/") and key.endswith("/win_rate_vs_start"):
-            k, name = key, key.split("/")[2]
-            lm = k + "_length_matched"
+    for k in s:
+        if k.startswith("eval/test/") and k.endswith("/win_rate_vs_start"):
+            name, lm = k.split("/")[2], k + "_length_matched"
             judges[name] = {"score": s[k], "ci_low": s[k + "_ci_low"], "ci_high": s[k + "_ci_high"], "n": s[k + "_n"],
                             "lc": s.get(lm), "lc_ci_low": s.get(lm + "_ci_low"), "lc_ci_high": s.get(lm + "_ci_high"),
                             "lc_n": s.get(lm + "_n")}
