@@ -104,6 +104,22 @@ def test_seeds_run_apart_and_their_spread_is_reported(tmp_path, monkeypatch):
     assert "spin, lm_gemma: mean 42.0% over 2 seeds" in text
 
 
+def test_a_second_seed_for_some_methods_only_reuses_the_finished_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(recipe, "run", fake_run(calls, fail=set()))
+    out = tmp_path / "cmp"
+    compare_mod.compare(plan_of(["spin", "sgpo"], seeds=[1]), out)
+    calls.clear()
+    plan = compare_mod.Plan(str(SMOKE), ["spin", "sgpo"], [1], ["test"], extra=compare_mod.parse_runs("sgpo@3"))
+    md = compare_mod.compare(plan, out)
+    assert calls == [("sgpo", 3)]
+    assert list(rows_of(md)) == [("spin", "1"), ("sgpo", "1"), ("sgpo", "3")]
+    text = md.read_text()
+    assert "sgpo, reference: mean 72.0% over 2 seeds" in text and "spin, reference: mean" not in text
+    with pytest.raises(ValueError, match="METHOD@SEED"):
+        compare_mod.parse_runs("sgpo@two")
+
+
 def test_unknown_benchmark_or_method_fails_before_anything_runs(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(recipe, "run", fake_run(calls, fail=set()))

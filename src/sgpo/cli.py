@@ -100,16 +100,16 @@ def cmd_metrics(args) -> int:
 
 def cmd_compare(args) -> int:
     from . import config
-    from .compare import Plan, compare
+    from .compare import Plan, compare, parse_runs
 
     overrides = (args.set or []) + ([f"eval.judge={args.judge}"] if args.judge else [])
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [config.load(args.config, overrides).seed]
     plan = Plan(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], seeds,
-                [b.strip() for b in args.eval.split(",") if b.strip()], overrides, args.limit)
+                [b.strip() for b in args.eval.split(",") if b.strip()], overrides, args.limit, parse_runs(args.also))
     if args.dry_run:
         from .plan import format_plan, plan as run_plan
 
-        for m in plan.methods:
+        for m in dict.fromkeys(m for m, _ in plan.runs()):
             print(format_plan(run_plan(config.load(args.config, overrides + [f"method={m}"]))) + "\n")
         return 0
     out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
@@ -189,6 +189,8 @@ def _add_compare_parser(sub) -> None:
     c.add_argument("config", nargs="?", help="YAML config shared by all methods (omit for the embedded default)")
     c.add_argument("--methods", default="sft,dpo,spin,synpo,sgpo", help="comma-separated methods")
     c.add_argument("--seeds", help="comma-separated run seeds, each method runs once per seed (default: the config's)")
+    c.add_argument("--also", metavar="METHOD@SEED,...", help="more runs beyond methods × seeds, e.g. sgpo@2,spin@2 "
+                                                             "(a second seed for some methods only)")
     c.add_argument("--eval", default="test", help="comma-separated benchmarks: test (the runs' own test-split figures, "
                                                   "every judge), ifeval, dev, alpaca_eval")
     c.add_argument("--judge", help="override eval.judge for every method")

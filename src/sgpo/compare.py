@@ -203,16 +203,34 @@ def generated_tokens(run_dir: Path) -> int:
 # -- the comparison -------------------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    """What ``sgpo compare`` was asked: the shared config, methods, seeds, benchmarks, overrides, limit."""
+    """What ``sgpo compare`` was asked: the shared config, methods × seeds, extra (method, seed) runs beyond them
+    (more seeds for some methods only), benchmarks, overrides, limit."""
     config: str | None
     methods: list[str]
     seeds: list[int]
     benchmarks: list[str]
     overrides: list[str] = field(default_factory=list)
     limit: int | None = None
+    extra: list[tuple[str, int]] = field(default_factory=list)
 
     def runs(self) -> list[tuple[str, int]]:
-        return [(m, s) for m in self.methods for s in self.seeds]
+        """Every (method, seed) once, grouped by method in the order named, seeds ascending."""
+        runs = list(dict.fromkeys([(m, s) for m in self.methods for s in self.seeds] + list(self.extra)))
+        order = list(dict.fromkeys(m for m, _ in runs))
+        return sorted(runs, key=lambda r: (order.index(r[0]), r[1]))
+
+
+def parse_runs(text: str | None) -> list[tuple[str, int]]:
+    """``sgpo@2,spin@2`` → ``[("sgpo", 2), ("spin", 2)]``."""
+    runs = []
+    for item in (x.strip() for x in (text or "").split(",")):
+        if not item:
+            continue
+        method, _, seed = item.partition("@")
+        if not method or not seed.strip().lstrip("-").isdigit():
+            raise ValueError(f"'{item}' is not METHOD@SEED (e.g. sgpo@2)")
+        runs.append((method.strip(), int(seed)))
+    return runs
 
 
 def compare(plan: Plan, out_dir: str | Path) -> Path:

@@ -74,10 +74,10 @@ def run_row(entry: dict, benches, judges) -> tuple[list[str], list[str]]:
 def seed_spread(state: dict, plan, judges) -> list[str]:
     """Per method with several finished seeds: each judge's mean test win rate vs start and its spread."""
     lines = []
-    for m in plan.methods:
+    for m in dict.fromkeys(m for m, _ in plan.runs()):
         for j in judges:
-            xs = [state["runs"][f"{m}@{s}"]["eval"]["test"]["judges"][j]["score"] for s in plan.seeds
-                  if j in state["runs"].get(f"{m}@{s}", {}).get("eval", {}).get("test", {}).get("judges", {})]
+            xs = [state["runs"][f"{m}@{s}"]["eval"]["test"]["judges"][j]["score"] for mm, s in plan.runs()
+                  if mm == m and j in state["runs"].get(f"{m}@{s}", {}).get("eval", {}).get("test", {}).get("judges", {})]
             if len(xs) >= 2:
                 lines.append(f"- {m}, {j}: mean {pct(sum(xs) / len(xs))}% over {len(xs)} seeds, spread "
                              f"{100 * (max(xs) - min(xs)):.1f} points (max − min)")
