@@ -120,6 +120,42 @@ def test_a_second_seed_for_some_methods_only_reuses_the_finished_runs(tmp_path, 
         compare_mod.parse_runs("sgpo@two")
 
 
+def test_sgpo_is_paired_with_each_method_of_its_seed_over_the_same_start_answers(tmp_path, monkeypatch):
+    """SGPO's final answers are the references (the reference judge prefers them to every start answer), spin's repeat
+    the start answers (ties): SGPO − spin is exactly +50 points; with other start answers nothing is paired."""
+    from sgpo.compare_paired import paired_figures
+    from sgpo.models import load_tokenizer, resolve
+    from sgpo.splits import prepare_splits
+
+    monkeypatch.setenv("SGPO_CACHE", str(tmp_path / "cache"))
+    cfg = config.load(str(SMOKE))
+    test = prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name))).test
+    calls, plain = [], fake_run([], fail=set())
+
+    def run(cfg, out, **kw):
+        plain(cfg, out)
+        calls.append(cfg.method)
+        (Path(out) / "test").mkdir(exist_ok=True)
+        for label in ("start", "final"):
+            rows = [{"id": r.id, "text": r.reference if (label, cfg.method) == ("final", "sgpo") else f"start {i}"}
+                    for i, r in enumerate(test)]
+            (Path(out) / "test" / f"answers_{label}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+        return {}
+
+    monkeypatch.setattr(recipe, "run", run)
+    out = tmp_path / "cmp"
+    md = compare_mod.compare(plan_of(["spin", "sgpo"]), out)
+    paired = json.loads((out / "compare.json").read_text())["paired"]
+    d = paired["spin@0"]["reference"]
+    assert (d["diff"], d["ci_low"], d["ci_high"], d["n"]) == (0.5, 0.5, 0.5, len(test))
+    assert paired["spin@0"]["lm_tiny-random"]["n"] == len(test)  # the second judge too
+    assert list(paired) == ["spin@0"] and "- sgpo − spin, seed 0: reference +50.0 [+50.0, +50.0]" in md.read_text()
+
+    answers = out / "spin" / "seed_0" / "test" / "answers_start.jsonl"
+    answers.write_text(answers.read_text().replace("start 0", "another start"))
+    assert paired_figures(out, [("spin", 0), ("sgpo", 0)], cfg) == {}
+
+
 def test_unknown_benchmark_or_method_fails_before_anything_runs(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(recipe, "run", fake_run(calls, fail=set()))

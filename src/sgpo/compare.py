@@ -254,7 +254,22 @@ def compare(plan: Plan, out_dir: str | Path) -> Path:
             atomic_write_json(state_path, state)
             gc.collect()
             _free_accelerator_memory()
+    if "test" in plan.benchmarks:
+        state["paired"] = _paired(out, state, plan, next(iter(cfgs.values())))
+        atomic_write_json(state_path, state)
     return write_comparison(out, state, plan)
+
+
+def _paired(out: Path, state: dict, plan: Plan, cfg: Config) -> dict:
+    """SGPO against every other method of the same seed (``compare_paired``); a failure is logged, not raised."""
+    from .compare_paired import paired_figures
+
+    done = [(m, s) for m, s in plan.runs() if "test" in state["runs"].get(f"{m}@{s}", {}).get("eval", {})]
+    try:
+        return paired_figures(out, done, cfg)
+    except Exception as e:  # the runs' own figures are still written
+        log.error("compare: the paired figures failed: %s: %s", type(e).__name__, e)
+        return {}
 
 
 def _configs(plan: Plan) -> dict[tuple[str, int], Config]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .compare_paired import paired_lines
 from .files import atomic_write_text
 
 ROUND_CURVES = (("eval/dev/win_rate_vs_start", "dev win rate vs start"), ("rewards/margins", "DPO reward margin"),
@@ -76,8 +77,9 @@ def seed_spread(state: dict, plan, judges) -> list[str]:
     lines = []
     for m in dict.fromkeys(m for m, _ in plan.runs()):
         for j in judges:
-            xs = [state["runs"][f"{m}@{s}"]["eval"]["test"]["judges"][j]["score"] for mm, s in plan.runs()
-                  if mm == m and j in state["runs"].get(f"{m}@{s}", {}).get("eval", {}).get("test", {}).get("judges", {})]
+            tests = [state["runs"].get(f"{m}@{s}", {}).get("eval", {}).get("test", {}) for mm, s in plan.runs()
+                     if mm == m]
+            xs = [t["judges"][j]["score"] for t in tests if j in t.get("judges", {})]
             if len(xs) >= 2:
                 lines.append(f"- {m}, {j}: mean {pct(sum(xs) / len(xs))}% over {len(xs)} seeds, spread "
                              f"{100 * (max(xs) - min(xs)):.1f} points (max − min)")
@@ -100,6 +102,11 @@ def write_comparison(out: Path, state: dict, plan) -> Path:
     spread = seed_spread(state, plan, judges)
     if spread:
         lines += ["", "Seed spread (read beside the CIs):", *spread]
+    paired = paired_lines({k: v for k, v in (state.get("paired") or {}).items() if k in keys}, "sgpo", judges)
+    if paired:
+        lines += ["", "SGPO against each method of the same seed, paired over the test prompts and the same start "
+                  "answers: SGPO's win rate vs start minus the method's, in points, with the paired bootstrap 95% CI "
+                  "(a CI that excludes 0 is a difference this n resolves):", *paired]
     lines += ["", *legend(plan.benchmarks, state)]
     for n in state.get("notes", []):
         lines += ["", f"**{n}**"]
