@@ -32,8 +32,8 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
     from .compare import run_dir_of
     from .eval.winrate import paired_difference
     from .held_out import judge_name, saved_answers
-    from .models import free_memory, load_tokenizer, resolve
-    from .session import cached_judge
+    from .models import load_tokenizer, resolve
+    from .session import judge_for_one_use
     from .splits import prepare_splits
 
     rows = paired_rows(target, runs)
@@ -44,19 +44,14 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
     rows = [(a, b) for a, b in rows if _same_start(texts[a], texts[b], a, b)]
     figures: dict = {}
     for spec in (s for s in (cfg.eval.judge, cfg.eval.second_judge) if s):
-        judge, seen = cached_judge(spec), {}
+        with judge_for_one_use(spec) as judge:
+            seen = {r: verdicts(judge, test, texts[r]) for row in rows for r in row}  # each run judged once
+            log.info("compare: paired figures under %s (%d verdicts from the cache, %d judged now)", spec,
+                     getattr(judge, "hits", 0), getattr(judge, "misses", 0))
         for a, b in rows:
-            for r in (a, b):
-                seen.setdefault(r, verdicts(judge, test, texts[r]))
             both = [(x, y) for x, y in zip(seen[a], seen[b]) if not (math.isnan(x) or math.isnan(y))]
             figures.setdefault(f"{b[0]}@{b[1]}", {})[judge_name(spec)] = paired_difference(
                 [x for x, _ in both], [y for _, y in both])
-        log.info("compare: paired figures under %s (%d verdicts from the cache, %d judged now)", spec,
-                 getattr(judge, "hits", 0), getattr(judge, "misses", 0))
-        if hasattr(judge, "close"):
-            judge.close()
-        del judge
-        free_memory()
     return figures
 
 

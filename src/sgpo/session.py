@@ -103,14 +103,8 @@ class Session:
     def second_judge(self):
         """``eval.second_judge`` for one use (None when off), freed afterwards: it is a model of its own, and the
         training that follows needs the memory."""
-        judge = cached_judge(self.cfg.eval.second_judge) if self.cfg.eval.second_judge else None
-        try:
+        with judge_for_one_use(self.cfg.eval.second_judge) as judge:
             yield judge
-        finally:
-            if hasattr(judge, "close"):  # a judge holding a model of its own releases it
-                judge.close()
-            del judge
-            free_memory()  # and its pages go back to the system before training
 
     # -- training --------------------------------------------------------------------------------------------
     def job(self, desc: str, seed: int, loss_name: str = "nll/loss") -> Job:
@@ -256,6 +250,20 @@ def cached_judge(spec: str):
     process keeps the cache (under a launcher every rank judges, one writes)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
     return make_judge(spec, cache=str(cache_dir() / "judgements" / f"{name}.jsonl") if is_writer() else None)
+
+
+@contextlib.contextmanager
+def judge_for_one_use(spec: str):
+    """``cached_judge(spec)`` (None for an empty spec), released afterwards: a judge holding a model of its own frees
+    it, and its pages go back to the system before whatever needs the memory next."""
+    judge = cached_judge(spec) if spec else None
+    try:
+        yield judge
+    finally:
+        if hasattr(judge, "close"):
+            judge.close()
+        del judge
+        free_memory()
 
 
 def save_model(model, tokenizer, path: Path) -> None:
