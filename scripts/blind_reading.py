@@ -1,0 +1,128 @@
+"""Read two models' answers blind, then measure how often each judge agrees with the reader.
+
+A judge validated on strong models' answers (``benchmarks/judge_agreement.py``) may not judge a small model's answers
+the same way; reading a sample of the pairs it is asked to decide is the check. ``sheet`` draws N prompts, shows the
+two answers of each in a random order as "1" and "2" and keeps the order in a separate key; the reader writes one
+label per item into ``labels.txt`` (``1``, ``2`` or ``=`` for "no better one", ``#`` starts a comment). ``score``
+prints the reader's win rate of model A and, on the items the reader decided, each judge's agreement with the reader
+(ties half), beside "the longer answer wins", with 95% bootstrap CIs.
+
+    python scripts/blind_reading.py sheet --prompts decision.jsonl --a A.jsonl --b B.jsonl --n 24 -o DIR
+    python scripts/blind_reading.py score DIR --judge reference --judge lm:sgpo:gemma-3-270m
+
+Answer files are JSON lines with ``id`` and ``text`` (``sgpo eval``'s generation files) or ``output``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from sgpo.data import load_records
+from sgpo.eval.winrate import format_win_rate, win_rate
+
+LABELS = {"1": 0, "2": 1, "=": None}  # which shown answer the reader preferred (index into the shown order)
+
+
+def read_answers(path: str) -> dict[str, str]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return {str(r["id"]): r["text"] if "text" in r else r["output"] for r in rows}
+
+
+def digest(*texts: str) -> str:
+    return hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+
+
+def write_sheet(prompts: str, a_path: str, b_path: str, n: int, seed: int, out: Path) -> int:
+    """``sheet.md`` (what the reader sees), ``key.jsonl`` (the hidden order) and an empty ``labels.txt``."""
+    records, _ = load_records(prompts)
+    a, b = read_answers(a_path), read_answers(b_path)
+    both = [r for r in records if r.id in a and r.id in b]
+    rng = random.Random(seed)
+    chosen = rng.sample(both, min(n, len(both)))
+    out.mkdir(parents=True, exist_ok=True)
+    sheet, key = [], []
+    for k, r in enumerate(chosen, 1):
+        a_first = rng.random() < 0.5
+        shown = (a[r.id], b[r.id]) if a_first else (b[r.id], a[r.id])
+        sheet.append(f"## {k}\n\n**Request**\n\n{r.prompt_text}\n\n**Answer 1**\n\n{shown[0]}\n\n"
+                     f"**Answer 2**\n\n{shown[1]}\n")
+        key.append({"item": k, "id": r.id, "a_first": a_first, "digest": digest(r.prompt_text, a[r.id], b[r.id])})
+    (out / "sheet.md").write_text("\n---\n\n".join(sheet))
+    (out / "key.jsonl").write_text("".join(json.dumps(x) + "\n" for x in key))
+    (out / "labels.txt").write_text("".join(f"? # item {x['item']}\n" for x in key))
+    json.dump({"prompts": prompts, "a": a_path, "b": b_path, "n": len(key), "seed": seed},
+              open(out / "sheet.json", "w"), indent=1)
+    return len(key)
+
+
+def read_labels(path: Path, n: int) -> list[float | None]:
+    """The reader's verdict per item as "A is better" (1.0), "B is better" (0.0) or None, in shown order first."""
+    labels = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    labels = [x for x in labels if x]
+    if len(labels) != n:
+        raise SystemExit(f"{path}: {len(labels)} labels for {n} items")
+    for i, x in enumerate(labels, 1):
+        if x not in LABELS:
+            raise SystemExit(f"{path}: item {i}: label {x!r} is not 1, 2 or =")
+    return [LABELS[x] for x in labels]
+
+
+def reader_verdicts(folder: Path) -> tuple[list[dict], list[float | None]]:
+    """The key rows and, per item, 1.0 when the reader preferred model A's answer, 0.0 for B's, None for no choice."""
+    key = [json.loads(line) for line in (folder / "key.jsonl").read_text().splitlines()]
+    shown = read_labels(folder / "labels.txt", len(key))
+    verdicts = [None if s is None else float((s == 0) == k["a_first"]) for s, k in zip(shown, key)]
+    return key, verdicts
+
+
+def score(folder: Path, judges: list[str]) -> dict:
+    """The reader's win rate of A, and each judge's (and length-only) agreement with the reader's decided items."""
+    meta = json.loads((folder / "sheet.json").read_text())
+    key, verdicts = reader_verdicts(folder)
+    records = {r.id: r for r in load_records(meta["prompts"])[0]}
+    a, b = read_answers(meta["a"]), read_answers(meta["b"])
+    for k in key:
+        if digest(records[k["id"]].prompt_text, a[k["id"]], b[k["id"]]) != k["digest"]:
+            raise SystemExit(f"item {k['item']}: the answers changed since the sheet was written")
+    decided = [(records[k["id"]], v) for k, v in zip(key, verdicts) if v is not None]
+    res = {"reader": win_rate([0.5 if v is None else v for v in verdicts]), "decided": len(decided)}
+    res["length"] = win_rate([float((len(a[r.id]) > len(b[r.id])) == (v == 1.0)) for r, v in decided])
+    for spec in judges:
+        from sgpo.eval.judges import make_judge
+
+        prefs = make_judge(spec).prefer([r.prompt_text for r, _ in decided], [a[r.id] for r, _ in decided],
+                                        [b[r.id] for r, _ in decided], [r.reference for r, _ in decided])
+        res[spec] = win_rate([p if v == 1.0 else 1 - p for p, (_, v) in zip(prefs, decided)])
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sheet")
+    s.add_argument("--prompts", required=True)
+    s.add_argument("--a", required=True, help="model A's answers")
+    s.add_argument("--b", required=True, help="model B's answers")
+    s.add_argument("--n", type=int, default=24)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    c = sub.add_parser("score")
+    c.add_argument("folder")
+    c.add_argument("--judge", action="append", default=[])
+    args = ap.parse_args()
+    if args.command == "sheet":
+        n = write_sheet(args.prompts, args.a, args.b, args.n, args.seed, Path(args.output))
+        print(f"{n} items -> {args.output}/sheet.md; write one label per item into {args.output}/labels.txt")
+        return
+    res = score(Path(args.folder), args.judge)
+    print(f"reader: A preferred {format_win_rate(res['reader'])} (ties half); {res['decided']} items decided")
+    for name, w in res.items():
+        if name not in ("reader", "decided"):
+            print(f"agreement with the reader, {name}: {format_win_rate(w)}")
+
+
+if __name__ == "__main__":
+    main()
