@@ -8,7 +8,7 @@ prints the reader's win rate of model A and, on the items the reader decided, ea
 (ties half), beside "the longer answer wins", with 95% bootstrap CIs.
 
     python scripts/blind_reading.py sheet --prompts decision.jsonl --a A.jsonl --b B.jsonl --n 24 -o DIR
-    python scripts/blind_reading.py score DIR --judge reference --judge lm:sgpo:gemma-3-270m
+    python scripts/blind_reading.py score DIR [DIR ...] --judge reference --judge lm:sgpo:gemma-3-270m
 
 Answer files are JSON lines with ``id`` and ``text`` (``sgpo eval``'s generation files) or ``output``.
 """
@@ -78,24 +78,35 @@ def reader_verdicts(folder: Path) -> tuple[list[dict], list[float | None]]:
     return key, verdicts
 
 
-def score(folder: Path, judges: list[str]) -> dict:
-    """The reader's win rate of A, and each judge's (and length-only) agreement with the reader's decided items."""
+def read_sheet(folder: Path) -> tuple[list[float | None], list[tuple[str, str, str, str | None, float]]]:
+    """The reader's verdicts of one sheet, and its decided items as (request, A, B, reference, verdict)."""
     meta = json.loads((folder / "sheet.json").read_text())
     key, verdicts = reader_verdicts(folder)
     records = {r.id: r for r in load_records(meta["prompts"])[0]}
     a, b = read_answers(meta["a"]), read_answers(meta["b"])
     for k in key:
         if digest(records[k["id"]].prompt_text, a[k["id"]], b[k["id"]]) != k["digest"]:
-            raise SystemExit(f"item {k['item']}: the answers changed since the sheet was written")
-    decided = [(records[k["id"]], v) for k, v in zip(key, verdicts) if v is not None]
+            raise SystemExit(f"{folder}: item {k['item']}: the answers changed since the sheet was written")
+    decided = [(records[k["id"]].prompt_text, a[k["id"]], b[k["id"]], records[k["id"]].reference, v)
+               for k, v in zip(key, verdicts) if v is not None]
+    return verdicts, decided
+
+
+def score(folders: list[Path], judges: list[str]) -> dict:
+    """The reader's win rate of A, and each judge's (and length-only) agreement with the reader's decided items,
+    over one sheet or several pooled."""
+    verdicts, decided = [], []
+    for folder in folders:
+        v, d = read_sheet(folder)
+        verdicts, decided = verdicts + v, decided + d
     res = {"reader": win_rate([0.5 if v is None else v for v in verdicts]), "decided": len(decided)}
-    res["length"] = win_rate([float((len(a[r.id]) > len(b[r.id])) == (v == 1.0)) for r, v in decided])
+    res["length"] = win_rate([float((len(a) > len(b)) == (v == 1.0)) for _, a, b, _, v in decided])
     for spec in judges:
         from sgpo.eval.judges import make_judge
 
-        prefs = make_judge(spec).prefer([r.prompt_text for r, _ in decided], [a[r.id] for r, _ in decided],
-                                        [b[r.id] for r, _ in decided], [r.reference for r, _ in decided])
-        res[spec] = win_rate([p if v == 1.0 else 1 - p for p, (_, v) in zip(prefs, decided)])
+        request, a, b, refs, v = zip(*decided) if decided else ([],) * 5
+        prefs = make_judge(spec).prefer(list(request), list(a), list(b), list(refs) if all(refs) else None)
+        res[spec] = win_rate([p if x == 1.0 else 1 - p for p, x in zip(prefs, v)])
     return res
 
 
@@ -110,14 +121,14 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True)
     c = sub.add_parser("score")
-    c.add_argument("folder")
+    c.add_argument("folders", nargs="+", help="one sheet, or several to pool")
     c.add_argument("--judge", action="append", default=[])
     args = ap.parse_args()
     if args.command == "sheet":
         n = write_sheet(args.prompts, args.a, args.b, args.n, args.seed, Path(args.output))
         print(f"{n} items -> {args.output}/sheet.md; write one label per item into {args.output}/labels.txt")
         return
-    res = score(Path(args.folder), args.judge)
+    res = score([Path(f) for f in args.folders], args.judge)
     print(f"reader: A preferred {format_win_rate(res['reader'])} (ties half); {res['decided']} items decided")
     for name, w in res.items():
         if name not in ("reader", "decided"):

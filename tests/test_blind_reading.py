@@ -45,19 +45,21 @@ def test_the_sheet_hides_the_order_and_score_undoes_it(sheet):
     key = [json.loads(x) for x in (sheet / "key.jsonl").read_text().splitlines()]
     assert {k["a_first"] for k in key} == {True, False}  # both orders are shown
     label_as(sheet, prefer_a=True)
-    res = blind.score(sheet, [])
+    res = blind.score([sheet], [])
     assert res["reader"]["win_rate"] == 1.0 and res["decided"] == 8
     assert res["length"]["win_rate"] == 1.0  # the reader always chose the longer answer
     label_as(sheet, prefer_a=False)
-    res = blind.score(sheet, [])
+    res = blind.score([sheet], [])
     assert res["reader"]["win_rate"] == 0.0 and res["length"]["win_rate"] == 0.0
+    pooled = blind.score([sheet, sheet], [])
+    assert pooled["decided"] == 16 and pooled["length"]["n"] == 16
 
 
 def test_ties_count_half_for_the_reader_and_are_left_out_of_agreement(sheet):
     label_as(sheet, prefer_a=True)
     labels = (sheet / "labels.txt").read_text().splitlines()
     (sheet / "labels.txt").write_text("\n".join(["="] * 4 + labels[4:]) + "\n")
-    res = blind.score(sheet, [])
+    res = blind.score([sheet], [])
     assert res["reader"]["win_rate"] == pytest.approx(0.75) and res["decided"] == 4
     assert res["length"]["n"] == 4
 
@@ -65,12 +67,12 @@ def test_ties_count_half_for_the_reader_and_are_left_out_of_agreement(sheet):
 def test_a_bad_label_or_a_changed_answer_is_an_error(sheet, tmp_path):
     (sheet / "labels.txt").write_text("1\n" * 7 + "x\n")
     with pytest.raises(SystemExit, match="item 8: label 'x'"):
-        blind.score(sheet, [])
+        blind.score([sheet], [])
     (sheet / "labels.txt").write_text("1\n" * 7)
     with pytest.raises(SystemExit, match="7 labels for 8 items"):
-        blind.score(sheet, [])
+        blind.score([sheet], [])
     (sheet / "labels.txt").write_text("1\n" * 8)
     ids = [r.id for r in load_records(str(tmp_path / "prompts.jsonl"))[0]]
     write_jsonl(tmp_path / "b.jsonl", [{"id": i, "output": "changed"} for i in ids])
     with pytest.raises(SystemExit, match="answers changed"):
-        blind.score(sheet, [])
+        blind.score([sheet], [])
