@@ -22,13 +22,13 @@ from pathlib import Path
 
 from sgpo.data import load_records
 from sgpo.eval.winrate import format_win_rate, win_rate
+from sgpo.files import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 
 LABELS = {"1": 0, "2": 1, "=": None}  # which shown answer the reader preferred (index into the shown order)
 
 
 def read_answers(path: str) -> dict[str, str]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return {str(r["id"]): r["text"] if "text" in r else r["output"] for r in rows}
+    return {str(r["id"]): r["text"] if "text" in r else r["output"] for r in read_jsonl(Path(path))}
 
 
 def digest(*texts: str) -> str:
@@ -50,16 +50,15 @@ def write_sheet(prompts: str, a_path: str, b_path: str, n: int, seed: int, out: 
         sheet.append(f"## {k}\n\n**Request**\n\n{r.prompt_text}\n\n**Answer 1**\n\n{shown[0]}\n\n"
                      f"**Answer 2**\n\n{shown[1]}\n")
         key.append({"item": k, "id": r.id, "a_first": a_first, "digest": digest(r.prompt_text, a[r.id], b[r.id])})
-    (out / "sheet.md").write_text("\n---\n\n".join(sheet))
-    (out / "key.jsonl").write_text("".join(json.dumps(x) + "\n" for x in key))
-    (out / "labels.txt").write_text("".join(f"? # item {x['item']}\n" for x in key))
-    json.dump({"prompts": prompts, "a": a_path, "b": b_path, "n": len(key), "seed": seed},
-              open(out / "sheet.json", "w"), indent=1)
+    atomic_write_text(out / "sheet.md", "\n---\n\n".join(sheet))
+    write_jsonl(out / "key.jsonl", key)
+    atomic_write_text(out / "labels.txt", "".join(f"? # item {x['item']}\n" for x in key))
+    atomic_write_json(out / "sheet.json", {"prompts": prompts, "a": a_path, "b": b_path, "n": len(key), "seed": seed})
     return len(key)
 
 
-def read_labels(path: Path, n: int) -> list[float | None]:
-    """The reader's verdict per item as "A is better" (1.0), "B is better" (0.0) or None, in shown order first."""
+def read_labels(path: Path, n: int) -> list[int | None]:
+    """Per item, which shown answer the reader preferred: 0 (answer 1), 1 (answer 2) or None (no better one)."""
     labels = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
     labels = [x for x in labels if x]
     if len(labels) != n:
@@ -72,7 +71,7 @@ def read_labels(path: Path, n: int) -> list[float | None]:
 
 def reader_verdicts(folder: Path) -> tuple[list[dict], list[float | None]]:
     """The key rows and, per item, 1.0 when the reader preferred model A's answer, 0.0 for B's, None for no choice."""
-    key = [json.loads(line) for line in (folder / "key.jsonl").read_text().splitlines()]
+    key = read_jsonl(folder / "key.jsonl")
     shown = read_labels(folder / "labels.txt", len(key))
     verdicts = [None if s is None else float((s == 0) == k["a_first"]) for s, k in zip(shown, key)]
     return key, verdicts
@@ -100,12 +99,13 @@ def score(folders: list[Path], judges: list[str]) -> dict:
         v, d = read_sheet(folder)
         verdicts, decided = verdicts + v, decided + d
     res = {"reader": win_rate([0.5 if v is None else v for v in verdicts]), "decided": len(decided)}
-    res["length"] = win_rate([float((len(a) > len(b)) == (v == 1.0)) for _, a, b, _, v in decided])
+    request, a, b, refs, v = (list(x) for x in zip(*decided)) if decided else ([],) * 5
+    res["length"] = win_rate([float((len(x) > len(y)) == (z == 1.0)) for x, y, z in zip(a, b, v)])
     for spec in judges:
-        from sgpo.eval.judges import make_judge
+        from sgpo.session import judge_for_one_use
 
-        request, a, b, refs, v = zip(*decided) if decided else ([],) * 5
-        prefs = make_judge(spec).prefer(list(request), list(a), list(b), list(refs) if all(refs) else None)
+        with judge_for_one_use(spec) as judge:  # verdicts cached by content, the judge's model freed afterwards
+            prefs = judge.prefer(request, a, b, refs if all(refs) else None)
         res[spec] = win_rate([p if x == 1.0 else 1 - p for p, x in zip(prefs, v)])
     return res
 
