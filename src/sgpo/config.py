@@ -140,8 +140,8 @@ class TrainConfig:
 
 @dataclass
 class DPOConfig:
-    beta: float = 0.1
-    "DPO temperature β."
+    beta: float = 0.5
+    "DPO temperature β: larger keeps the policy nearer the reference model. 0.5 beat 0.1 on the decision prompts in two seeds (README); the paper configs pin 0.1."
     lr: float = 5e-6
     "Learning rate."
     epochs: int = 1
