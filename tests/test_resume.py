@@ -171,7 +171,7 @@ def test_changed_config_on_resume_names_the_keys(tmp_path, data, uninterrupted):
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    p = subprocess.run(command(out, data, ["--set", "dpo.beta=0.5", "--set", "seed=3"]), cwd=REPO, env=cli_env(),
+    p = subprocess.run(command(out, data, ["--set", "dpo.beta=0.25", "--set", "seed=3"]), cwd=REPO, env=cli_env(),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
