@@ -72,6 +72,26 @@ def test_prompt_echo():
     assert not echoes("Write a poem", "Write a poem")  # shorter than the minimum run
 
 
+def test_echo_copied_from_the_reference_is_kept():
+    # a reference that restates the request (seen in real rounds: "A word that represents people reacting to
+    # unpleasant events is ...") is the target's style; a chosen side that copies it is not an echo
+    request = "Give me a word that represents people reacting to unpleasant events"
+    reference = 'A word that represents people reacting to unpleasant events is "resilience": coping and recovering.'
+    draft = "Words for reactions to bad things include shock and anger."
+    g = Gates(TemplateMarkers.of(templates.REFERENCED_INSTRUCTION))
+    assert g.drop_reason(request, reference, draft, True, True) == "prompt_echo"  # no reference given
+    assert g.drop_reason(request, reference, draft, True, True, reference) is None
+    echo = request + ". " + draft  # the request prepended, where the reference does not do that
+    assert g.drop_reason(request, echo, draft, True, True, "Resilience: the ability to recover.") == "prompt_echo"
+    pairs = [Pair("a", [{"role": "user", "content": request}], reference, draft),
+             Pair("b", [{"role": "user", "content": request}], echo, draft)]
+    refs = {"a": reference, "b": "Resilience: the ability to recover."}
+    kept, dropped = filter_pairs(pairs, g, refs)
+    assert [p.record_id for p in kept] == ["a"] and dropped == {"prompt_echo": 1}
+    assert candidate_metrics(pairs, g.markers, refs)["improver/echo_rate"] == pytest.approx(1 / 2)
+    assert candidate_metrics(pairs, g.markers)["improver/echo_rate"] == pytest.approx(1.0)
+
+
 def test_filter_counts_and_rates():
     def p(c, r, cf=True, rf=True):
         return Pair("x", [{"role": "user", "content": REQUEST}], c, r, cf, rf)

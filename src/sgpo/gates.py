@@ -11,8 +11,9 @@ Each gate has a name, counted as ``pairs/dropped/<name>``; a pair is dropped for
                              only where the rejected side finished — else DPO learns "stop mid-sentence is better")
 ``rejected_unfinished``      the rejected side was cut off (``pairs.require_finished: both``)
 ``repetition``               the chosen side loops (a large share of repeated word 4-grams, or a line said 3+ times)
-``prompt_echo``              the chosen side mostly repeats the request where the rejected side does not (an
-                             embedding judge rewards that; it teaches nothing)
+``prompt_echo``              the chosen side mostly repeats the request where neither the rejected side nor the SFT
+                             reference does (an embedding judge rewards that; it teaches nothing). A reference that
+                             restates the request is the target's style, so a chosen side that copies it is kept
 """
 from __future__ import annotations
 
@@ -92,13 +93,18 @@ def echoes(text: str, request: str) -> bool:
     return run >= ECHO_MIN_WORDS and run >= ECHO_SHARE * n
 
 
+def echo_added(request: str, chosen: str, rejected: str, reference: str = "") -> bool:
+    """The chosen side echoes the request where neither the rejected side nor the reference (when given) does."""
+    return echoes(chosen, request) and not echoes(rejected, request) and not (reference and echoes(reference, request))
+
+
 @dataclass(frozen=True)
 class Gates:
     markers: TemplateMarkers
     require_finished: str = "chosen_if_rejected"
 
     def drop_reason(self, request: str, chosen: str, rejected: str, chosen_finished: bool,
-                    rejected_finished: bool) -> str | None:
+                    rejected_finished: bool, reference: str = "") -> str | None:
         """Why the pair is dropped (the first gate it fails), or None when it is kept."""
         c, r = normalise(chosen), normalise(rejected)
         if not c:
@@ -116,7 +122,7 @@ class Gates:
             return "rejected_unfinished"
         if repetitive(chosen):
             return "repetition"
-        if echoes(chosen, request) and not echoes(rejected, request):
+        if echo_added(request, chosen, rejected, reference):
             return "prompt_echo"
         return None
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .files import read_jsonl, write_jsonl
-from .gates import REASONS, Gates, TemplateMarkers, echoes
+from .gates import REASONS, Gates, TemplateMarkers, echo_added
 from .generation import Generation
 from .text import normalise, word_edit_distance
 
@@ -45,12 +45,16 @@ class Pair:
                    rejected.finished, meta)
 
 
-def filter_pairs(pairs: list[Pair], gates: Gates) -> tuple[list[Pair], Counter]:
+def filter_pairs(pairs: list[Pair], gates: Gates, references: dict[str, str] | None = None
+                 ) -> tuple[list[Pair], Counter]:
     """The pairs that pass every gate (``gates.py``), and the count of those dropped per reason. Every pair's verdict
-    is kept in its ``meta["dropped"]`` (None when kept), so a round's candidates can be read with their reasons."""
-    kept, dropped = [], Counter()
+    is kept in its ``meta["dropped"]`` (None when kept), so a round's candidates can be read with their reasons.
+    ``references`` (SFT references by record id) let the echo gate keep a side that restates the request as its
+    reference does."""
+    kept, dropped, refs = [], Counter(), references or {}
     for p in pairs:
-        why = gates.drop_reason(p.request, p.chosen, p.rejected, p.chosen_finished, p.rejected_finished)
+        why = gates.drop_reason(p.request, p.chosen, p.rejected, p.chosen_finished, p.rejected_finished,
+                                refs.get(p.record_id, ""))
         p.meta["dropped"] = why
         if why:
             dropped[why] += 1
@@ -59,14 +63,15 @@ def filter_pairs(pairs: list[Pair], gates: Gates) -> tuple[list[Pair], Counter]:
     return kept, dropped
 
 
-def candidate_metrics(candidates: list[Pair], markers: TemplateMarkers) -> dict:
+def candidate_metrics(candidates: list[Pair], markers: TemplateMarkers, references: dict[str, str] | None = None
+                      ) -> dict:
     """Before the gates, among all chosen sides (the rewrites, for SGPO): how often they differ from the rejected side
-    (the draft), leak the improver template, and echo the request where the rejected side does not."""
-    n = len(candidates)
+    (the draft), leak the improver template, and echo the request where neither the draft nor the reference does."""
+    n, refs = len(candidates), references or {}
     if not n:
         return {}
     leak = sum(markers.leaks(p.chosen) for p in candidates)
-    echo = sum(echoes(p.chosen, p.request) and not echoes(p.rejected, p.request) for p in candidates)
+    echo = sum(echo_added(p.request, p.chosen, p.rejected, refs.get(p.record_id, "")) for p in candidates)
     changed = sum(normalise(p.chosen) != normalise(p.rejected) for p in candidates)
     return {"pairs/candidates": n, "improver/changed_rate": changed / n, "improver/template_leak_rate": leak / n,
             "improver/echo_rate": echo / n}

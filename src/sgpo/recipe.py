@@ -134,10 +134,11 @@ def round_stage(s: Session, method: Method, t: int, records: list[Record], initi
         else:
             candidates = method.make_pairs(Context(s, stage, t, records, initial_path))
         gates = Gates(TemplateMarkers.of(s.sampler.instruction), cfg.pairs.require_finished)
-        pairs, dropped = filter_pairs(candidates, gates)
+        refs = {r.id: r.reference for r in records if r.reference}
+        pairs, dropped = filter_pairs(candidates, gates, refs)
         write_jsonl(s.run.path(stage, "candidates.jsonl"), [p.to_json() for p in candidates])  # with their verdicts
         pairs, dropped["not_verified"] = verify(pairs, cfg.pairs.verify)
-        m = {**candidate_metrics(candidates, gates.markers), **pair_metrics(pairs, dropped),
+        m = {**candidate_metrics(candidates, gates.markers, refs), **pair_metrics(pairs, dropped),
              **pair_agreement(s, pairs, records)}
         s.reference_pass(pairs, method.reference(cfg), initial_path)
         save_round(s.run.path(stage), pairs, m)
