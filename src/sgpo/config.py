@@ -96,16 +96,12 @@ class ImproverExperimentalConfig:
     "Drafts sampled per improver-training prompt; each gives its own improvement examples (×N improver-stage drafts)."
     rewrite_samples: int = 1
     "Rewrite tries per draft (rounds and improver figures): a rewrite equal to its draft is sampled again, the first that differs is kept (no judge involved)."
-    guided_min_gain: float = 0.02
-    "target guided: a revision is kept only if it is at least this much closer (edit similarity) to the reference than the draft."
-    guided_min_overlap: float = 0.5
-    "target guided: ... and still shares at least this fraction with the draft."
 
 
 @dataclass
 class ImproverConfig:
     target: str = "interpolate"
-    "How improver targets are built from (draft, reference): interpolate, guided (experimental: one extra generation per draft), reference (full jump)."
+    "How improver targets are built from (draft, reference): interpolate, reference (full jump)."
     step: float = 0.5
     "Fraction of the draft→reference edit script applied per improvement step (interpolate)."
     chain: int = 2
@@ -206,7 +202,7 @@ class Config:
 
 CHOICES = {
     "method": ("sgpo", "spin", "synpo", "dpo", "sft"),
-    "improver.target": ("interpolate", "guided", "reference"),
+    "improver.target": ("interpolate", "reference"),
     "dpo.reference": ("round_start", "initial"),
     "generation.backend": ("auto", "engine", "vllm"),
     "dpo.loss": ("sigmoid", "ipo", "hinge", "norm"),

@@ -65,7 +65,7 @@ def plan(cfg: Config, pool: int | None = -1) -> dict:
         per = cfg.improver.chain if cfg.improver.target != "reference" else 1
         examples = n_imp * per * cfg.improver.experimental.drafts_per_prompt
         examples += round(cfg.improver.mix_policy * examples)
-        gens = n_imp * (2 if cfg.improver.target == "guided" else 1) * cfg.improver.experimental.drafts_per_prompt
+        gens = n_imp * cfg.improver.experimental.drafts_per_prompt
         gens += dev_gen
         stages.append({"stage": "improver", "what": f"improver role of the policy ({cfg.improver.target} targets)",
                        "prompts": n_imp, "generations": gens, "sft_examples": examples,

@@ -7,7 +7,6 @@ stage reads and writes the run directory, is recorded in its manifest and skippe
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -28,7 +27,6 @@ from .pairs import (Pair, candidate_metrics, filter_pairs, judge_agreement, pair
 from .runs import open_run
 from .session import Session
 from .splits import Splits, prepare_splits
-from .templates import REFERENCED_INSTRUCTION
 
 log = logging.getLogger("sgpo")
 
@@ -96,19 +94,12 @@ def improver_stage(s: Session, records: list[Record]) -> dict:
     reference (``improver/targets.py``); the same weights learn I(x, y) → target, mixed with policy examples
     P(x) → y* that keep the policy role (``improver.mix_policy`` per improver example)."""
     cfg, ic = s.cfg, s.cfg.improver
-    guided = dataclasses.replace(s.sampler, instruction=REFERENCED_INSTRUCTION)
     examples = []
     for k in range(ic.experimental.drafts_per_prompt):
         n = str(k or "")
         drafts = s.sampler.rollout(s.generator, records, "draft" + n, 0, shard=s.run.path("improver", f"drafts{n}.jsonl"))
-        texts = {r.id: drafts[r.id].text for r in records}
-        revisions = {}
-        if ic.target == "guided":  # the model revises its draft with the reference shown
-            revisions = guided.rollout(s.generator, records, "guided" + n, 0, drafts=texts,
-                                       shard=s.run.path("improver", f"guided{n}.jsonl"))
         for r in records:
-            rev = revisions[r.id].text if r.id in revisions else None
-            examples += examples_from_draft(r.id, texts[r.id], r.reference, ic, rev)
+            examples += examples_from_draft(r.id, drafts[r.id].text, r.reference, ic)
     write_jsonl(s.run.path("improver", "examples.jsonl"), [e.__dict__ for e in examples])
     by_id = {r.id: r for r in records}
     nll = [nll_example(s.tokenizer, by_id[e.record_id], e, s.sampler.instruction) for e in examples]

@@ -5,7 +5,7 @@ policy   P(x)    = chat_template(x)
 improver I(x, y) = chat_template(user: the improver instruction filled with the request x and the draft y)
 
 An instruction is a plain string with the placeholders ``{prompt}``, ``{draft}`` and, optionally, ``{reference}``
-(the SFT reference of the request: reading B, ``improver.sees_reference``, and the ``guided`` improver targets).
+(the SFT reference of the request: reading B, ``improver.sees_reference``).
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ IMPROVER_INSTRUCTION = (
     "### Request\n{prompt}\n\n### Draft response\n{draft}"
 )
 
-# Reading B (``improver.sees_reference``): the improver sees the SFT reference in its input, in training and rounds;
-# also the prompt of the ``guided`` improver targets (the model revises its draft with the reference shown)
+# Reading B (``improver.sees_reference``): the improver sees the SFT reference in its input, in training and rounds
 REFERENCED_INSTRUCTION = (
     "Below is a request, a draft response, and an expert response for reference. Revise the draft one clear step "
     "towards the quality of the expert response, keeping most of the draft. Reply with the revised draft only.\n\n"

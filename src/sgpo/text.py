@@ -14,10 +14,3 @@ def word_edit_distance(a: str, b: str) -> int:
     from rapidfuzz.distance import Levenshtein
 
     return Levenshtein.distance(a.split(), b.split())
-
-
-def similarity(a: str, b: str) -> float:
-    """Normalised word-level similarity in [0, 1] (1 = identical word sequences)."""
-    from rapidfuzz.distance import Levenshtein
-
-    return Levenshtein.normalized_similarity(a.split(), b.split())
