@@ -221,3 +221,24 @@ def test_force_restart_forgets_the_run_but_nothing_else(tmp_path):
     check_resume(run, config.load(None, ["seed=2"]), True)
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
     assert run.manifest["stages"] == {}
+
+
+def test_resume_ignores_keys_a_later_sgpo_removed(tmp_path, caplog):
+    import yaml
+
+    from sgpo import config
+    from sgpo.runs import RunDir, check_resume
+
+    out = tmp_path / "run"
+    run = RunDir(out)
+    run.manifest["stages"]["round_0"] = {"status": "done"}
+    run.save_manifest()
+    saved = yaml.safe_load(config.dump(config.load(None, ["seed=1"])))
+    saved["improver"]["experimental"]["guided_min_gain"] = 0.02  # a key of an older sgpo
+    del saved["eval"]["head_to_head_size"]  # a key added since: taken at its default
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with caplog.at_level("INFO", logger="sgpo"):
+        check_resume(RunDir(out), config.load(None, ["seed=1"]), False)
+    assert "improver.experimental.guided_min_gain" in caplog.text
+    with pytest.raises(Exception, match=r"changed: seed\)"):
+        check_resume(RunDir(out), config.load(None, ["seed=2"]), False)

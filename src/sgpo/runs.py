@@ -233,18 +233,26 @@ def check_resume(run: RunDir, cfg: Config, force_restart: bool) -> None:
     if isinstance(old.get("version"), int) and old["version"] > config_mod.CONFIG_VERSION:
         raise RunError(f"{run.root} holds a run made by a newer sgpo (config version {old['version']}; this sgpo "
                        f"reads up to {config_mod.CONFIG_VERSION}); upgrade sgpo or use another --output")
-    changed = config_mod.diff(_with_defaults(config_mod.to_dict(Config()), old), config_mod.to_dict(cfg))
+    removed: list[str] = []
+    old = _as_current(config_mod.to_dict(Config()), old, removed)
+    if removed:
+        log.info("resume: %d config key(s) of this run no longer exist and are ignored: %s", len(removed),
+                 ", ".join(removed))
+    changed = config_mod.diff(old, config_mod.to_dict(cfg))
     if changed:
         raise RunError(f"{run.root} holds a run with a different config (changed: {', '.join(changed)}); "
                        "use another --output, or --force-restart to start over")
 
 
-def _with_defaults(defaults: dict, old: dict) -> dict:
-    """``old`` with the keys it lacks (added by a later sgpo) at their defaults."""
-    out = dict(old)
-    for k, v in defaults.items():
-        if k not in out:
+def _as_current(defaults: dict, old: dict, removed: list[str], prefix: str = "") -> dict:
+    """``old`` with the keys it lacks (added by a later sgpo) at their defaults, and without the keys a later sgpo
+    removed (their dotted names appended to ``removed``)."""
+    out = {}
+    for k, v in old.items():
+        if k not in defaults:
+            removed.append(prefix + k)
+        elif isinstance(v, dict) and isinstance(defaults[k], dict):
+            out[k] = _as_current(defaults[k], v, removed, prefix + k + ".")
+        else:
             out[k] = v
-        elif isinstance(v, dict) and isinstance(out[k], dict):
-            out[k] = _with_defaults(v, out[k])
-    return out
+    return {**defaults, **out}
