@@ -130,7 +130,7 @@ def round_stage(s: Session, method: Method, t: int, records: list[Record], initi
         write_jsonl(s.run.path(stage, "candidates.jsonl"), [p.to_json() for p in candidates])  # with their verdicts
         pairs, dropped["not_verified"] = verify(pairs, cfg.pairs.verify)
         m = {**candidate_metrics(candidates, gates.markers, refs), **pair_metrics(pairs, dropped),
-             **pair_agreement(s, pairs, records)}
+             **pair_agreement(s, pairs, refs)}
         s.reference_pass(pairs, method.reference(cfg), initial_path)
         save_round(s.run.path(stage), pairs, m)
     log.info("round %d: %d pairs kept, dropped %s", t, len(pairs),
@@ -141,10 +141,10 @@ def round_stage(s: Session, method: Method, t: int, records: list[Record], initi
     return {**m, **s.train_dpo(pairs, f"round {t}: dpo", cfg.seed + 100 * t)}
 
 
-def pair_agreement(s: Session, pairs: list[Pair], records: list[Record]) -> dict:
+def pair_agreement(s: Session, pairs: list[Pair], refs: dict[str, str]) -> dict:
     """How often a judge that did not select the pairs prefers their chosen side: ``pairs/judge_agreement`` (the
-    second judge) and, when the improver never saw the references (reading A), ``pairs/judge_agreement_reference``."""
-    refs = {r.id: r.reference for r in records if r.reference}
+    second judge) and, when the improver never saw the references (reading A), ``pairs/judge_agreement_reference``.
+    ``refs``: the round's SFT references by record id."""
     with s.second_judge() as judge:
         m = judge_agreement(pairs, judge)
     # the reference judge, when the pairs have references (not so for an external preference set) that the improver
