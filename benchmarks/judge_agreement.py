@@ -163,7 +163,7 @@ def judge_preferences(judge, pairs, batch: int = 8, log=None) -> tuple[list[floa
         chunk = pairs[start:start + batch]
         out.extend(judge.prefer([p.instruction for p in chunk], [p.a for p in chunk], [p.b for p in chunk],
                                 [p.reference for p in chunk]))
-        log(f"  {getattr(judge, 'spec', judge)}: {len(out)}/{len(pairs)} pairs, {time.perf_counter() - t0:.0f} s")
+        log(f"  {judge.spec}: {len(out)}/{len(pairs)} pairs, {time.perf_counter() - t0:.0f} s")
     return out, time.perf_counter() - t0
 
 

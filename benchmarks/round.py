@@ -50,7 +50,7 @@ def _timed(stages: dict[str, dict], name: str, fn):
 def _instrumented(stages: dict[str, dict], positions: list[tuple[int, int]]):
     """Times the generation, reference and DPO stages into ``stages`` and records (positions, pairs) of every DPO
     collate into ``positions``, restoring the originals on exit."""
-    from sgpo import session
+    from sgpo import trainer
     from sgpo.rollout import Sampler
     from sgpo.training import dpo as dpo_mod
 
@@ -61,34 +61,35 @@ def _instrumented(stages: dict[str, dict], positions: list[tuple[int, int]]):
         positions.append((b.tokens, b.n_pairs))
         return b
 
-    saved = session.reference_logps, session.train_dpo, Sampler.rollout
-    session.reference_logps = _timed(stages, "reference", session.reference_logps)
-    session.train_dpo = _timed(stages, "dpo", session.train_dpo)
+    saved = trainer.reference_logps, trainer.train_dpo, Sampler.rollout
+    trainer.reference_logps = _timed(stages, "reference", trainer.reference_logps)
+    trainer.train_dpo = _timed(stages, "dpo", trainer.train_dpo)
     Sampler.rollout = _timed(stages, "generation", Sampler.rollout)
     dpo_mod.collate_pairs = counting
     try:
         yield
     finally:
-        session.reference_logps, session.train_dpo, Sampler.rollout = saved
+        trainer.reference_logps, trainer.train_dpo, Sampler.rollout = saved
         dpo_mod.collate_pairs = collate
 
 
 def _run_round(cfg) -> tuple:
     """The first round through the recipe's round stage in a temporary run directory: its metrics, its prompts and
     the setup and total timers."""
-    from sgpo import distributed, recipe, session
-    from sgpo.methods import get_method
+    from sgpo import distributed, recipe
+    from sgpo.methods import Context, get_method
     from sgpo.runs import RunDir
+    from sgpo.session import open_session
     from sgpo.splits import prepare_splits
 
     with tempfile.TemporaryDirectory() as tmp, _common.Timer() as total:
         with _common.Timer() as setup:
-            s = session.Session(cfg, RunDir(tmp), distributed.Dist(None))
+            s = open_session(cfg, RunDir(tmp), distributed.Dist(None))
             data = prepare_splits(cfg, s.tokenizer)
-            s.model  # noqa: B018  (load it now, outside the stage timings)
-        method = get_method(cfg.method)
+            s.policy.model  # noqa: B018  (load it now, outside the stage timings)
         records = data.rounds[0] if data.rounds else []
-        m = recipe.round_stage(s, method, 1, records, s.model_path)
+        s.stages.current = "round_1"
+        m = recipe.round_stage(Context(s, "round_1", 1, records, s.policy.path), get_method(cfg.method))
     return m, records, setup, total
 
 

@@ -102,7 +102,7 @@ def score(folders: list[Path], judges: list[str]) -> dict:
     request, a, b, refs, v = (list(x) for x in zip(*decided)) if decided else ([],) * 5
     res["length"] = win_rate([float((len(x) > len(y)) == (z == 1.0)) for x, y, z in zip(a, b, v)])
     for spec in judges:
-        from sgpo.session import judge_for_one_use
+        from sgpo.eval.judges import judge_for_one_use
 
         with judge_for_one_use(spec) as judge:  # verdicts cached by content, the judge's model freed afterwards
             prefs = judge.prefer(request, a, b, refs if all(refs) else None)

@@ -151,3 +151,11 @@ def test_lora_run_saves_merged_full_checkpoints(tmp_path, smoke_run):
     start = load_file(out / "improver" / "model" / "model.safetensors")
     assert not any("lora" in k for k in final)  # merged: an ordinary checkpoint
     assert set(final) == set(start) and any(not torch.equal(final[k], start[k]) for k in final)
+
+
+def test_dry_run_counts_what_the_smoke_run_did(smoke_run):
+    from dry_run_check import assert_dry_run_matches
+
+    d = assert_dry_run_matches(smoke_run[0])
+    judges = {k for row in d["stages"] for k in row["judges"]}
+    assert judges == {"reference", "lm:sgpo:tiny-random"}

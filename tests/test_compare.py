@@ -9,7 +9,6 @@ import torch
 from sgpo import compare as compare_mod
 from sgpo import config, recipe
 from sgpo.cli import main
-from sgpo.plan import plan
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -218,7 +217,7 @@ def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
-def test_paper_configs_validate_and_dry_run(path, capsys):
+def test_paper_configs_validate(path):
     cfg = config.load(path)  # validates every key and value
     assert cfg.model.dtype == "bfloat16" and cfg.model.name in ("Qwen/Qwen2.5-7B", "meta-llama/Meta-Llama-3-8B")
     assert cfg.method == path.stem.split("-")[0]
@@ -226,12 +225,8 @@ def test_paper_configs_validate_and_dry_run(path, capsys):
     assert "configs/accelerate/zero3.yaml" in text  # how to launch it: DeepSpeed ZeRO-3 through accelerate
     if cfg.method == "dpo":
         assert cfg.data.preference == "HuggingFaceH4/ultrafeedback_binarized"
-    p = plan(cfg)
-    assert p["pool"] is None  # a hub dataset is not downloaded for a plan
-    assert p["rounds"] == (0 if cfg.method == "sft" else cfg.rounds)
-    assert main(["run", str(path), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "plan: method " + cfg.method in out and "total:" in out
+    # the dry run of every shipped config is tests/test_dry_run.py
+
 
 
 def test_paper_configs_share_budget_per_model():

@@ -64,7 +64,7 @@ def test_answer_cache_keeps_vllm_answers_apart(tiny_path, tiny_tokenizer):
     cfg, recs = Config(), [Record("a", (("user", "hi"),))]
     engine = Sampler(tiny_tokenizer, cfg.generation, cfg.seed, backend="engine")
     vllm = dataclasses.replace(engine, backend="vllm")
-    assert answer_key(tiny_path, engine, cfg, recs) != answer_key(tiny_path, vllm, cfg, recs)
+    assert answer_key(tiny_path, engine, cfg.data.max_prompt_tokens, recs) != answer_key(tiny_path, vllm, cfg.data.max_prompt_tokens, recs)
     # the engine's key is the one earlier versions wrote: their caches stay valid
-    assert answer_key(tiny_path, engine, cfg, recs) == content_hash(
+    assert answer_key(tiny_path, engine, cfg.data.max_prompt_tokens, recs) == content_hash(
         [model_hash(tiny_path), engine.settings().__dict__, cfg.seed, cfg.data.max_prompt_tokens, ["a"]])

@@ -1,42 +1,51 @@
-"""Every method declares, in its own class, what the recipe asks of it; what it declares it implements."""
+"""A method says only what differs between methods; the recipe asks every method the same questions."""
+import ast
+from pathlib import Path
+
 import pytest
 
 from sgpo.config import Config
+from sgpo.data import Record
 from sgpo.methods import METHODS, Method, get_method
+from sgpo.splits import Splits
 
-DECLARED = ("trains_improver", "runs_sft", "has_rounds", "has_prepare", "self_improving")
-
-
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_each_method_declares_every_flag_itself(name):
-    m = get_method(name)
-    assert m.name == name and isinstance(m, Method)
-    own = vars(type(m))
-    missing = [k for k in DECLARED if k not in own]
-    assert not missing, f"{name} leaves {missing} to the base class"
-    assert all(isinstance(own[k], bool) for k in DECLARED)
+SRC = Path(__file__).resolve().parents[1] / "src" / "sgpo"
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_what_a_method_declares_it_implements(name):
+def splits() -> Splits:
+    rec = [Record(f"r{i}", (("user", f"q{i}"),), f"a{i}") for i in range(6)]
+    return Splits(train=rec, dev=[], sft=rec[:2], improver=rec[2:4], rounds=[rec[4:5], rec[5:6]])
+
+
+@pytest.mark.parametrize("name", list(METHODS.names()))
+def test_a_method_with_rounds_makes_its_own_pairs(name):
     m, cls = get_method(name), type(get_method(name))
-    overrides = lambda attr: getattr(cls, attr) is not getattr(Method, attr)  # noqa: E731
-    assert m.has_prepare == overrides("prepare"), name
-    if m.has_rounds and not m.self_improving:
-        assert overrides("make_pairs"), f"{name} has rounds but makes no pairs"
+    assert m.name == name and isinstance(m, Method)
     assert m.reference(Config()) in ("round_start", "initial")
-    plan = m.plan_round(Config(), 1)
-    assert set(plan) >= {"generations", "pairs"}
+    if m.rounds(splits()):
+        assert cls.make_pairs is not Method.make_pairs, f"{name} has rounds but makes no pairs"
 
 
-def test_the_base_refuses_what_was_not_declared():
-    with pytest.raises(NotImplementedError, match="no prepare stage"):
-        get_method("spin").prepare(None)
+def test_sft_alone_trains_on_what_the_others_see_and_has_no_rounds():
+    sft, data = get_method("sft"), splits()
+    assert sft.rounds(data) == []
+    assert [r.id for r in sft.sft_prompts(data, Config())] == ["r0", "r1", "r2", "r3", "r4", "r5"]
+    assert get_method("sgpo").sft_prompts(data, Config(sft=False)) is None
+
+
+def test_the_base_refuses_pairs_it_was_not_taught():
     with pytest.raises(NotImplementedError, match="makes no pairs"):
-        get_method("sgpo").make_pairs(None)
+        Method().make_pairs(None)
 
 
-def test_only_sgpo_is_self_improving_and_trains_its_own_improver():
-    assert {n for n in METHODS if get_method(n).self_improving} == {"sgpo"}
-    assert {n for n in METHODS if get_method(n).trains_improver} == {"sgpo"}
-    assert {n for n in METHODS if not get_method(n).has_rounds} == {"sft"}
+def test_the_recipe_names_no_method():
+    """No method's name or attribute is tested outside its own module."""
+    text = (SRC / "recipe.py").read_text()
+    tree = ast.parse(text)
+    for node in ast.walk(tree):  # no comparison with a method's name or with the configured method
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            assert not any(isinstance(x, ast.Constant) and x.value in METHODS.names() for x in sides), ast.unparse(node)
+            assert not any(isinstance(x, ast.Attribute) and x.attr == "method" for x in sides), ast.unparse(node)
+    attrs = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert not attrs & {"trains_improver", "runs_sft", "has_rounds", "has_prepare", "self_improving"}

@@ -40,15 +40,14 @@ def test_training_pairs_see_the_prompt_cut_that_generation_saw(tiny_tokenizer):
     from sgpo.config import GenerationConfig
     from sgpo.data import Record
     from sgpo.rollout import Sampler
-    from sgpo.session import Session
+    from sgpo.trainer import Trainer
 
     cfg = Config()
     cfg.data.max_prompt_tokens = 24
     text = " ".join(f"word{i}" for i in range(200))
     messages = [{"role": "user", "content": text}]
-    session = SimpleNamespace(tokenizer=tiny_tokenizer, cfg=cfg,
-                              sampler=SimpleNamespace(instruction=templates.IMPROVER_INSTRUCTION))
-    tp = Session.token_pairs(session, [Pair("a", messages, "good answer", "bad answer")], improver_drafts=True)[0]
+    trainer = SimpleNamespace(tokenizer=tiny_tokenizer, cfg=cfg, instruction=templates.IMPROVER_INSTRUCTION)
+    tp = Trainer.token_pairs(trainer, [Pair("a", messages, "good answer", "bad answer")], improver_drafts=True)[0]
     full = templates.render(tiny_tokenizer, messages)
     assert len(full) > 24
     gen = Sampler(tiny_tokenizer, GenerationConfig(), 0, 24).requests([Record("a", (("user", text),))], "policy", 0)[0]

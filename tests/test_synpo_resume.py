@@ -26,7 +26,7 @@ def test_synpo_separate_improver_resumes_after_a_kill(tmp_path):
     assert rc == -signal.SIGKILL, (tmp_path / "log.txt").read_text()[-3000:]
     assert stage_status(killed, "prepare") == "running"
     step = checkpoints(killed, "prepare")[0]
-    assert step.parent.name == "synpo_separate_improver"
+    assert step.parent.name == "separate_improver"
     run_to_end(killed, data, SYNPO)
     assert stage_status(killed, "prepare") == "done"
     a = load_weights(killed / "prepare" / "improver_model")

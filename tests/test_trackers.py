@@ -73,15 +73,15 @@ def test_a_training_call_resumed_after_its_last_step_still_advances_the_step_cou
     from types import SimpleNamespace
 
     from sgpo.runs import RunDir
-    from sgpo.session import Session
+    from sgpo.trainer import Trainer
 
     run = RunDir(tmp_path / "run")
-    s = SimpleNamespace(run=run, trackers=True, stages=SimpleNamespace(current="sft"))
-    s._step_base = lambda desc: Session._step_base(s, desc)
-    Session._count_steps(s, "sft", 5)  # no step was logged in this process: its checkpoint held all 5
+    s = SimpleNamespace(policy=SimpleNamespace(run=run), trackers=True, stages=SimpleNamespace(current="sft"))
+    s._step_base = lambda desc: Trainer._step_base(s, desc)
+    Trainer._count_steps(s, "sft", 5)  # no step was logged in this process: its checkpoint held all 5
     s.stages.current = "improver"
-    Session._count_steps(s, "improver training", 3)
+    Trainer._count_steps(s, "improver training", 3)
     assert run.manifest["train_steps"] == 8
     assert run.manifest["train_offsets"] == {"sft/sft": 0, "improver/improver training": 5}
-    Session._count_steps(s, "improver training", 3)  # the same call again: its offset is kept, not moved
+    Trainer._count_steps(s, "improver training", 3)  # the same call again: its offset is kept, not moved
     assert run.manifest["train_steps"] == 8

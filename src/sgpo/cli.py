@@ -44,10 +44,10 @@ def cmd_run(args) -> int:
         cfg = config.load(args.config, (args.set or []) + [f"method={args.method}"])
     out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}")
     if args.dry_run:
-        from .plan import format_plan, plan
+        from .dry_run import dry_run, format_dry_run
 
         print(config.dump(cfg))
-        print(format_plan(plan(cfg)))
+        print(format_dry_run(dry_run(cfg), cfg))
         return 0
     logging.getLogger("sgpo").info("run directory: %s", out)
     recipe.run(cfg, out, force_restart=args.force_restart)
@@ -107,10 +107,11 @@ def cmd_compare(args) -> int:
     plan = Plan(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], seeds,
                 [b.strip() for b in args.eval.split(",") if b.strip()], overrides, args.limit, parse_runs(args.also))
     if args.dry_run:
-        from .plan import format_plan, plan as run_plan
+        from .dry_run import dry_run, format_dry_run
 
         for m in dict.fromkeys(m for m, _ in plan.runs()):
-            print(format_plan(run_plan(config.load(args.config, overrides + [f"method={m}"]))) + "\n")
+            cfg = config.load(args.config, overrides + [f"method={m}"])
+            print(format_dry_run(dry_run(cfg), cfg) + "\n")
         return 0
     out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + "-compare")
     logging.getLogger("sgpo").info("comparison directory: %s", out)

@@ -7,7 +7,7 @@ failed or killed one resumes where its run directory stopped, and a benchmark al
 again. A failure is recorded with its error and does not stop the others. The result is ``OUT/comparison.md`` and
 its charts (``compare_report.py``).
 
-Benchmarks (``BENCHMARKS``; each takes an ``EvalJob`` and returns a dict of figures):
+Benchmarks (``sgpo.registry.COMPARE_BENCHMARKS``; each takes an ``EvalJob`` and returns a dict of figures):
 
 ``test``         the run's own test-split figures (``summary.json``): final vs start under every judge the run used
                  (``eval.judge`` and ``eval.second_judge``), with the length-matched variant, mean length, finished
@@ -26,11 +26,12 @@ import logging
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import config as config_mod
+from .compare_paired import run_dir_of
 from .config import Config
 from .files import atomic_write_json, content_hash, read_jsonl
+from .registry import COMPARE_BENCHMARKS
 
 log = logging.getLogger("sgpo")
 
@@ -60,22 +61,11 @@ class EvalJob:
         return self._judge[0]
 
 
-BENCHMARKS: dict[str, Callable[[EvalJob], dict]] = {}
-
-
-def register_benchmark(name: str):
-    def deco(fn):
-        BENCHMARKS[name] = fn
-        return fn
-    return deco
-
-
 def _summary(run_dir: Path) -> dict:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-@register_benchmark("test")
 def eval_test(job: EvalJob) -> dict:
     """The run's test-split figures, final vs start, for each judge: ``{"judges": {name: {score, ci_low, ci_high, n,
     lc, lc_ci_low, lc_ci_high, lc_n}}, "length", "finished"}`` (lc: among length-matched answer pairs)."""
@@ -93,7 +83,6 @@ def eval_test(job: EvalJob) -> dict:
             "start_length": s.get("eval/test/length_start"), "start_finished": s.get("eval/test/finished_start")}
 
 
-@register_benchmark("ifeval")
 def eval_ifeval(job: EvalJob) -> dict:
     """IFEval (all 541 unless ``limit``; 256 new tokens, greedy) of the final model and the start model, whose answers
     are shared by every run of the comparison (cached in the benchmark's folder by model name)."""
@@ -110,7 +99,6 @@ def eval_ifeval(job: EvalJob) -> dict:
     return out
 
 
-@register_benchmark("dev")
 def eval_dev(job: EvalJob) -> dict:
     """The run's own final figure: head-to-head against the start model on the held-out development prompts."""
     s = _summary(job.run_dir)
@@ -122,7 +110,6 @@ def eval_dev(job: EvalJob) -> dict:
             "length": s.get("eval/dev/length")}
 
 
-@register_benchmark("alpaca_eval")
 def eval_alpaca(job: EvalJob) -> dict:
     """AlpacaEval instructions, the final model head-to-head against the start model, judged with the GPT-4 Turbo
     outputs as references (ties half). Not AlpacaEval's own protocol (model vs GPT-4 Turbo): no LC win rate."""
@@ -274,9 +261,8 @@ def _paired(out: Path, state: dict, plan: Plan, cfg: Config) -> dict:
 
 def _configs(plan: Plan) -> dict[tuple[str, int], Config]:
     """Every run's config, loaded (and so validated) before anything runs."""
-    unknown = [b for b in plan.benchmarks if b not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmark '{unknown[0]}' (known: {', '.join(sorted(BENCHMARKS))})")
+    for b in plan.benchmarks:
+        COMPARE_BENCHMARKS.get(b)  # an unknown name fails here, before anything runs
     if not plan.methods or not plan.seeds:
         raise ValueError("no methods or no seeds to compare")
     return {(m, s): config_mod.load(plan.config, [*plan.overrides, f"method={m}", f"seed={s}"])
@@ -313,10 +299,6 @@ def _entry(state: dict, method: str, seed: int, cfg: Config) -> dict:
     return entry
 
 
-def run_dir_of(out: Path, method: str, seed: int) -> Path:
-    return Path(out) / method / f"seed_{seed}"
-
-
 def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_judge: list) -> None:
     """One run (skipped when finished) and its benchmarks (each computed once); a failure is recorded, not raised."""
     from . import recipe
@@ -336,7 +318,7 @@ def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_jud
         for b in plan.benchmarks:
             if b not in entry["eval"]:
                 job = EvalJob(f"{m}-seed{seed}", cfg, run_dir, out / "eval" / b, plan.limit, shared_judge)
-                entry["eval"][b] = BENCHMARKS[b](job)
+                entry["eval"][b] = COMPARE_BENCHMARKS.get(b)(job)
         entry["status"] = "done"
         entry.pop("error", None)
     except Exception as e:  # one run's failure is reported and does not stop the others

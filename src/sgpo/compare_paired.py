@@ -11,8 +11,14 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 log = logging.getLogger("sgpo")
+
+
+def run_dir_of(out: Path, method: str, seed: int) -> Path:
+    """The run directory of (method, seed) in a comparison's output directory."""
+    return Path(out) / method / f"seed_{seed}"
 
 
 def verdicts(judge, test, texts: dict[str, dict[str, str]]) -> list[float]:
@@ -29,11 +35,10 @@ def paired_rows(target: str, runs: list[tuple[str, int]]) -> list[tuple[tuple[st
 def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") -> dict:
     """``{"<method>@<seed>": {judge name: {diff, ci_low, ci_high, n}}}``: ``target``'s win rate vs start minus the
     method's, paired over the test prompts (``runs``: the finished runs)."""
-    from .compare import run_dir_of
     from .eval.winrate import paired_difference
+    from .eval.judges import judge_for_one_use
     from .held_out import judge_name, saved_answers
     from .models import load_tokenizer, resolve
-    from .session import judge_for_one_use
     from .splits import prepare_splits
 
     rows = paired_rows(target, runs)
@@ -46,8 +51,9 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
     for spec in (s for s in (cfg.eval.judge, cfg.eval.second_judge) if s):
         with judge_for_one_use(spec) as judge:
             seen = {r: verdicts(judge, test, texts[r]) for row in rows for r in row}  # each run judged once
+            stats = judge.stats()
             log.info("compare: paired figures under %s (%d verdicts from the cache, %d judged now)", spec,
-                     getattr(judge, "hits", 0), getattr(judge, "misses", 0))
+                     stats.get("hits", 0), stats.get("misses", 0))
         for a, b in rows:
             both = [(x, y) for x, y in zip(seen[a], seen[b]) if not (math.isnan(x) or math.isnan(y))]
             figures.setdefault(f"{b[0]}@{b[1]}", {})[judge_name(spec)] = paired_difference(

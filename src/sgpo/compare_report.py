@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .compare_paired import paired_lines
+from .compare_paired import paired_lines, run_dir_of
 from .files import atomic_write_text
 
 ROUND_CURVES = (("eval/dev/win_rate_vs_start", "dev win rate vs start"), ("rewards/margins", "DPO reward margin"),
@@ -137,8 +137,6 @@ def legend(benches, state) -> list[str]:
 def _start_model(out: Path, keys) -> str:
     import yaml
 
-    from .compare import run_dir_of
-
     for k in keys:
         m, s = k.split("@")
         p = run_dir_of(out, m, int(s)) / "config.yaml"
@@ -187,7 +185,6 @@ def bars_chart(out: Path, state: dict, keys, judges) -> Path | None:
 
 def rounds_chart(out: Path, keys) -> Path | None:
     """Per-round curves of the runs with rounds: dev win rate vs start, reward margin, pair judge agreement."""
-    from .compare import run_dir_of
     from .report import stage_metrics
 
     curves = {}

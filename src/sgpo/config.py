@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .registry import LOSSES, METHODS
 from .templates import IMPROVER_INSTRUCTION, REFERENCED_INSTRUCTION
 
 CONFIG_VERSION = 1
@@ -52,7 +53,7 @@ class DataConfig:
     dev_size: int = 48
     "Prompts held out of training (fixed seed split) for development: tuning, improver figures and per-stage head-to-head."
     sft_size: int = 128
-    "Prompts of the training pool for the SFT step (`sft: true`), after the improver and round slices. Costs one training step per train.batch_size prompts."
+    "Prompts of the training pool for the SFT step (`sft: true`), after the improver and round slices; 0 = the whole pool (the improver and round prompts among them, as in the paper). Costs one training step per train.batch_size prompts."
     improver_size: int = 48
     "Prompts of the training pool used to build improver-training data."
     round_size: int = 48
@@ -145,7 +146,7 @@ class DPOConfig:
     batch_size: int = 4
     "Pairs per optimizer step, all processes together (each process takes a disjoint slice of every batch)."
     loss: str = "sigmoid"
-    "Preference loss (sgpo/training/losses.py): sigmoid (DPO), ipo, hinge, norm (length-normalised DPO: log-ratios divided by response length)."
+    "Preference loss: a name of sgpo.registry.LOSSES, described in sgpo/training/losses.py (sigmoid is DPO's)."
     reference: str = "round_start"
     "Reference model: round_start (the model at the start of each round) or initial (the start model)."
     improver_nll_coef: float = 0.0
@@ -181,7 +182,7 @@ class Config:
     version: int = CONFIG_VERSION
     "Config format version."
     method: str = "sgpo"
-    "Alignment method: sgpo, spin, synpo, dpo, sft."
+    "Alignment method: a name of sgpo.registry.METHODS (see sgpo/methods)."
     seed: int = 0
     "Run seed: sampling seeds are derived from (seed, round, prompt id, role)."
     rounds: int = 2
@@ -201,11 +202,11 @@ class Config:
 
 
 CHOICES = {
-    "method": ("sgpo", "spin", "synpo", "dpo", "sft"),
+    "method": METHODS.names(),
     "improver.target": ("interpolate", "reference"),
     "dpo.reference": ("round_start", "initial"),
     "generation.backend": ("auto", "engine", "vllm"),
-    "dpo.loss": ("sigmoid", "ipo", "hinge", "norm"),
+    "dpo.loss": LOSSES.names(),
     "data.on_long_prompt": ("truncate", "skip"),
     "data.on_error": ("raise", "skip"),
     "pairs.require_finished": ("none", "chosen_if_rejected", "chosen", "both"),

@@ -20,10 +20,9 @@ from .models import load_model, load_tokenizer, resolve
 from .rollout import Sampler
 from .vllm_backend import resolve_backend
 from .files import atomic_write_json, content_hash, write_jsonl
+from .registry import BENCHMARKS
 
 log = logging.getLogger("sgpo")
-
-BENCHMARKS = ("alpaca_eval", "arena_hard_v0.1", "arena_hard_v2.0", "ifeval")
 
 
 @dataclass
@@ -35,29 +34,40 @@ class Item:
 
 
 def benchmark_items(name: str, limit: int | None = None, data_dir: str | None = None) -> list[Item]:
-    if name == "alpaca_eval":
-        from .eval.alpaca_eval import load_alpaca_eval
-
-        rows = load_alpaca_eval()
-        items = [Item(str(i), r["instruction"], r["output"]) for i, r in enumerate(rows)]
-    elif name in ("arena_hard_v0.1", "arena_hard_v2.0"):
-        from .eval import arena_hard
-
-        if name == "arena_hard_v0.1":
-            if not data_dir:
-                raise ValueError("arena_hard_v0.1 needs --data-dir: a folder with question.jsonl and "
-                                 "model_answer/gpt-4-0314.jsonl")
-            rows = arena_hard.load_arena_hard_v01(data_dir)
-        else:
-            rows = arena_hard.load_arena_hard_v20(data_dir)
-        items = [Item(r["uid"], r["prompt"], r.get("baseline_answer") or r.get("answer"), r) for r in rows]
-    elif name == "ifeval":
-        from .eval.ifeval import load_ifeval_prompts
-
-        items = [Item(str(r.get("key", i)), r["prompt"], None, r) for i, r in enumerate(load_ifeval_prompts())]
-    else:
-        raise ValueError(f"unknown benchmark '{name}' (known: {', '.join(BENCHMARKS)})")
+    """The items of a benchmark (``BENCHMARKS``), the first ``limit`` of them when given."""
+    items = BENCHMARKS.get(name)(data_dir)
     return items[:limit] if limit else items
+
+
+def alpaca_eval_items(data_dir: str | None = None) -> list[Item]:
+    from .eval.alpaca_eval import load_alpaca_eval
+
+    return [Item(str(i), r["instruction"], r["output"]) for i, r in enumerate(load_alpaca_eval())]
+
+
+def _arena_hard_items(rows: list[dict]) -> list[Item]:
+    return [Item(r["uid"], r["prompt"], r.get("baseline_answer") or r.get("answer"), r) for r in rows]
+
+
+def arena_hard_v01_items(data_dir: str | None = None) -> list[Item]:
+    from .eval import arena_hard
+
+    if not data_dir:
+        raise ValueError("arena_hard_v0.1 needs --data-dir: a folder with question.jsonl and "
+                         "model_answer/gpt-4-0314.jsonl")
+    return _arena_hard_items(arena_hard.load_arena_hard_v01(data_dir))
+
+
+def arena_hard_v20_items(data_dir: str | None = None) -> list[Item]:
+    from .eval import arena_hard
+
+    return _arena_hard_items(arena_hard.load_arena_hard_v20(data_dir))
+
+
+def ifeval_items(data_dir: str | None = None) -> list[Item]:
+    from .eval.ifeval import load_ifeval_prompts
+
+    return [Item(str(r.get("key", i)), r["prompt"], None, r) for i, r in enumerate(load_ifeval_prompts())]
 
 
 @dataclass
@@ -148,7 +158,7 @@ def evaluate(model: str, benchmark: str, spec: EvalSpec) -> dict:
                              "(openai:MODEL[@URL], hf:PATH, reward:PATH), or a head-to-head: --versus MODEL_B")
         judge = make_judge(judge_spec, cache=str(out / "annotations-cache.jsonl"))
         row["judge"] = judge_spec
-        row["judge_template"] = getattr(judge, "template_name", "sgpo")
+        row["judge_template"] = judge.template_name or "sgpo"
         if benchmark == "alpaca_eval":
             row.update(_alpaca_eval(judge, items, answers, name, out, spec.data_dir))
         else:
@@ -178,7 +188,7 @@ def _arena_hard(judge, items, answers, name, out, version) -> dict:
     qs = [it.prompt for it in items]
     model_ans = [answers[it.id] for it in items]
     base_ans = [it.baseline for it in items]
-    if hasattr(judge, "verdicts"):
+    if judge.gives_verdicts:
         g1 = judge.verdicts(qs, base_ans, model_ans)
         g2 = judge.verdicts(qs, model_ans, base_ans)
     else:

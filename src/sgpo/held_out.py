@@ -14,19 +14,13 @@ a rerun or another method reuses them; a judge's verdicts are cached by content 
 from __future__ import annotations
 
 import hashlib
-import logging
 import re
-import shutil
 from pathlib import Path
 
 from .data import Record
 from .files import content_hash, read_jsonl
 from .generation import Generation
 from .improver.figures import win_rate_metrics
-from .models import cache_dir, free_memory
-from .rollout import generation_of
-
-log = logging.getLogger("sgpo")
 
 LENGTH_MATCH = 0.2   # answers within ±20% of each other's length (words) count as length-matched
 
@@ -48,41 +42,9 @@ def model_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def answer_key(model_path: str, sampler, cfg, records: list[Record]) -> str:
+def answer_key(model_path: str, sampler, max_prompt_tokens: int, records: list[Record]) -> str:
     """The answer cache's key: the model's hash and everything that shapes its samples (``Sampler.identity``)."""
-    return content_hash([model_hash(model_path), *sampler.identity(), cfg.data.max_prompt_tokens,
-                         [r.id for r in records]])
-
-
-def answers(s, records: list[Record], label: str, model_path: str, *, cached: bool = False) -> dict[str, Generation]:
-    """``model_path``'s answers to ``records`` (role ``test``), saved as ``test/answers_<label>.jsonl``. With
-    ``cached``, they come from (and go to) the answer cache keyed by the model's hash."""
-    out = s.run.path(s.stages.current, f"answers_{label}.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shard = out
-    if cached:
-        shard = cache_dir() / "answers" / f"{answer_key(model_path, s.sampler, s.cfg, records)[:24]}.jsonl"
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        if shard.exists() and len(read_jsonl(shard)) >= len(records):
-            log.info("test: the %s model's answers come from the cache (%s, %d answers)", label, shard.name,
-                     len(records))
-            if s.dist.is_main:
-                shutil.copyfile(shard, out)
-            return _read(shard)
-    if s.sampler.backend == "vllm":  # vLLM loads the checkpoint itself
-        model = s.generator if model_path == s.model_path else model_path
-    else:
-        model = s.model if model_path == s.model_path else s.load(model_path)
-    gens = s.sampler.rollout(model, records, "test", 0, shard=shard)
-    del model  # a start or pre-rounds model loaded for this is freed before the next one loads
-    free_memory()
-    if shard != out and s.dist.is_main:
-        shutil.copyfile(shard, out)
-    return gens
-
-
-def _read(path: Path) -> dict[str, Generation]:
-    return {r["id"]: generation_of(r) for r in read_jsonl(path)}
+    return content_hash([model_hash(model_path), *sampler.identity(), max_prompt_tokens, [r.id for r in records]])
 
 
 def saved_answers(folder: Path) -> dict[str, dict[str, str]]:

@@ -3,7 +3,7 @@ measure, save and resume a round's pairs."""
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import read_jsonl, write_jsonl
@@ -30,7 +30,7 @@ class Pair:
         return self.prompt[-1]["content"]
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # shallow: dataclasses.asdict deep-copies every prompt (seconds for 10k pairs)
 
     @classmethod
     def from_json(cls, d: dict) -> "Pair":
@@ -104,14 +104,12 @@ def judge_agreement(pairs: list[Pair], judge, references: dict[str, str] | None 
     return win_rate_metrics("pairs/judge_agreement", [x for x in prefs if x == x])
 
 
-def verify(pairs: list[Pair], judge_spec: str) -> tuple[list[Pair], int]:
-    """``pairs.verify``: keep the pairs the judge prefers chosen over rejected; returns them and how many it dropped."""
-    if not judge_spec or not pairs:
+def verify(pairs: list[Pair], judge) -> tuple[list[Pair], int]:
+    """``pairs.verify``: keep the pairs ``judge`` (None: off) prefers chosen over rejected; returns them and how many
+    it dropped."""
+    if judge is None or not pairs:
         return pairs, 0
-    from .eval.judges import make_judge
-
-    prefs = make_judge(judge_spec).prefer([p.request for p in pairs], [p.chosen for p in pairs],
-                                          [p.rejected for p in pairs], None)
+    prefs = judge.prefer([p.request for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], None)
     kept = [p for p, x in zip(pairs, prefs) if x > 0.5]
     return kept, len(pairs) - len(kept)
 

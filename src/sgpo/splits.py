@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 from . import templates
 from .config import Config
@@ -23,15 +24,36 @@ class Splits:
     rounds: list[list[Record]] = field(default_factory=list)  # the prompts of round 1, 2, ...
 
     def seen(self, sft: bool) -> list[Record]:
-        """The prompts the methods with rounds see, with their references: the SFT slice (when ``sft``), the improver
-        slice and every round's. SFT alone trains on these, so that every method sees the same prompts."""
-        return (self.sft if sft else []) + self.improver + [r for rs in self.rounds for r in rs]
+        """The prompts the methods with rounds see, each once, with their references: the SFT slice (when ``sft``),
+        the improver slice and every round's. SFT alone trains on these, so that every method sees the same prompts."""
+        both = (self.sft if sft else []) + self.improver + [r for rs in self.rounds for r in rs]
+        return list({r.id: r for r in both}.values())
 
 
-def prepare_splits(cfg: Config, tokenizer) -> Splits:
+def prepare_splits(cfg: Config, tokenizer, load: Callable = load_records) -> Splits:
+    """The run's splits. ``load(source, **options)`` → (records, report) reads a data source; without a tokenizer
+    (a dry run) references are not cut and prompt lengths not checked."""
     d = cfg.data
-    records, report = load_records(d.sft, split=d.split, on_error=d.on_error, need="reference")
+    records, report = load(d.sft, split=d.split, on_error=d.on_error, need="reference")
     log.info("data: %s", report.summary())
+    cut = fit_to_budget(records, tokenizer, d) if tokenizer is not None else records
+    train, dev, *test = split_dev(cut, d.dev_size, d.split_seed, d.test_size)
+    if d.prompts:
+        extra, rep = load(d.prompts, split=d.split, on_error=d.on_error)
+        log.info("round prompts: %s", rep.summary())
+        dev_ids = {r.id for r in dev}
+        train = [r for r in extra if r.id not in dev_ids]
+    if not dev:
+        log.warning("data: no development prompts (data.dev_size=%d, %d records): the run computes no head-to-head "
+                    "or improver figures", d.dev_size, len(cut))
+    log.info("data: split (seed %d) into %d training, %d development and %d test prompts", d.split_seed, len(train),
+             len(dev), len(test[0]) if test else 0)
+    return deal(Splits(train, dev, test[0] if test else []), cfg)
+
+
+def fit_to_budget(records: list[Record], tokenizer, d) -> list[Record]:
+    """References cut at a sentence boundary under ``data.max_reference_tokens``; prompts longer than
+    ``data.max_prompt_tokens`` skipped or kept (the rollouts cut their start), counted either way."""
     cut = [Record(r.id, r.prompt, cut_reference(r.reference, tokenizer, d.max_reference_tokens)) for r in records]
     over = [(r, len(templates.policy_ids(tokenizer, r.prompt)) - d.max_prompt_tokens) for r in cut]
     over = [(r, n) for r, n in over if n > 0]
@@ -45,23 +67,13 @@ def prepare_splits(cfg: Config, tokenizer) -> Splits:
                     "with the question and the generation prompt, is kept): by %d tokens on average, at most %d",
                     len(over), len(cut), d.max_prompt_tokens, round(sum(n for _, n in over) / len(over)),
                     max(n for _, n in over))
-    train, dev, *test = split_dev(cut, d.dev_size, d.split_seed, d.test_size)
-    if d.prompts:
-        extra, rep = load_records(d.prompts, split=d.split, on_error=d.on_error)
-        log.info("round prompts: %s", rep.summary())
-        dev_ids = {r.id for r in dev}
-        train = [r for r in extra if r.id not in dev_ids]
-    if not dev:
-        log.warning("data: no development prompts (data.dev_size=%d, %d records): the run computes no head-to-head "
-                    "or improver figures", d.dev_size, len(cut))
-    log.info("data: split (seed %d) into %d training, %d development and %d test prompts", d.split_seed, len(train),
-             len(dev), len(test[0]) if test else 0)
-    return deal(Splits(train, dev, test[0] if test else []), cfg)
+    return cut
 
 
 def deal(s: Splits, cfg: Config) -> Splits:
-    """The improver slice, then ``rounds`` slices of ``round_size``, then the SFT slice (``sft_size``), in pool order;
-    a pool too small wraps around (its prompts are reused, and the log says how many)."""
+    """The improver slice, then ``rounds`` slices of ``round_size``, then the SFT slice (``sft_size``; 0 = the whole
+    pool, which holds the other slices too, as in the paper: SFT on all the data, then rounds on its prompts), in pool
+    order; a pool too small wraps around (its prompts are reused, and the log says how many)."""
     d = cfg.data
     s.improver = take(s.train, 0, d.improver_size)
     cursor = len(s.improver)
@@ -69,7 +81,11 @@ def deal(s: Splits, cfg: Config) -> Splits:
         s.rounds.append(take(s.train, cursor, d.round_size))
         cursor += len(s.rounds[-1])
     s.sft = take(s.train, cursor, d.sft_size or len(s.train))
-    cursor += len(s.sft) if cfg.sft else 0
+    if cfg.sft and d.sft_size:
+        cursor += len(s.sft)
+    elif cfg.sft:
+        log.info("data: SFT on the whole training pool (%d prompts, data.sft_size=0), the improver and round prompts "
+                 "among them", len(s.sft))
     if cursor > len(s.train):
         log.warning("data: the training pool has %d prompts but the improver slice (%d), %d rounds of %d and the SFT "
                     "slice (%d) ask for %d: %d prompts are used more than once", len(s.train), d.improver_size,

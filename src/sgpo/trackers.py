@@ -19,8 +19,9 @@ import logging
 import os
 from pathlib import Path
 
+from .registry import TRACKERS
+
 log = logging.getLogger("sgpo")
-KNOWN = ("tensorboard", "wandb", "trackio", "mlflow")
 
 
 class TrackerError(Exception):
@@ -31,8 +32,8 @@ def names(report_to: str) -> list[str]:
     """The trackers of ``report_to`` ("none", one name, or names separated by commas), checked."""
     out = [n.strip() for n in str(report_to).split(",") if n.strip() and n.strip() != "none"]
     for n in out:
-        if n not in KNOWN:
-            raise TrackerError(f"report_to: unknown tracker '{n}' (known: none, {', '.join(KNOWN)})")
+        if n not in TRACKERS:
+            raise TrackerError(f"report_to: unknown tracker '{n}' (known: none, {', '.join(TRACKERS)})")
     return out
 
 
@@ -47,17 +48,28 @@ def flat(values: dict, prefix: str = "") -> dict:
     return out
 
 
-def _make(name: str, logs: Path, run_name: str):
+def tensorboard_tracker(logs: Path, run_name: str):
     from accelerate import tracking
 
-    if name == "tensorboard":
-        return tracking.TensorBoardTracker("tensorboard", logs)
-    if name == "wandb":
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" and "WANDB_MODE" not in os.environ
-        return tracking.WandBTracker("sgpo", name=run_name, dir=str(logs), **({"mode": "offline"} if offline else {}))
-    if name == "trackio":
-        return tracking.TrackioTracker("sgpo", name=run_name)
+    return tracking.TensorBoardTracker("tensorboard", logs)
+
+
+def wandb_tracker(logs: Path, run_name: str):
+    from accelerate import tracking
+
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" and "WANDB_MODE" not in os.environ
+    return tracking.WandBTracker("sgpo", name=run_name, dir=str(logs), **({"mode": "offline"} if offline else {}))
+
+
+def trackio_tracker(logs: Path, run_name: str):
+    from accelerate import tracking
+
+    return tracking.TrackioTracker("sgpo", name=run_name)
+
+
+def mlflow_tracker(logs: Path, run_name: str):
     import mlflow
+    from accelerate import tracking
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # the run's own store, not ./mlruns wherever sgpo was started
         mlflow.set_tracking_uri((logs / "mlruns").resolve().as_uri())
@@ -78,7 +90,7 @@ class Trackers:
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for n in wanted:
-            t = _make(n, logs, Path(run_dir).name)
+            t = TRACKERS.get(n)(logs, Path(run_dir).name)
             t.start()
             t.store_init_configuration(flat(config))
             self.trackers.append(t)

@@ -5,10 +5,10 @@ import math
 import pytest
 
 from sgpo.eval.cache import AnnotationCache, CachedJudge, content_key
-from sgpo.eval.judges import make_judge
+from sgpo.eval.judges import Judge, make_judge
 
 
-class CountingJudge:
+class CountingJudge(Judge):
     """Prefers the longer text; counts the items it is asked about."""
 
     def __init__(self, name="counting", fail_on=()):
@@ -88,7 +88,7 @@ def test_duplicates_within_a_call_are_annotated_once(tmp_path):
 def test_make_judge_wraps_with_cache(tmp_path, monkeypatch):
     import sgpo.eval.judges as judges
 
-    class Fake:
+    class Fake(Judge):
         def __init__(self, model_path=None, **kw):
             self.name = "reference"
             self.calls = 0

@@ -144,7 +144,7 @@ def test_weighted_preference_mapped_back_through_random_order(serve):
     assert prefs_b == pytest.approx([0.2] * 24, abs=1e-9)
     # the order really was randomised, both ways
     assert seen[1] > 0 and seen[2] > 0
-    assert judge.stats["by_logprobs"] == 48 and judge.stats["failed"] == 0
+    assert judge.stats()["by_logprobs"] == 48 and judge.stats()["failed"] == 0
     # the order of an item depends on its content and the seed only
     flips = [swap_order(0, p, x, y) for p, x, y in zip(prompts, marked, plain)]
     assert flips == [swap_order(0, p, x, y) for p, x, y in zip(prompts, marked, plain)]
@@ -161,7 +161,7 @@ def test_text_label_when_no_logprobs(serve):
     prompts = [f"q{i}" for i in range(10)]
     prefs = judge.prefer(prompts, [f"x{i} {MARK}" for i in range(10)], [f"y{i}" for i in range(10)])
     assert prefs == [1.0] * 10
-    assert judge.stats["by_text"] == 10
+    assert judge.stats()["by_text"] == 10
     # identical outputs: a tie, and no request
     assert judge.prefer(["q"], ["same"], ["same"]) == [0.5] and len(server.requests) == 10
 
@@ -178,7 +178,7 @@ def test_429_then_success_is_retried(serve):
     [pref] = judge.prefer([p], [x], [y])
     expected = 0.4 if swap_order(3, p, x, y) else 0.6
     assert pref == pytest.approx(expected)
-    assert len(server.requests) == 2 and judge.stats["retries"] == 1 and judge.stats["failed"] == 0
+    assert len(server.requests) == 2 and judge.stats()["retries"] == 1 and judge.stats()["failed"] == 0
 
 
 def test_500_then_success_and_persistent_500_fails(serve):
@@ -192,12 +192,12 @@ def test_500_then_success_and_persistent_500_fails(serve):
     server = serve(behave)
     judge = judge_for(server, concurrency=1, max_retries=2)
     [pref] = judge.prefer(["ok prompt"], ["a"], ["b"])
-    assert pref in (0.0, 1.0) and judge.stats["failed"] == 0
+    assert pref in (0.0, 1.0) and judge.stats()["failed"] == 0
     before = len(server.requests)
     [pref] = judge.prefer(["always-broken prompt"], ["a"], ["b"])
     assert math.isnan(pref)
     assert len(server.requests) - before == 3  # first try + 2 retries, then given up
-    assert judge.stats["failed"] == 1 and "500" in judge.failures[-1]["reason"]
+    assert judge.stats()["failed"] == 1 and "500" in judge.failures[-1]["reason"]
 
 
 def test_garbage_replies_are_failed_annotations_not_crashes(serve):
@@ -216,7 +216,7 @@ def test_garbage_replies_are_failed_annotations_not_crashes(serve):
     prompts = ["not-json", "no-choices", "chatty", "fine"]
     prefs = judge.prefer(prompts, ["a"] * 4, ["b"] * 4)
     assert [math.isnan(v) for v in prefs] == [True, True, True, False]
-    assert failed(prefs) == 3 and judge.stats["failed"] == 3
+    assert failed(prefs) == 3 and judge.stats()["failed"] == 3
     assert len(server.requests) == 4  # a malformed 200 reply is not retried
     reasons = " ".join(f["reason"] for f in judge.failures)
     assert "not JSON" in reasons and "not a label" in reasons
@@ -270,7 +270,7 @@ def test_arena_verdicts(serve):
     out = judge.verdicts(["2+2?", "conflict", "3+3?"], ["5", "x", "6"], ["4", "y", "six"],
                          [None, None, "6"])
     assert out == ["B>>A", None, "A=B"]
-    assert judge.stats["failed"] == 1
+    assert judge.stats()["failed"] == 1
     contents = [r["body"]["messages"][-1]["content"] for r in server.requests]
     assert any("<assistant_a_answer>\n5\n</assistant_a_answer>" in c and "<user_prompt>\n2+2?\n</user_prompt>" in c
                for c in contents)
@@ -337,4 +337,4 @@ def test_timeout_is_retried(serve):
     judge = judge_for(server, concurrency=1, timeout=0.3)
     [pref] = judge.prefer(["p"], ["a"], ["b"])
     assert pref in (0.0, 1.0)
-    assert judge.stats["retries"] == 1 and judge.stats["failed"] == 0
+    assert judge.stats()["retries"] == 1 and judge.stats()["failed"] == 0

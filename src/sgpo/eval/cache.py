@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
+from .base import Judge
+
 
 def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer") -> str:
     ref = None if reference is None else hashlib.sha256(reference.encode("utf-8")).hexdigest()
@@ -22,14 +24,10 @@ def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | Non
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def judge_identity(judge) -> str:
+def judge_identity(judge: Judge) -> str:
     """What distinguishes one judge's annotations from another's: its ``cache_id`` when it has one, else its spec
     (set by ``make_judge``), else its name."""
-    for attr in ("cache_id", "spec", "name"):
-        value = getattr(judge, attr, None)
-        if value:
-            return str(value)
-    return type(judge).__name__
+    return judge.cache_id or judge.spec or judge.name or type(judge).__name__
 
 
 class AnnotationCache:
@@ -102,26 +100,32 @@ def _ends_with_newline(path: Path) -> bool:
         return f.read(1) == b"\n"
 
 
-class CachedJudge:
+class CachedJudge(Judge):
     """Wraps a judge with an annotation cache: only items not yet annotated are sent to the judge, in chunks of
     ``chunk_size`` that are written to disk as soon as each is done (so an interrupted run loses at most one chunk).
 
-    ``hits`` and ``misses`` count the items served from the cache and those sent to the judge.
+    ``hits`` and ``misses`` count the items served from the cache and those sent to the judge; ``stats()`` adds them
+    to the wrapped judge's own.
     """
 
-    def __init__(self, judge, path: str | os.PathLike, chunk_size: int = 32):
+    def __init__(self, judge: Judge, path: str | os.PathLike, chunk_size: int = 32):
         self.judge = judge
         self.cache = AnnotationCache(path)
         self.chunk_size = max(1, int(chunk_size))
         self.judge_id = judge_identity(judge)
-        self.name = getattr(judge, "name", self.judge_id)
+        self.name = judge.name or self.judge_id
+        self.spec = judge.spec
+        self.template_name = judge.template_name
+        self.gives_verdicts = judge.gives_verdicts
         self.hits = 0
         self.misses = 0
 
-    def __getattr__(self, item):  # expose the wrapped judge's attributes (template_name, stats, ...)
-        if item == "judge":
-            raise AttributeError(item)
-        return getattr(self.judge, item)
+    def stats(self) -> dict:
+        return {**self.judge.stats(), "hits": self.hits, "misses": self.misses}
+
+    def close(self) -> None:
+        self.judge.close()
+        self.cache.close()
 
     def prefer(self, prompts, a, b, references=None) -> list[float]:
         n = len(prompts)

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from .base import Judge
 from .judge_templates import PairwiseTemplate, pairwise_template
 
 TIE_EPS = 1e-6
@@ -61,7 +62,7 @@ def _left_padded_batch(tok, token_lists: list[list[int]], device) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
 
 
-class HFJudge:
+class HFJudge(Judge):
     def __init__(self, path: str, *, template: str | PairwiseTemplate = "sgpo", device: str = "auto",
                  dtype: str = "auto", batch_size: int = 8, max_text_tokens: int = 768):
         from transformers import AutoModelForCausalLM
@@ -84,6 +85,9 @@ class HFJudge:
         self.label_ids = [self._label_token_ids(lab) for lab in self.template.labels]
         if set(self.label_ids[0]) & set(self.label_ids[1]):
             raise ValueError(f"labels {self.template.labels} share a token in this tokenizer")
+
+    def close(self) -> None:
+        self.model = None
 
     def _label_token_ids(self, label: str) -> list[int]:
         ids = set()
@@ -142,7 +146,7 @@ class HFJudge:
         return [(p[i] + 1.0 - p[n + i]) / 2.0 for i in range(n)]
 
 
-class RewardJudge:
+class RewardJudge(Judge):
     def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
                  max_length: int = 2048, mode: str = "sigmoid"):
         from transformers import AutoModelForSequenceClassification
@@ -164,6 +168,9 @@ class RewardJudge:
         self.name = f"reward:{path}"
         self.spec = self.name
         self.cache_id = f"{self.spec}|mode={mode}|max_length={max_length}"
+
+    def close(self) -> None:
+        self.model = None
 
     def render(self, prompt: str, response: str) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):

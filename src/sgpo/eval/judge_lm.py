@@ -36,6 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .base import Judge
+
 PROMPT_CONTEXT = "Instruction:\n{instruction}\n\nResponse:\n"
 NULL_CONTEXT = "Response:\n"
 SCORES = ("surprisal", "fluency", "pmi", "pmi-sum", "mix")
@@ -97,7 +99,7 @@ class LMScorer:
         return self.memo[key]
 
 
-class LMJudge:
+class LMJudge(Judge):
     """Prefers the response with the higher likelihood score (see the module docstring)."""
 
     def __init__(self, path: str, *, score: str = DEFAULT_SCORE, device: str = "auto", dtype: str = "auto",

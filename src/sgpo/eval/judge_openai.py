@@ -18,7 +18,7 @@ installed (``template_name`` says which was used), otherwise this project's own.
 Transient errors (HTTP 408/409/425/429/5xx, timeouts, refused or dropped connections) are retried with exponential
 backoff (``max_retries`` times, honouring ``Retry-After`` up to ``backoff_max``). A reply that cannot be used -- not
 JSON, no label, an error that persists -- is a failed annotation: NaN from ``prefer``, ``None`` from ``verdicts``,
-counted in ``stats["failed"]`` and described in ``failures``. Only errors that would fail every request (401, 403,
+counted in ``stats()["failed"]`` and described in ``failures``. Only errors that would fail every request (401, 403,
 404: wrong key, model or URL) raise ``JudgeError``.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
+from .base import Judge
 from .judge_templates import ARENA_TEMPLATE_NAME, arena_verdict_messages, pairwise_template, parse_verdict
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ def parse_openai_spec(arg: str) -> tuple[str, str | None]:
     return model, (base_url or None) if sep else None
 
 
+def from_spec(arg: str, **kwargs) -> OpenAIJudge:
+    """The judge of spec ``openai:ARG`` (``ARG`` = ``MODEL[@BASE_URL]``)."""
+    model, base_url = parse_openai_spec(arg)
+    return OpenAIJudge(model, base_url, **kwargs)
+
+
 def _logsumexp(values: Sequence[float]) -> float:
     values = [v for v in values if v != -math.inf]
     if not values:
@@ -73,7 +80,9 @@ def swap_order(seed: int, prompt: str, a: str, b: str) -> bool:
     return random.Random(int.from_bytes(digest[:8], "big")).random() < 0.5
 
 
-class OpenAIJudge:
+class OpenAIJudge(Judge):
+    gives_verdicts = True
+
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
                  template: str = "auto", seed: int = 0, temperature: float = 0.0, top_logprobs: int = 5,
                  use_logprobs: bool = True, max_retries: int = 6, backoff_base: float = 1.0,
@@ -99,18 +108,23 @@ class OpenAIJudge:
         self.spec = f"openai:{model}@{self.base_url}"
         self.cache_id = f"{self.spec}|{self.template_name}:{self.template.digest}|seed={seed}|t={temperature}"
         self.verdict_template_name = ARENA_TEMPLATE_NAME
-        self.stats = {"requests": 0, "retries": 0, "failed": 0, "by_logprobs": 0, "by_text": 0, "identical": 0}
+        self.counts = {"requests": 0, "retries": 0, "failed": 0, "by_logprobs": 0, "by_text": 0, "identical": 0}
         self.failures: list[dict] = []
         self._lock = threading.Lock()
+
+    def stats(self) -> dict:
+        """Requests, retries, failed annotations and how the answers were read, so far."""
+        with self._lock:
+            return dict(self.counts)
 
     # ---------------------------------------------------------------- HTTP
     def _count(self, key: str, n: int = 1) -> None:
         with self._lock:
-            self.stats[key] += n
+            self.counts[key] += n
 
     def _fail(self, what: str, reason: str) -> None:
         with self._lock:
-            self.stats["failed"] += 1
+            self.counts["failed"] += 1
             self.failures.append({"item": what, "reason": reason})
         log.warning("judge %s: failed annotation (%s): %s", self.name, what, reason)
 
@@ -192,7 +206,7 @@ class OpenAIJudge:
     def _prefer_one(self, i: int, prompt: str, a: str, b: str) -> float:
         if a == b:  # identical outputs are a tie, as in AlpacaEval; no request
             with self._lock:
-                self.stats["identical"] += 1
+                self.counts["identical"] += 1
             return 0.5
         swapped = swap_order(self.seed, prompt, a, b)
         first, second = (b, a) if swapped else (a, b)

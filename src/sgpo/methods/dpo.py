@@ -3,7 +3,8 @@
 prepare (once) builds ``prepare/preference.jsonl``, as many pairs as the rounds will use (rounds × round_size):
 - ``data.preference`` set: an external prompt/chosen/rejected dataset (a file or an HF dataset name such as
   UltraFeedback), shuffled with ``data.split_seed``. A response longer than the response-token limit is cut at a
-  sentence boundary and marked unfinished (no EOS is trained after it; ``pairs.require_eos`` drops such pairs).
+  sentence boundary and marked unfinished (no EOS is trained after it; ``pairs.require_finished`` decides whether
+  such pairs are kept).
 - empty (the offline default): chosen = the SFT reference, rejected = the start model's own answer to the same
   prompt, generated once, on the prompts the rounds use. This is a single off-policy pass with π_0 as reference,
   which makes it close to SPIN's first round (SPIN then regenerates with the current model in later rounds).
@@ -14,7 +15,6 @@ from __future__ import annotations
 import random
 
 from .. import templates
-from ..data import cut_reference, load_records
 from ..pairs import Pair
 from ..files import read_jsonl, write_jsonl
 from .base import Context, Method
@@ -24,14 +24,12 @@ PREFERENCE_FILE = "preference.jsonl"
 
 class DPO(Method):
     name = "dpo"
-    trains_improver = False
-    runs_sft = False
-    has_rounds = True
-    has_prepare = True
-    self_improving = False
 
     def reference(self, cfg) -> str:
         return "initial"
+
+    def before_rounds(self, ctx: Context) -> None:
+        ctx.run_stage("prepare", lambda: self.prepare(ctx))
 
     def prepare(self, ctx: Context) -> dict:
         cfg = ctx.cfg
@@ -44,9 +42,9 @@ class DPO(Method):
         return {"dpo/preference_pairs": len(pairs), "dpo/preference_external": int(bool(cfg.data.preference))}
 
     def _external(self, ctx: Context, n: int) -> list[Pair]:
-        cfg, tok = ctx.cfg, ctx.tokenizer
-        records, report = load_records(cfg.data.preference, split=cfg.data.preference_split,
-                                       on_error=cfg.data.on_error, need="preference")
+        cfg, s = ctx.cfg, ctx.session
+        records, _ = s.load(cfg.data.preference, split=cfg.data.preference_split, on_error=cfg.data.on_error,
+                                 need="preference")
         order = list(range(len(records)))
         random.Random(cfg.data.split_seed).shuffle(order)
         limit = max(cfg.data.max_reference_tokens, cfg.generation.max_new_tokens)
@@ -55,7 +53,7 @@ class DPO(Method):
             r = records[i]
             sides = []
             for text in (r.chosen, r.rejected):
-                cut = cut_reference(text, tok, limit)
+                cut = s.cut(text, limit)
                 sides.append((cut, cut == text.strip()))
             out.append(Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=sides[0][0],
                             rejected=sides[1][0], chosen_finished=sides[0][1], rejected_finished=sides[1][1],
@@ -83,12 +81,3 @@ class DPO(Method):
             p.meta = {**p.meta, "round": ctx.round}
             out.append(p)
         return out
-
-    def plan_prepare(self, cfg) -> dict:
-        n = cfg.rounds * cfg.data.round_size
-        if cfg.data.preference:
-            return {"prompts": n, "generations": 0, "what": f"read {n} pairs of {cfg.data.preference}"}
-        return {"prompts": n, "generations": n, "what": "preference set: SFT references vs the start model's answers"}
-
-    def plan_round(self, cfg, t: int) -> dict:
-        return {"generations": 0, "pairs": cfg.data.round_size}

@@ -1,22 +1,34 @@
-"""SGPO: the policy drafts y_l ~ π_t(P(x)); the same weights in improver mode rewrite it, y_w ~ π_t(I(x, y_l)).
-Its pairs are written out in ``recipe.round_stage``; the improver role is trained first (``recipe.improver_stage``)."""
+"""SGPO (Lee et al. 2025, arXiv 2507.20181): one model is both the policy and its own self-improver.
+
+1. Improver training (once, before the rounds; ``steps.train_improver``): the model drafts y0 ~ π(P(x)) for prompts
+   of the SFT data; each (y0, y*) gives targets a step from the draft towards the SFT reference y* (``improver.target``:
+   ``interpolate`` applies a fraction ``improver.step`` of the edit script, ``improver.chain`` steps in a row); the
+   SAME weights learn I(x, y0) → target, mixed with policy examples P(x) → y* (``improver.mix_policy``) so that the
+   policy role is kept. Reading B (``improver.sees_reference``, the default): the improver input holds y* too.
+2. Rounds t = 1..T (``make_pairs``, then the recipe's shared round): the policy drafts y_l ~ π_t(P(x)); the same
+   weights in improver mode rewrite it, y_w ~ π_t(I(x, y_l)); the gates drop degenerate pairs; DPO on (y_w ≻ y_l)
+   with the reference model ``dpo.reference`` (π_t by default) gives π_{t+1}. Both sides come from the current model:
+   the pairs are on-policy.
+"""
 from __future__ import annotations
 
-from .base import Method
+from ..pairs import Pair
+from ..steps import train_improver
+from .base import Context, Method
 
 
 class SGPO(Method):
     name = "sgpo"
-    trains_improver = True
-    runs_sft = False
-    has_rounds = True
-    has_prepare = False
-    self_improving = True
+
+    def before_rounds(self, ctx: Context) -> dict:
+        s = ctx.session
+        return ctx.run_stage("improver", lambda: {**train_improver(ctx, ctx.records, ctx.cfg.improver), **s.dev_figures()},
+                      inputs=ctx.records, model=True)
+
+    def make_pairs(self, ctx: Context) -> list[Pair]:
+        drafts = ctx.rollout("policy", ctx.records, name="policy")                       # y_l ~ π_t(P(x))
+        rewrites = ctx.rewrite(ctx.records, {i: g.text for i, g in drafts.items()})     # y_w ~ π_t(I(x, y_l))
+        return [Pair.of(r, rewrites[r.id], drafts[r.id], round=ctx.round) for r in ctx.records]
 
     def reference(self, cfg) -> str:
         return cfg.dpo.reference
-
-    def plan_round(self, cfg, t: int) -> dict:
-        """Dry runs: drafts + rewrites (extra rewrite samples counted as an upper bound)."""
-        n = cfg.data.round_size
-        return {"generations": n * (1 + cfg.improver.experimental.rewrite_samples), "pairs": n}

@@ -1,7 +1,8 @@
 """SPIN (Chen et al. 2024, self-play fine-tuning): the SFT reference against the current model's own answer.
 
-Round t: y ~ π_t(P(x)); pair (chosen = y*, the SFT reference; rejected = y); reference model = π_t. Over the rounds
-the model is pushed to tell its own answers from the human-written ones until it cannot.
+Round t: y ~ π_t(P(x)); pair (chosen = y*, the SFT reference; rejected = y); reference model = π_t, the round-start
+model (the opponent of round t is the model of round t - 1). Over the rounds the model is pushed to tell its own answers
+from the human-written ones until it cannot.
 """
 from __future__ import annotations
 
@@ -12,14 +13,6 @@ from .base import Context, Method
 
 class SPIN(Method):
     name = "spin"
-    trains_improver = False
-    runs_sft = False
-    has_rounds = True
-    has_prepare = False
-    self_improving = False
-
-    def reference(self, cfg) -> str:
-        return "round_start"  # the opponent of round t is the model of round t - 1, i.e. the round-start model
 
     def make_pairs(self, ctx: Context) -> list[Pair]:
         records = [r for r in ctx.records if r.reference]
@@ -28,6 +21,3 @@ class SPIN(Method):
                      rejected=own[r.id].text, chosen_finished=True, rejected_finished=own[r.id].finished,
                      meta={"round": ctx.round, "chosen": "reference", "rejected": "policy"})
                 for r in records]
-
-    def plan_round(self, cfg, t: int) -> dict:
-        return {"generations": cfg.data.round_size, "pairs": cfg.data.round_size}

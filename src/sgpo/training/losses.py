@@ -1,4 +1,4 @@
-"""Preference losses over per-pair log-ratios, chosen by name from ``LOSSES``.
+"""Preference losses over per-pair log-ratios, chosen by name from ``LOSSES`` (``sgpo.registry``).
 
 Notation: c, r = policy minus reference summed log-prob of the chosen / rejected response; |c|, |r| = their lengths
 in tokens (clamped to >= 1, as TRL does). Each loss returns per-pair values; ``preference_loss`` takes the mean.
@@ -15,15 +15,17 @@ in tokens (clamped to >= 1, as TRL does). Each loss returns per-pair values; ``p
 
 Metrics are TRL's and, for every loss, on the SUMMED log-ratios (rewards/chosen = mean β c, rewards/rejected =
 mean β r, rewards/margins = mean β (c - r), rewards/accuracies = mean [c > r]), so they mean the same across losses.
-Adding a loss: one function ``fn(r: LogRatios, beta) -> per-pair tensor`` and one ``LOSSES`` entry.
+Adding a loss: one function ``fn(r: LogRatios, beta) -> per-pair tensor`` here and one ``LOSSES`` entry in
+``sgpo/registry.py``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..registry import LOSSES
 
 
 @dataclass(frozen=True)
@@ -65,16 +67,10 @@ def norm(r: LogRatios, beta: float) -> torch.Tensor:
     return -F.logsigmoid(beta * (chosen - rejected))
 
 
-LOSSES: dict[str, Callable[[LogRatios, float], torch.Tensor]] = {
-    "sigmoid": sigmoid, "ipo": ipo, "hinge": hinge, "norm": norm}
-
-
 def preference_loss(name: str, logratios: LogRatios, beta: float) -> tuple[torch.Tensor, dict]:
     """mean loss over pairs, and metrics {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
     "rewards/accuracies"} (detached tensors; rewards on the summed log-ratios whatever the loss)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown preference loss '{name}' (known: {', '.join(LOSSES)})")
-    loss = LOSSES[name](logratios, beta).mean()
+    loss = LOSSES.get(name)(logratios, beta).mean()
     chosen_reward = beta * logratios.chosen.detach()
     rejected_reward = beta * logratios.rejected.detach()
     margins = chosen_reward - rejected_reward

@@ -1,0 +1,269 @@
+"""``--dry-run``: the run's own recipe and data slicing, walked with parts that count the work instead of doing it.
+
+No model, tokenizer or hub dataset is loaded: the sampler answers with placeholder texts, the trainer counts examples
+and optimizer steps, the judges count their calls, the current model counts its checkpoint writes. Everything else —
+the stage list, the methods, the gates, the dealing of prompts — is the code a real run executes, in a temporary
+run directory. Local and embedded data are read (their sizes are real); a hub dataset is stood in for by as many
+placeholder rows as the slices ask for, and the whole-pool SFT slice it would give is "not counted".
+
+Counts are for one process. Pairs and DPO steps are upper bounds (the gates decide); so are the improver examples (an
+interpolation chain stops early where a step reaches the reference) and the judge calls (cached verdicts are free).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import distributed
+from .config import Config, improver_instruction
+from .data import LoadReport, Record, load_records
+from .eval.judges import Judge
+from .evaluator import Evaluator
+from .files import write_jsonl
+from .generation import Generation
+from .methods import get_method
+from .runs import RunDir, Stages
+from .session import Session
+from .splits import prepare_splits
+from .training.sft import NLLExample
+
+COLUMNS = [("prompts", "prompts"), ("generations", "generations"), ("nll_examples", "NLL ex."),
+           ("nll_steps", "NLL steps"), ("pairs", "pairs ≤"), ("dpo_steps", "DPO steps ≤"),
+           ("checkpoints", "ckpt writes")]
+
+
+@dataclass
+class Tally:
+    """Counts per stage (the stage running when the work was asked for)."""
+    stages: Stages
+    rows: dict = field(default_factory=dict)     # stage → Counter
+    ids: dict = field(default_factory=dict)      # stage → record ids the stage's work touched
+    uncounted: list = field(default_factory=list)  # data sources stood in for by placeholders
+
+    def add(self, key: str, n: int = 1, stage: str | None = None) -> None:
+        self.rows.setdefault(stage or self.stages.current, Counter())[key] += n
+
+    def touch(self, ids) -> None:
+        self.ids.setdefault(self.stages.current, set()).update(ids)
+
+
+def placeholder(record: Record, role: str) -> str:
+    """A stand-in response: the record's reference with a marker before every word and its sentence ends removed (one
+    sentence: an interpolation chain towards the reference runs its full length), or a short text without one."""
+    if not record.reference:
+        return f"«{role}» response to {record.id}"
+    words = [w.rstrip(".!?。:") or w for w in record.reference.split()]
+    return " ".join(f"«{role}» {w}" for w in words)
+
+
+class CountingSampler:
+    """The sampler's interface: every requested response is counted and answered with a placeholder."""
+    backend = "engine"
+
+    def __init__(self, tally: Tally, instruction: str):
+        self.tally, self.instruction = tally, instruction
+
+    def identity(self) -> list:
+        return []
+
+    def rollout(self, model, records, role: str, round_: int, *, drafts=None, shard=None) -> dict[str, Generation]:
+        self.tally.add("generations", len(records))
+        self.tally.touch(r.id for r in records)
+        out = {r.id: Generation(placeholder(r, role), (), True) for r in records}
+        if shard is not None:  # later stages read some shards (the start model's development answers)
+            write_jsonl(shard, [{"id": i, "text": g.text, "finished": True} for i, g in out.items()])
+        return out
+
+    def rewrite(self, model, records, drafts, round_: int, *, role: str = "improver", shard_dir=None,
+                samples: int = 1) -> dict[str, Generation]:
+        """Every try counted (a real rewrite samples again only a rewrite equal to its draft)."""
+        self.tally.add("generations", len(records) * (samples - 1))
+        shard = Path(shard_dir) / f"{role.replace('-', '_')}.jsonl" if shard_dir is not None else None
+        return self.rollout(model, records, role, round_, drafts=drafts, shard=shard)
+
+
+class CountingPolicy:
+    """The current model's interface with no model: paths move as in a real run; checkpoint writes are counted."""
+    tokenizer = None
+
+    def __init__(self, name: str, run: RunDir, tally: Tally):
+        self.path = self.start_path = name
+        self.run, self.tally = run, tally
+
+    model = generator = property(lambda self: None)
+
+    def load(self, path):
+        return None
+
+    def model_at(self, path):
+        return None
+
+    def generator_at(self, path):
+        return str(path)
+
+    def unload(self) -> None:
+        pass
+
+    def trained(self, exported=None) -> None:
+        pass
+
+    def resume_from(self, stage: str) -> None:
+        self.path = str(self.run.path(stage, "model"))
+
+    def save(self, stage: str) -> None:
+        self.tally.add("checkpoints", 1, stage)
+        self.path = str(self.run.path(stage) if stage == "final" else self.run.path(stage, "model"))
+
+
+class CountingTrainer:
+    """The trainer's interface: examples, pairs and optimizer steps counted, with the training checkpoints a real call
+    writes (every ``checkpoint_every`` steps and after the last)."""
+
+    def __init__(self, cfg: Config, tally: Tally):
+        self.cfg, self.tally = cfg, tally
+
+    def policy_examples(self, records: list[Record]) -> list[NLLExample]:
+        self.tally.touch(r.id for r in records)
+        return [NLLExample((), (), "policy") for _ in records]
+
+    def improver_examples(self, examples, records: list[Record]) -> list[NLLExample]:
+        self.tally.touch(e.record_id for e in examples)
+        return [NLLExample((), (), "improver") for _ in examples]
+
+    def _steps(self, n: int, batch_size: int, epochs: int, every: int) -> int:
+        steps = epochs * math.ceil(n / batch_size)
+        self.tally.add("checkpoints", (steps // every + (steps % every > 0)) if every else int(steps > 0))
+        return steps
+
+    def train_nll(self, examples: list[NLLExample], desc: str, seed: int, model=None) -> dict:
+        t = self.cfg.train
+        self.tally.add("nll_examples", len(examples))
+        steps = self._steps(len(examples), t.batch_size, t.epochs, t.checkpoint_every)
+        self.tally.add("nll_steps", steps)
+        return {"nll/loss": 0.0, "nll/steps": steps, "nll/examples": len(examples)}
+
+    def train_separate(self, examples: list[NLLExample], desc: str, seed: int, out: Path) -> dict:
+        m = self.train_nll(examples, desc, seed)
+        self.tally.add("checkpoints", 1)  # the separate model itself
+        return m
+
+    def train_dpo(self, pairs, desc: str, seed: int) -> dict:
+        d = self.cfg.dpo
+        self.tally.add("pairs", len(pairs))
+        steps = self._steps(len(pairs), d.batch_size, d.epochs, d.checkpoint_every)
+        self.tally.add("dpo_steps", steps)
+        return {"dpo/loss": 0.0, "dpo/steps": steps}
+
+    def reference_pass(self, pairs, reference_path: str) -> None:
+        self.tally.touch(p.record_id for p in pairs)
+        for p in pairs:
+            p.ref_chosen_logp = p.ref_rejected_logp = 0.0
+
+
+class CountingJudge(Judge):
+    """A judge that counts its calls (before any cache) and prefers the first candidate."""
+
+    def __init__(self, spec: str, tally: Tally):
+        self.spec = self.name = spec
+        self.tally = tally
+
+    def prefer(self, prompts, a, b, references=None) -> list[float]:
+        self.tally.add(f"judge:{self.spec}", len(prompts))
+        return [1.0] * len(prompts)
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith("sgpo:") or Path(source).exists()
+
+
+def placeholder_loader(cfg: Config, tally: Tally):
+    """``load_records`` for local and embedded data; a hub dataset becomes as many placeholder rows as the run's slices
+    ask for (its size is not known without downloading it)."""
+    d = cfg.data
+    wanted = d.dev_size + d.test_size + d.improver_size + cfg.rounds * d.round_size + d.sft_size + 1
+
+    def load(source: str, **options):
+        if _is_local(source):
+            return load_records(source, **options)
+        tally.uncounted.append(source)
+        n = wanted if options.get("need") != "preference" else cfg.rounds * d.round_size
+        records = [Record(f"{source}#{i}", (("user", f"request {i}"),), f"reference {i} of {source}.",
+                          f"chosen {i}.", f"rejected {i}.") for i in range(n)]
+        return records, LoadReport(f"{source} (not downloaded: {n} placeholder rows)", n)
+
+    return load
+
+
+def dry_session(cfg: Config, root: Path) -> tuple[Session, Tally]:
+    """A session whose parts count: the real run directory and stages (in ``root``), counting stand-ins for the rest."""
+    run = RunDir(root)
+    dist = distributed.Dist(None)
+    stages = Stages(run, dist, cfg.seed)
+    tally = Tally(stages)
+    sampler = CountingSampler(tally, improver_instruction(cfg.improver))
+    policy = CountingPolicy(cfg.model.name, run, tally)
+    evaluator = Evaluator(cfg, sampler, policy, stages, make_judge=lambda spec: CountingJudge(spec, tally))
+    return Session(cfg, run, stages, dist, sampler, policy, CountingTrainer(cfg, tally), evaluator,
+                   load=placeholder_loader(cfg, tally)), tally
+
+
+def dry_run(cfg: Config) -> dict:
+    """Walk the recipe of ``cfg`` counting: {"stages": [{stage, counts…, judges}], "totals", "uncounted"}."""
+    from .recipe import run_stages
+
+    quiet = logging.getLogger("sgpo")
+    level, quiet.level = quiet.level, logging.WARNING  # the stages' own log lines would report placeholder figures
+    try:
+        with tempfile.TemporaryDirectory(prefix="sgpo-dry-run-") as tmp:
+            s, tally = dry_session(cfg, Path(tmp))
+            data = prepare_splits(cfg, None, load=s.load)
+            run_stages(s, get_method(cfg.method), data)
+    finally:
+        quiet.level = level
+    stages = []
+    for name in s.run.manifest["stages"]:  # every stage the run would record, in order
+        row = tally.rows.get(name, Counter())
+        stages.append({"stage": name, "prompts": len(tally.ids.get(name, ())),
+                       **{k: row[k] for k, _ in COLUMNS if k != "prompts"},
+                       "judges": {k[6:]: v for k, v in row.items() if k.startswith("judge:")}})
+    whole_pool = bool(tally.uncounted) and cfg.data.sft_size == 0
+    return {"method": cfg.method, "model": cfg.model.name, "stages": stages, "uncounted": tally.uncounted,
+            "whole_pool_sft": whole_pool, "train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
+
+
+def _cell(row: dict, key: str, whole_pool: bool) -> str:
+    if whole_pool and row["stage"] == "sft" and key in ("prompts", "nll_examples", "nll_steps"):
+        return "whole pool"
+    v = row.get(key, 0)
+    return f"{v:,}" if v else "-"
+
+
+def format_dry_run(p: dict, cfg: Config) -> str:
+    """The dry run as a table: one row per stage, a total, and what the counts mean."""
+    d, whole = cfg.data, p["whole_pool_sft"]
+    lines = [f"dry run: method {p['method']} on {p['model']} | {p['train']:,} training, {p['dev']:,} development, "
+             f"{p['test']:,} test prompts | tokens: prompt ≤ {d.max_prompt_tokens}, response ≤ "
+             f"{cfg.generation.max_new_tokens}, reference ≤ {d.max_reference_tokens}", "",
+             f"{'stage':<18}" + "".join(f"{label:>13}" for _, label in COLUMNS) + "  judge calls"]
+    for row in p["stages"]:
+        judges = ", ".join(f"{k} {v:,}" for k, v in row["judges"].items())
+        lines.append(f"{row['stage']:<18}" + "".join(f"{_cell(row, k, whole):>13}" for k, _ in COLUMNS)
+                     + f"  {judges}")
+    total = {"stage": "total", **{k: sum(r.get(k, 0) for r in p["stages"]) for k, _ in COLUMNS if k != "prompts"}}
+    judges = Counter()
+    for r in p["stages"]:
+        judges.update(r["judges"])
+    lines.append(f"{'total':<18}{'':>13}" + "".join(
+        f"{('?' if whole and k.startswith('nll') else _cell(total, k, False)):>13}" for k, _ in COLUMNS[1:])
+        + "  " + ", ".join(f"{k} {v:,}" for k, v in judges.items()))
+    lines += ["", "Counts for one process (data-parallel runs share them out). Upper bounds: pairs and DPO steps (the "
+              "gates decide),", "improver examples (a chain stops where it reaches the reference), judge calls "
+              "(cached verdicts are free)."]
+    if p["uncounted"]:
+        lines.append("Not downloaded: " + ", ".join(dict.fromkeys(p["uncounted"])) + " (placeholder rows as many as "
+                     "the slices ask for" + ("; the SFT slice is the whole pool, not counted)" if whole else ")"))
+    return "\n".join(lines)

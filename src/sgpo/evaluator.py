@@ -1,0 +1,106 @@
+"""The figures a run computes about its own models: the judges (``eval.judge`` kept loaded, ``eval.second_judge`` for
+one use at a time), the per-stage figures on the development prompts, and the test answers of a model."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from .config import Config
+from .data import Record
+from .eval.judges import cached_judge, judge_for_one_use
+from .files import is_writer, read_jsonl
+from .generation import Generation
+from .held_out import answer_key
+from .improver.figures import draft_and_rewrite, figures, win_rate_metrics
+from .models import free_memory
+from .policy import Policy
+from .rollout import generation_of
+
+log = logging.getLogger("sgpo")
+
+
+class Evaluator:
+    """``make_judge``: spec → judge (cached verdicts by default); ``answer_cache``: the folder the start model's test
+    answers are cached in by its hash (None: no cache)."""
+
+    def __init__(self, cfg: Config, sampler, policy: Policy, stages, make_judge: Callable = cached_judge,
+                 answer_cache: Path | None = None):
+        self.cfg, self.sampler, self.policy, self.stages = cfg, sampler, policy, stages
+        self.make_judge, self.answer_cache = make_judge, answer_cache
+        self._judge = None
+
+    @property
+    def judge(self):
+        """The run's judge (``eval.judge``), kept loaded."""
+        if self._judge is None:
+            self._judge = self.make_judge(self.cfg.eval.judge)
+        return self._judge
+
+    def one_use(self, spec: str):
+        """A context with the judge of ``spec`` (None when empty), freed afterwards."""
+        return judge_for_one_use(spec, self.make_judge)
+
+    def second_judge(self):
+        """``eval.second_judge`` for one use (None when off): a model of its own, and training needs the memory."""
+        return self.one_use(self.cfg.eval.second_judge)
+
+    def stage_path(self, *parts: str) -> Path:
+        return self.policy.run.path(self.stages.current, *parts)
+
+    # -- figures on the development prompts ----------------------------------------------------------------------
+    def dev_figures(self, dev: list[Record], start_dev: dict | None, improver: bool = True) -> dict:
+        """The current model on the development prompts: head-to-head against the start model's answers
+        (``start_dev``, None in ``round_0``) and, with ``improver``, the improver's figures (drafts → rewrites, as in
+        the rounds; a round measures its improver on its own candidates instead, before and after the gates)."""
+        e = self.cfg.eval
+        rewrite = e.improver_size if improver else 0
+        recs = dev[:max(e.head_to_head_size, rewrite)]
+        if not recs:
+            return {}
+        out = draft_and_rewrite(self.sampler, self.policy.generator, recs, self.stage_path(), rewrite=rewrite,
+                                samples=self.cfg.improver.experimental.rewrite_samples)
+        m = {"eval/dev/length": sum(len(out.drafts[r.id].text.split()) for r in recs) / len(recs)}
+        if start_dev is not None and e.head_to_head_size:
+            h = recs[:e.head_to_head_size]
+            prefs = self.judge.prefer([r.prompt_text for r in h], [out.drafts[r.id].text for r in h],
+                                      [start_dev[r.id] for r in h], [r.reference for r in h])
+            m.update(win_rate_metrics("eval/dev/win_rate_vs_start", prefs))
+        if rewrite:
+            if self.cfg.improver.sees_reference:  # the improver has seen the references: the second judge decides
+                with self.second_judge() as judge:
+                    m.update(figures(judge, recs[:rewrite], out))
+            else:
+                m.update(figures(self.judge, recs[:rewrite], out))
+        return m
+
+    # -- test answers ------------------------------------------------------------------------------------------------
+    def answers(self, records: list[Record], label: str, model_path: str, *, cached: bool = False
+                ) -> dict[str, Generation]:
+        """``model_path``'s answers to ``records`` (role ``test``), saved as ``<stage>/answers_<label>.jsonl``. With
+        ``cached`` (and an answer cache), they come from (and go to) the cache keyed by the model's hash."""
+        out = self.stage_path(f"answers_{label}.jsonl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shard = out
+        if cached and self.answer_cache is not None:
+            key = answer_key(model_path, self.sampler, self.cfg.data.max_prompt_tokens, records)
+            shard = self.answer_cache / f"{key[:24]}.jsonl"
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            if shard.exists() and len(read_jsonl(shard)) >= len(records):
+                log.info("test: the %s model's answers come from the cache (%s, %d answers)", label, shard.name,
+                         len(records))
+                _copy(shard, out)
+                return {r["id"]: generation_of(r) for r in read_jsonl(shard)}
+        model = self.policy.generator_at(model_path)
+        gens = self.sampler.rollout(model, records, "test", 0, shard=shard)
+        del model  # a start or pre-rounds model loaded for this is freed before the next one loads
+        free_memory()
+        if shard != out:
+            _copy(shard, out)
+        return gens
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if is_writer():
+        shutil.copyfile(src, dst)
