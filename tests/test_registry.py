@@ -115,3 +115,14 @@ def test_cached_judge_forwards_explicitly_and_reports_its_statistics(tmp_path):
         judge.verdicts(["p"], ["a"], ["b"])
     judge.close()
     assert inner.closed and judge.cache._file is None
+
+
+@pytest.mark.parametrize("key", ["eval.judge", "eval.second_judge", "pairs.verify"])
+def test_a_judge_spec_of_no_known_kind_is_refused_when_the_config_loads(key):
+    from sgpo import config
+
+    with pytest.raises(config.ConfigError, match=rf"{key}: unknown judge 'gpt4' \(known: reference, openai"):
+        config.load(None, [f"{key}=gpt4"])
+    with pytest.raises(config.ConfigError, match=rf"{key}: judge 'hf' needs a model"):
+        config.load(None, [f"{key}=hf"])
+    assert config.load(None, [f"{key}=lm-pmi:some/model"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from .registry import LOSSES, METHODS
+from .registry import LOSSES, METHODS, parse_judge_spec
 from .templates import IMPROVER_INSTRUCTION, REFERENCED_INSTRUCTION
 
 CONFIG_VERSION = 1
@@ -287,6 +287,12 @@ def validate(cfg: Config) -> Config:
     if cfg.improver.sees_reference and cfg.dpo.improver_nll_coef > 0:
         raise ConfigError("dpo.improver_nll_coef: not available with improver.sees_reference (the pairs do not carry "
                           "the references the improver input would need)")
+    for key in ("eval.judge", "eval.second_judge", "pairs.verify"):
+        if get(cfg, key):
+            try:
+                parse_judge_spec(get(cfg, key))
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
     if cfg.pairs.verify and cfg.pairs.verify == cfg.eval.second_judge:
         raise ConfigError("pairs.verify: the judge that selects pairs cannot also be eval.second_judge, the judge of "
                           "their agreement")

@@ -132,9 +132,22 @@ def generate_batch(model, tokenizer, batch: Sequence[Request], s: Settings, deco
         return [Generation(tokenizer.decode(o, skip_special_tokens=True), tuple(o), f)
                 for o, f in zip(out, finished)]
     got: list[Generation] = []
-    _run_kv(decoder, model, tokenizer, batch, [list(range(len(batch)))], len(batch), s,
+    _run_kv(decoder, model, tokenizer, _KVPlan(batch, [list(range(len(batch)))], len(batch), s),
             lambda idx, gens: got.extend(gens))
     return got
+
+
+MIN_SHARED_PREFIX = 8  # a prompt prefix shared by every request of a call is computed once from this many tokens
+
+
+@dataclass(frozen=True)
+class _KVPlan:
+    """What ``_run_kv`` generates: ``batches`` of indices into ``requests`` (in plan order), up to ``width`` sequences
+    in flight, with ``settings``."""
+    requests: Sequence[Request]
+    batches: list[list[int]]
+    width: int
+    settings: Settings
 
 
 @dataclass
@@ -147,10 +160,8 @@ class _Flight:
 
 
 @torch.inference_mode()
-def _run_kv(decoder, model, tokenizer, requests: Sequence[Request], batches: list[list[int]], width: int,
-            s: Settings, deliver: Callable[[list[int], list[Generation]], None],
-            min_shared_prefix: int = 8) -> None:
-    """Generate ``batches`` (in plan order) keeping up to ``width`` sequences in flight.
+def _run_kv(decoder, model, tokenizer, plan: _KVPlan, deliver: Callable[[list[int], list[Generation]], None]) -> None:
+    """Generate the plan's batches (in plan order) keeping up to ``plan.width`` sequences in flight.
 
     A finished sequence leaves at once and the next request of the plan takes its row (in groups of at least a
     quarter of ``width``, so that prompt passes stay few), so no step decodes padding and the batch does not thin out
@@ -158,6 +169,7 @@ def _run_kv(decoder, model, tokenizer, requests: Sequence[Request], batches: lis
     Every request samples with its own uniforms (``_uniforms``) and rows are computed independently, so the results
     are those of running each plan batch on its own.
     """
+    requests, batches, width, s = plan.requests, plan.batches, plan.width, plan.settings
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
     order = [i for b in batches for i in b]
@@ -170,13 +182,13 @@ def _run_kv(decoder, model, tokenizer, requests: Sequence[Request], batches: lis
         for i in order:
             complete(i)
         return
-    _reserve_kv(decoder, [requests[i].prompt_ids for i in order], width, s.max_new_tokens, min_shared_prefix)
+    _reserve_kv(decoder, [requests[i].prompt_ids for i in order], width, s.max_new_tokens)
     queue = deque(order)
     flight = _Flight(rows=[], u_rows=torch.empty((0, s.max_new_tokens), dtype=torch.float64))
     refill = max(1, width // 4)
     try:
         while queue or flight.rows:
-            _refill_rows(decoder, requests, queue, flight, width - len(flight.rows), refill, pad, s)
+            _refill_rows(decoder, plan, queue, flight, refill, pad)
             _decode_step(decoder, flight, out, finished, eos, s, complete)
     finally:
         decoder.release()
@@ -198,20 +210,19 @@ def _batch_completer(tokenizer, batches: list[list[int]], out: dict[int, list[in
     return complete
 
 
-def _reserve_kv(decoder, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int,
-                min_shared_prefix: int) -> None:
+def _reserve_kv(decoder, prompts: Sequence[Sequence[int]], width: int, max_new_tokens: int) -> None:
     """Size the decoder's cache for ``width`` rows of the longest prompt plus ``max_new_tokens``, and compute the
     prompts' shared prefix once when it is long enough (and there is more than one prompt)."""
     decoder.reserve(width, max(len(p) for p in prompts) + max_new_tokens)
     shared = min(_common_prefix_len(prompts), min(len(p) for p in prompts) - 1)
-    if shared >= min_shared_prefix and len(prompts) > 1:
+    if shared >= MIN_SHARED_PREFIX and len(prompts) > 1:
         decoder.set_prefix(prompts[0][:shared])
 
 
-def _refill_rows(decoder, requests: Sequence[Request], queue: deque, flight: _Flight, free: int, refill: int,
-                 pad: int, s: Settings) -> None:
-    """Move the next requests of ``queue`` into the ``free`` rows: when nothing is in flight, or when at least
-    ``refill`` rows (or the whole rest of the queue) can be taken at once. Their prompt logits join ``flight``."""
+def _refill_rows(decoder, plan: _KVPlan, queue: deque, flight: _Flight, refill: int, pad: int) -> None:
+    """Move the next requests of ``queue`` into the free rows (of ``plan.width``): when nothing is in flight, or when at
+    least ``refill`` rows (or the whole rest of the queue) can be taken at once. Their prompt logits join ``flight``."""
+    requests, s, free = plan.requests, plan.settings, plan.width - len(flight.rows)
     if queue and free and (not flight.rows or free >= min(refill, len(queue))):
         take = [queue.popleft() for _ in range(min(free, len(queue)))]
         new = decoder.add([requests[i].prompt_ids for i in take], pad)
@@ -344,7 +355,7 @@ def generate(model, tokenizer, requests: Sequence[Request], s: Settings,
         if todo and kv_decoder.supports(model):
             # built once per call (packed weights are a snapshot: the model may be trained between calls)
             decoder = kv_decoder.KVDecoder(model, rows_hint=batch_size)
-            _run_kv(decoder, model, tokenizer, requests, todo, batch_size, s, deliver)
+            _run_kv(decoder, model, tokenizer, _KVPlan(requests, todo, batch_size, s), deliver)
         else:
             for b in todo:
                 deliver(b, generate_batch(model, tokenizer, [requests[i] for i in b], s))

@@ -62,6 +62,21 @@ JUDGES = Registry("judge", "sgpo.eval", {
 })
 """Judge kinds (a spec's part before ``:``): ``factory(arg, **kwargs) -> Judge`` (``eval.judges.make_judge``)."""
 
+
+def parse_judge_spec(spec: str) -> tuple[str, str, dict]:
+    """``KIND[:ARG]`` → (kind, arg, options): ``lm-SCORE:PATH`` is kind ``lm`` with ``score=SCORE``. An unknown kind,
+    or a kind other than ``reference`` without its model, is a ``ValueError`` naming the spec."""
+    kind, _, arg = spec.partition(":")
+    options = {}
+    if kind.startswith("lm-"):
+        kind, options = "lm", {"score": kind[3:]}
+    if kind not in JUDGES:
+        raise ValueError(f"unknown judge '{kind}' (known: {', '.join(JUDGES.names())}) in '{spec}'; a judge is "
+                         "reference, openai:MODEL[@BASE_URL], hf:PATH, reward:PATH or lm[-SCORE]:PATH")
+    if not arg and kind != "reference":
+        raise ValueError(f"judge '{spec}' needs a model: {kind}:MODEL")
+    return kind, arg, options
+
 BENCHMARKS = Registry("benchmark", "sgpo", {
     "alpaca_eval": "evaluate:alpaca_eval_items",
     "arena_hard_v0.1": "evaluate:arena_hard_v01_items",

@@ -105,8 +105,7 @@ class Sampler:
         if shared:
             done = self.dist.broadcast(done)
             if self.backend != "vllm":
-                return _rollout_shared(model, self.tokenizer, records, reqs, self.settings(), done, store, self.dist,
-                                       desc)
+                return self._rollout_shared(model, records, reqs, done, store, desc)
         skip = {i for i, r in enumerate(records) if r.id in done}
 
         def save(indices, gens):
@@ -151,6 +150,32 @@ class Sampler:
             out.update({r.id: more[r.id] for r in same if normalise(more[r.id].text) != normalise(drafts[r.id])})
         return out
 
+    def _rollout_shared(self, model, records, reqs, done: dict, store, desc):
+        """The multi-process rollout: whole batches of the fixed plan per rank, gathered after each group."""
+        from tqdm.auto import tqdm
+
+        tokenizer, settings, dist = self.tokenizer, self.settings(), self.dist
+        batch_size = settings.batch_size or auto_batch_size(model, reqs, settings)
+        todo = [b for b in plan_batches(reqs, batch_size) if not all(records[i].id in done for i in b)]
+        bar = tqdm(total=sum(len(b) for b in todo), desc=desc or "generate", unit="seq", leave=False,
+                   disable=desc is None or not dist.is_main)
+        out = dict(done)
+        for g0 in range(0, len(todo), dist.world):
+            group = todo[g0:g0 + dist.world]
+            local = []
+            if dist.rank < len(group):
+                mine = group[dist.rank]
+                gens = generate(model, tokenizer, [reqs[i] for i in mine], settings)  # one batch, as in the plan
+                local = list(zip(mine, gens))
+            results = sorted(dist.gather(local), key=lambda x: x[0])
+            for i, g in results:
+                out[records[i].id] = g
+            if store:  # only the main process writes (the others' Shard is read-only)
+                store.append(_row(records[i].id, g) for i, g in results)
+            bar.update(len(results))
+        bar.close()
+        return {r.id: out[r.id] for r in records}
+
 
 def generation_of(row: dict) -> Generation:
     """A shard row back as a Generation (what ``_row`` wrote)."""
@@ -159,29 +184,3 @@ def generation_of(row: dict) -> Generation:
 
 def _row(record_id: str, g: Generation) -> dict:
     return {"id": record_id, "text": g.text, "finished": g.finished, "token_ids": list(g.token_ids)}
-
-
-def _rollout_shared(model, tokenizer, records, reqs, settings: Settings, done: dict, store, dist, desc):
-    """The multi-process rollout: whole batches of the fixed plan per rank, gathered after each group."""
-    from tqdm.auto import tqdm
-
-    batch_size = settings.batch_size or auto_batch_size(model, reqs, settings)
-    todo = [b for b in plan_batches(reqs, batch_size) if not all(records[i].id in done for i in b)]
-    bar = tqdm(total=sum(len(b) for b in todo), desc=desc or "generate", unit="seq", leave=False,
-               disable=desc is None or not dist.is_main)
-    out = dict(done)
-    for g0 in range(0, len(todo), dist.world):
-        group = todo[g0:g0 + dist.world]
-        local = []
-        if dist.rank < len(group):
-            mine = group[dist.rank]
-            gens = generate(model, tokenizer, [reqs[i] for i in mine], settings)  # one batch, as in the plan
-            local = list(zip(mine, gens))
-        results = sorted(dist.gather(local), key=lambda x: x[0])
-        for i, g in results:
-            out[records[i].id] = g
-        if store:  # only the main process writes (the others' Shard is read-only)
-            store.append(_row(records[i].id, g) for i, g in results)
-        bar.update(len(results))
-    bar.close()
-    return {r.id: out[r.id] for r in records}

@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from .base import Judge
@@ -80,30 +81,38 @@ def swap_order(seed: int, prompt: str, a: str, b: str) -> bool:
     return random.Random(int.from_bytes(digest[:8], "big")).random() < 0.5
 
 
+@dataclass
+class OpenAISettings:
+    """How an ``OpenAIJudge`` asks: sampling, reading of the answer, retries and concurrency."""
+    seed: int = 0                 # decides which items are shown in swapped order (position bias cancels out)
+    temperature: float = 0.0
+    top_logprobs: int = 5         # label probabilities read from the first token's top log-probabilities
+    use_logprobs: bool = True     # False (or a server that refuses them): the answer's text is read instead
+    max_retries: int = 6          # per request, with exponential back-off between backoff_base and backoff_max s
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    timeout: float = 120.0        # seconds per request
+    concurrency: int = 4          # requests in flight at once
+    verdict_max_tokens: int = 4096  # Arena-Hard verdicts: the judgment's length
+    extra_body: dict = field(default_factory=dict)  # more fields for every request body
+
+    def __post_init__(self):
+        self.concurrency = max(1, int(self.concurrency))
+        self.extra_body = dict(self.extra_body or {})
+
+
 class OpenAIJudge(Judge):
     gives_verdicts = True
 
     def __init__(self, model: str, base_url: str | None = None, *, api_key: str | None = None,
-                 template: str = "auto", seed: int = 0, temperature: float = 0.0, top_logprobs: int = 5,
-                 use_logprobs: bool = True, max_retries: int = 6, backoff_base: float = 1.0,
-                 backoff_max: float = 60.0, timeout: float = 120.0, concurrency: int = 4,
-                 verdict_max_tokens: int = 4096, extra_body: dict | None = None):
+                 template: str = "auto", **settings):
         self.model = model
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.template = pairwise_template(template)
         self.template_name = self.template.name
-        self.seed = seed
-        self.temperature = temperature
-        self.top_logprobs = top_logprobs
-        self.use_logprobs = use_logprobs
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.timeout = timeout
-        self.concurrency = max(1, int(concurrency))
-        self.verdict_max_tokens = verdict_max_tokens
-        self.extra_body = dict(extra_body or {})
+        self.settings = s = OpenAISettings(**settings)
+        seed, temperature = s.seed, s.temperature
         self.name = f"openai:{model}"
         self.spec = f"openai:{model}@{self.base_url}"
         self.cache_id = f"{self.spec}|{self.template_name}:{self.template.digest}|seed={seed}|t={temperature}"
@@ -129,29 +138,29 @@ class OpenAIJudge(Judge):
         log.warning("judge %s: failed annotation (%s): %s", self.name, what, reason)
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
-        delay = self.backoff_base * (2 ** attempt)
+        delay = self.settings.backoff_base * (2 ** attempt)
         if retry_after:
             try:
                 delay = max(delay, float(retry_after))
             except ValueError:
                 pass
-        return min(self.backoff_max, delay) * (1.0 + 0.1 * random.random())
+        return min(self.settings.backoff_max, delay) * (1.0 + 0.1 * random.random())
 
     def chat(self, messages: list[dict], **params) -> tuple[dict | None, str | None]:
         """POST one chat completion; returns (reply JSON, None) or (None, reason). Retries transient errors."""
-        body = {"model": self.model, "messages": messages, **self.extra_body, **params}
+        body = {"model": self.model, "messages": messages, **self.settings.extra_body, **params}
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         url = f"{self.base_url}/chat/completions"
         reason = "no attempt"
-        for attempt in range(self.max_retries + 1):
+        for attempt in range(self.settings.max_retries + 1):
             self._count("requests")
             retry_after = None
             try:
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with urllib.request.urlopen(req, timeout=self.settings.timeout) as resp:
                     raw = resp.read()
                 try:
                     return json.loads(raw), None
@@ -168,10 +177,10 @@ class OpenAIJudge(Judge):
             except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
                     http.client.HTTPException) as e:
                 reason = f"{type(e).__name__}: {e}"
-            if attempt < self.max_retries:
+            if attempt < self.settings.max_retries:
                 self._count("retries")
                 time.sleep(self._delay(attempt, retry_after))
-        return None, f"gave up after {self.max_retries + 1} attempts: {reason}"
+        return None, f"gave up after {self.settings.max_retries + 1} attempts: {reason}"
 
     # ---------------------------------------------------------------- weighted preference
     def _label_probability(self, reply: dict, labels: tuple[str, str]) -> tuple[float, str]:
@@ -208,16 +217,16 @@ class OpenAIJudge(Judge):
             with self._lock:
                 self.counts["identical"] += 1
             return 0.5
-        swapped = swap_order(self.seed, prompt, a, b)
+        swapped = swap_order(self.settings.seed, prompt, a, b)
         first, second = (b, a) if swapped else (a, b)
-        params = {"max_tokens": 1, "temperature": self.temperature}
-        if self.use_logprobs:
-            params.update(logprobs=True, top_logprobs=self.top_logprobs)
+        params = {"max_tokens": 1, "temperature": self.settings.temperature}
+        if self.settings.use_logprobs:
+            params.update(logprobs=True, top_logprobs=self.settings.top_logprobs)
         reply, reason = self.chat(self.template.messages(prompt, first, second), **params)
-        if reply is None and self.use_logprobs and reason and reason.startswith("HTTP 400"):
+        if reply is None and self.settings.use_logprobs and reason and reason.startswith("HTTP 400"):
             # some servers refuse log-probabilities: ask for the text label instead
             reply, reason = self.chat(self.template.messages(prompt, first, second),
-                                      max_tokens=1, temperature=self.temperature)
+                                      max_tokens=1, temperature=self.settings.temperature)
         if reply is None:
             self._fail(f"prefer #{i}", reason or "no reply")
             return math.nan
@@ -234,9 +243,9 @@ class OpenAIJudge(Judge):
         if not (len(prompts) == len(a) == len(b)):
             raise ValueError("prompts, a and b must have the same length")
         items = list(zip(range(len(prompts)), prompts, a, b))
-        if self.concurrency == 1 or len(items) <= 1:
+        if self.settings.concurrency == 1 or len(items) <= 1:
             return [self._prefer_one(*it) for it in items]
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
             return list(pool.map(lambda it: self._prefer_one(*it), items))
 
     # ---------------------------------------------------------------- Arena-Hard verdicts
@@ -244,7 +253,7 @@ class OpenAIJudge(Judge):
                 _item: str = "verdict") -> str | None:
         """One Arena-Hard style game: the verdict label, or ``None`` for a failed annotation."""
         messages = arena_verdict_messages(question, answer_a, answer_b, reference)
-        reply, reason = self.chat(messages, max_tokens=self.verdict_max_tokens, temperature=self.temperature)
+        reply, reason = self.chat(messages, max_tokens=self.settings.verdict_max_tokens, temperature=self.settings.temperature)
         if reply is None:
             self._fail(_item, reason or "no reply")
             return None
@@ -264,7 +273,7 @@ class OpenAIJudge(Judge):
         n = len(questions)
         refs = list(references) if references is not None else [None] * n
         items = list(zip(questions, answers_a, answers_b, refs, [f"verdict #{i}" for i in range(n)]))
-        if self.concurrency == 1 or n <= 1:
+        if self.settings.concurrency == 1 or n <= 1:
             return [self.verdict(*it) for it in items]
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency) as pool:
             return list(pool.map(lambda it: self.verdict(*it), items))

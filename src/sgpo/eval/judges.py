@@ -15,7 +15,7 @@ import torch
 
 from ..files import is_writer
 from ..models import cache_dir, free_memory
-from ..registry import JUDGES
+from ..registry import JUDGES, parse_judge_spec
 from .base import Judge
 from .cache import CachedJudge
 
@@ -95,13 +95,8 @@ def make_judge(spec: str, *, cache: str | None = None, **kwargs) -> Judge:
     ``kwargs`` go to the judge's constructor. With ``cache=PATH`` the judge is wrapped in a ``CachedJudge`` writing
     its annotations to that JSONL file. The built judge carries the spec it was made from (``spec``).
     """
-    kind, _, arg = spec.partition(":")
-    if kind.startswith("lm-"):
-        kind, kwargs = "lm", {**kwargs, "score": kind[3:]}
-    factory = JUDGES.get(kind)
-    if not arg and kind != "reference":
-        raise ValueError(f"judge '{spec}' needs a model: {kind}:MODEL")
-    judge = factory(arg, **kwargs)
+    kind, arg, options = parse_judge_spec(spec)
+    judge = JUDGES.get(kind)(arg, **options, **kwargs)
     judge.spec = spec
     return CachedJudge(judge, cache) if cache else judge
 

@@ -1,0 +1,99 @@
+"""The house rules, checked on the source: no import circle, no function over 60 lines or with more than 7
+parameters, and every config field read somewhere."""
+import ast
+import dataclasses
+import re
+from pathlib import Path
+
+from sgpo.config import Config
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+FILES = sorted((SRC / "sgpo").rglob("*.py"))
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports, at module level or inside functions (relative imports resolved)."""
+    me = module_name(path)
+    package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        out |= {n for n in names if n in known and n != me}
+    return out
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle():
+    known = {module_name(p) for p in FILES}
+    assert cycles({module_name(p): imports(p, known) for p in FILES}) == []
+
+
+def test_functions_are_short_and_take_few_parameters():
+    bad = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            a = node.args
+            params = [*a.posonlyargs, *a.args, *a.kwonlyargs] + [x for x in (a.vararg, a.kwarg) if x]
+            params = [p for p in params if p.arg not in ("self", "cls")]
+            lines = node.end_lineno - node.lineno + 1
+            if lines > 60 or len(params) > 7:
+                bad.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}: {lines} lines, {len(params)} params")
+    assert bad == []
+
+
+def fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            yield from fields(f.default_factory, prefix + f.name + ".")
+        else:
+            yield prefix + f.name, f.name
+
+
+def test_every_config_field_is_read_somewhere():
+    text = "\n".join(p.read_text() for p in FILES)
+    unread = [dotted for dotted, name in fields(Config) if not re.search(rf"\.{name}\b", text)]
+    assert unread == []
