@@ -21,9 +21,10 @@ class SGPO(Method):
     name = "sgpo"
 
     def before_rounds(self, ctx: Context) -> dict:
-        s = ctx.session
-        return ctx.run_stage("improver", lambda: {**train_improver(ctx, ctx.records, ctx.cfg.improver), **s.dev_figures()},
-                      inputs=ctx.records, model=True)
+        def improver_stage() -> dict:  # the same weights learn I(x, y0) → a step towards y*; then its dev figures
+            return {**train_improver(ctx, ctx.records, ctx.cfg.improver), **ctx.session.dev_figures()}
+
+        return ctx.run_stage("improver", improver_stage, inputs=ctx.records, model=True)
 
     def make_pairs(self, ctx: Context) -> list[Pair]:
         drafts = ctx.rollout("policy", ctx.records, name="policy")                       # y_l ~ π_t(P(x))
