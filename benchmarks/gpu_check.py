@@ -141,7 +141,7 @@ def sgpo_round(path: str, carry: Path, out: Path) -> dict:
     cmd = [sys.executable, "-m", "sgpo", "run", "--output", str(run), "--method", "spin", "--set", f"model.name={path}",
            "--set", f"data.sft={carry / 'prompts.jsonl'}", "--set", "data.dev_size=8", "--set", "rounds=1",
            "--set", "data.improver_size=32", "--set", "data.round_size=48", "--set", "eval.improver_size=0",
-           "--set", "eval.head_to_head_size=0", "--set", "generation.batch_size=48", "--set", "pairs.require_eos=false"]
+           "--set", "eval.head_to_head_size=0", "--set", "generation.batch_size=48", "--set", "pairs.require_finished=none"]
     t = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     (out / "sgpo_run.log").write_text(res.stdout + res.stderr)
