@@ -99,3 +99,21 @@ def test_nll_micro_batches_give_the_whole_batch_loss_and_gradient(tiny_model):
     for name in g1:
         scale = g1[name].abs().max().clamp(min=1e-6)
         assert float((g1[name] - g2[name]).abs().max() / scale) < 1e-4, name
+
+
+def test_a_sharded_export_is_a_whole_model_folder(tmp_path, tiny_model, tiny_tokenizer):
+    """What sharded training exports is what the next rollout loads (vLLM included): weights and tokenizer."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sgpo.training.loop import _export
+
+    acc = SimpleNamespace(get_state_dict=lambda m: m.state_dict(), is_main_process=True, unwrap_model=lambda m: m,
+                          wait_for_everyone=lambda: None)
+    _export(acc, tiny_model, tmp_path / "weights", tiny_tokenizer)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "weights")
+    assert tok("hello").input_ids == tiny_tokenizer("hello").input_ids
+    assert tok.chat_template == tiny_tokenizer.chat_template
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "weights")
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tiny_model.state_dict().values()))

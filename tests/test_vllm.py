@@ -56,6 +56,8 @@ def test_vllm_repeats_stops_at_eos_and_resumes(vllm_installed, tmp_path, monkeyp
     stop = first["q1"].token_ids[3]
     stopping = tmp_path / "stopping"
     shutil.copytree(path, stopping)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # vLLM never reads a tokenizer:
+        (stopping / name).unlink()  # the worker sends token ids (a sharded run's export once held the model only)
     gen_cfg = json.loads((stopping / "generation_config.json").read_text())
     gen_cfg["eos_token_id"] = [tok.eos_token_id, stop]
     (stopping / "generation_config.json").write_text(json.dumps(gen_cfg))

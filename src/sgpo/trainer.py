@@ -60,7 +60,7 @@ class Trainer:
         folder = re.sub(r"[^A-Za-z0-9_.-]+", "_", desc).strip("_")
         return Job(self.tokenizer.pad_token_id, seed, desc, self.dist.accelerator,
                    self.policy.run.path(self.stages.current, "checkpoints", folder),
-                   on_step=self._step_logger(desc, loss_name) if self.trackers else None)
+                   on_step=self._step_logger(desc, loss_name) if self.trackers else None, tokenizer=self.tokenizer)
 
     def train_nll(self, examples: list[NLLExample], desc: str, seed: int, model=None) -> dict:
         """NLL training of the current model (or of ``model``, a separate one) on ``examples``. Inputs are cut as the

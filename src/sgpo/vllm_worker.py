@@ -50,7 +50,8 @@ def main(job_path: str) -> None:
 
     job = json.loads(open(job_path, encoding="utf-8").read())
     llm = LLM(model=job["model"], dtype=job["dtype"], seed=job["seed"], enforce_eager=job["enforce_eager"],
-              max_model_len=job["max_model_len"], gpu_memory_utilization=job["gpu_memory"])
+              max_model_len=job["max_model_len"], gpu_memory_utilization=job["gpu_memory"],
+              skip_tokenizer_init=True)  # token ids in, token ids out: the folder need not hold a tokenizer
     eos = set(job["eos"])
     batches = job["batches"]
     with open(job["out"], "a", encoding="utf-8") as out:

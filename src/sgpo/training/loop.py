@@ -43,7 +43,7 @@ class MasterAdamW(torch.optim.AdamW):
     """AdamW on fp32 master copies of low-precision (bf16/fp16) parameters: the gradients are read into the masters,
     the update is computed and accumulated in fp32, and the model's parameters are the masters rounded. Without it an
     update below half of bf16's spacing (≈6e-5 near |w| = 0.02; DPO's 5e-7 steps) rounds to nothing and training
-    silently stalls. The masters travel with the optimizer's ``state_dict`` so that a resumed run continues from them."""
+    silently stalls. The masters travel with the optimizer's ``state_dict``: a resumed run continues from them."""
 
     def __init__(self, params, **kwargs):
         self.model_params = list(params)
@@ -260,6 +260,8 @@ class Job:
     on_step: Callable[[int, dict], None] | None = None
     """Called on the main process after every optimizer step with (steps done, the step's metrics and
     ``train/learning_rate``): the experiment trackers' feed."""
+    tokenizer: Any = None
+    """Saved beside the weights a sharded call exports, so that the export is a whole model folder."""
 
 
 def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
@@ -297,7 +299,7 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
     finally:
         bar.close()
     if state.sharded and job.checkpoint_dir is not None:
-        _export(acc, state.pmodel, exported_weights(job.checkpoint_dir))
+        _export(acc, state.pmodel, exported_weights(job.checkpoint_dir), job.tokenizer)
     if acc is not None:
         acc.free_memory()
     model.eval()
@@ -378,13 +380,16 @@ def exported_weights(checkpoint_dir: str | Path) -> Path:
     return Path(checkpoint_dir) / "weights"
 
 
-def _export(accelerator, pmodel, out: Path) -> None:
+def _export(accelerator, pmodel, out: Path, tokenizer=None) -> None:
+    """The full weights of a sharded model (and ``tokenizer``) as an HF model folder in ``out``."""
     state = accelerator.get_state_dict(pmodel)  # gathers the shards (a collective)
     if accelerator.is_main_process:
         from ..files import atomic_dir
 
         with atomic_dir(out) as tmp:
             accelerator.unwrap_model(pmodel).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
 
 
