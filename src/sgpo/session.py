@@ -10,6 +10,7 @@ from typing import Callable
 from . import distributed
 from .config import Config, improver_instruction, to_dict
 from .data import Record, cut_reference, load_records
+from .eval.judges import MainProcessJudge, cached_judge
 from .evaluator import Evaluator
 from .models import cache_dir, load_tokenizer
 from .policy import Policy
@@ -74,5 +75,6 @@ def open_session(cfg: Config, run: RunDir, dist: distributed.Dist) -> Session:
     if trackers:
         stages.on_stage = lambda name, m: trackers.log({k: v for k, v in m.items() if k not in trainer.step_keys},
                                                        run.manifest.get("train_steps", 0))
-    evaluator = Evaluator(cfg, sampler, policy, stages, answer_cache=cache_dir() / "answers")
+    make_judge = (lambda spec: MainProcessJudge(spec, dist)) if dist.active else cached_judge
+    evaluator = Evaluator(cfg, sampler, policy, stages, make_judge, answer_cache=cache_dir() / "answers")
     return Session(cfg, run, stages, dist, sampler, policy, trainer, evaluator, trackers)

@@ -122,6 +122,40 @@ def judge_for_one_use(spec: str, make: Callable = cached_judge):
         free_memory()
 
 
+class MainProcessJudge(Judge):
+    """A judge that judges on the main process only, every process receiving its verdicts: under a launcher an API
+    judge is paid once (not once per process), a judge's model is loaded once, and a judge that answers differently
+    from call to call still leaves every process with the same verdicts (the same pairs, the same batch plan).
+    ``make(spec)`` builds the real judge on the main process; ``dist`` is the process group (``sgpo.distributed``).
+    A failure on the main process fails every process."""
+
+    def __init__(self, spec: str, dist, make: Callable = cached_judge):
+        self.spec, self.dist = spec, dist
+        self.inner = make(spec) if dist.is_main else None
+        self.name = self.inner.name if self.inner is not None else spec
+
+    def prefer(self, prompts, a, b, references=None) -> list[float]:
+        verdicts, error = None, None
+        if self.inner is not None:
+            try:
+                verdicts = self.inner.prefer(prompts, a, b, references)
+            except Exception as e:  # every process raises, none waits for verdicts that never come
+                error = e
+        shared = self.dist.broadcast((verdicts, None if error is None else f"{type(error).__name__}: {error}"))
+        if error is not None:
+            raise error
+        if shared[1] is not None:
+            raise RuntimeError(f"judge {self.spec} failed on the main process: {shared[1]}")
+        return shared[0]
+
+    def stats(self) -> dict:
+        return self.inner.stats() if self.inner is not None else {}
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+
 def failed(preferences: Sequence[float]) -> int:
     """How many annotations failed (NaN) in a judge's output; drop them before computing a win rate."""
     return sum(1 for p in preferences if p != p)
