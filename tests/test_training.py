@@ -117,3 +117,15 @@ def test_a_sharded_export_is_a_whole_model_folder(tmp_path, tiny_model, tiny_tok
     assert tok.chat_template == tiny_tokenizer.chat_template
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "weights")
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tiny_model.state_dict().values()))
+
+
+def test_low_precision_logits_are_reduced_in_fp32_chunk_by_chunk(monkeypatch):
+    from sgpo.training import batching
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 7, 50) * 4).to(torch.bfloat16)
+    want = torch.logsumexp(logits.float(), dim=-1)
+    monkeypatch.setattr(batching, "LSE_CHUNK", 4)  # 21 positions in chunks of 4
+    got = batching.logsumexp_fp32(logits)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(batching.logsumexp_fp32(logits.float()), want)

@@ -97,12 +97,13 @@ class Trainer:
         return metrics
 
     def reference_pass(self, pairs: list[Pair], reference_path: str) -> None:
-        """Fill the pairs' reference log-probs under the model at ``reference_path`` (once per round)."""
+        """Fill the pairs' reference log-probs under the model at ``reference_path`` (once per round; the processes
+        share the batches)."""
         if not pairs:
             return
         tp = self.token_pairs(pairs, False)
         reference_logps(self.policy.model_at(reference_path), tp, pad_id=self.tokenizer.pad_token_id,
-                        batch_size=self.cfg.dpo.batch_size * 2)
+                        batch_size=self.cfg.dpo.batch_size * 2, dist=self.dist)
         for p, x in zip(pairs, tp):
             p.ref_chosen_logp, p.ref_rejected_logp = x.ref_chosen, x.ref_rejected
 

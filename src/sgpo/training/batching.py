@@ -56,16 +56,28 @@ def collate(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
     return Batch(ids, mask, pos, targets, tmask, keep)
 
 
-def _completion_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[target]`` along the last axis, in at least fp32.
+LSE_CHUNK = 1024  # positions whose log-sum-exp is computed at once (an fp32 copy of that many rows of logits)
 
-    ``logsumexp`` reduces over the contiguous vocabulary axis: a strided reduction (``cross_entropy`` on a
-    ``(B, V, K)`` view) accumulates a bias of ~1e-4 per token in fp32 with a 49k vocabulary.
-    """
-    if logits.dtype not in (torch.float32, torch.float64):
-        logits = logits.float()
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+
+def logsumexp_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """``logsumexp`` over the last (vocabulary) axis in at least fp32, ``LSE_CHUNK`` positions at a time: low-precision
+    logits are never copied to fp32 whole (rows × positions × a 128k vocabulary is tens of GB at paper shapes).
+
+    The reduction runs over the contiguous vocabulary axis: a strided one (``cross_entropy`` on a ``(B, V, K)`` view)
+    accumulates a bias of ~1e-4 per token in fp32 with a 49k vocabulary."""
+    if logits.dtype in (torch.float32, torch.float64):
+        return torch.logsumexp(logits, dim=-1)
+    flat = logits.reshape(-1, logits.size(-1))
+    out = torch.cat([torch.logsumexp(c.float(), dim=-1) for c in flat.split(LSE_CHUNK)])
+    return out.reshape(logits.shape[:-1])
+
+
+def _completion_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[target]`` along the last axis, in at least fp32."""
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    if logits.dtype == torch.float64:
+        picked = picked.double()
+    return picked - logsumexp_fp32(logits)
 
 
 def token_logps(model, batch: Batch) -> torch.Tensor:
@@ -200,10 +212,10 @@ def pair_logps(model, batch: PairBatch) -> torch.Tensor:
     out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
                 logits_to_keep=batch.keep, use_cache=False)
     flat = out.logits.reshape(-1, out.logits.size(-1))
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()
     # logsumexp over every kept position (a few are unused), then pick: no (N, V) copy of the logits is made
-    lp = flat[batch.index, batch.targets] - torch.logsumexp(flat, dim=-1)[batch.index]
+    picked = flat[batch.index, batch.targets]
+    picked = picked.double() if flat.dtype == torch.float64 else picked.float()
+    lp = picked - logsumexp_fp32(flat)[batch.index]
     return torch.zeros(2 * batch.n_pairs, dtype=lp.dtype, device=lp.device).index_add(0, batch.seq, lp)
 
 

@@ -65,8 +65,10 @@ def _reference_context(model):
 
 @torch.inference_mode()
 def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: int = 8,
-                    show_progress: bool = True, layout: str = "auto") -> None:
-    """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted."""
+                    show_progress: bool = True, layout: str = "auto", dist=None) -> None:
+    """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted. Under several
+    processes (``dist``: ``sgpo.distributed.Dist``) batch k of the plan is scored by rank k mod world size and the
+    results are gathered on every rank: each batch is the one a single process scores, so the values are too."""
     from tqdm.auto import tqdm
 
     if not pairs:
@@ -77,18 +79,21 @@ def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: i
     device = next(model.parameters()).device
     lengths = _lengths(pairs, layout)
     order = sorted(range(len(pairs)), key=lambda i: (lengths[i], i))
+    plan = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    shared = dist is not None and dist.active
+    mine = plan[dist.rank::dist.world] if shared else plan
+    done = []
     try:
         with _reference_context(model):
-            for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", leave=False,
-                          disable=not show_progress):
-                idx = order[s:s + batch_size]
+            for idx in tqdm(mine, desc="reference log-probs", leave=False, disable=not show_progress):
                 logp = pair_logps(model, pair_batch([pairs[i] for i in idx], pad_id, layout).to(device))
-                logp = logp.double().cpu().tolist()
-                for k, i in enumerate(idx):
-                    pairs[i].ref_chosen = logp[k]
-                    pairs[i].ref_rejected = logp[len(idx) + k]
+                done.append((idx, logp.double().cpu().tolist()))
     finally:
         model.train(was_training)
+    for idx, logp in (dist.gather(done) if shared else done):
+        for k, i in enumerate(idx):
+            pairs[i].ref_chosen = logp[k]
+            pairs[i].ref_rejected = logp[len(idx) + k]
 
 
 def micro_batches(pairs: list[TokenPair], layout: str, max_positions: int | None) -> list[list[TokenPair]]:
