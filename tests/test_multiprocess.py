@@ -40,15 +40,28 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("mp")
     data = write_data(root / "train.jsonl")
-    one, two = root / "one", root / "two"
-    run([sys.executable] + command(one, data))
+    run([sys.executable] + command(root / "one", data))
+    return root / "one", data
+
+
+LAUNCHERS = {
     # accelerate's --cpu flag starts a single process (multi-CPU needs mpirun there); --multi_gpu starts the
     # processes through torch.distributed, and sgpo sets them up on the CPU over gloo when there is no GPU
-    p = run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] + command(two, data))
+    "ddp": ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"],
+    # the user's own FSDP command: on CPU processes sgpo runs accelerate's FSDP2 path over gloo
+    "fsdp": ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml")],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
+def runs(request, single):
+    one, data = single
+    two = one.parent / request.param
+    p = run([sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS[request.param], "--num_processes", "2",
+             "--mixed_precision", "no"] + command(two, data))
     return one, two, p
 
 
@@ -59,6 +72,8 @@ def rows(path: Path) -> list[dict]:
 def test_two_processes_really_ran(runs):
     _, two, p = runs
     assert p.stderr.count("run directory:") == 2  # both ranks started
+    assert "runs data-parallel" not in p.stderr  # FSDP was not quietly replaced by DDP
+    assert ("training with FSDP on CPU processes" in p.stderr) == (two.name == "fsdp")
     assert (two / "final" / "model.safetensors").exists()
 
 

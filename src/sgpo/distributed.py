@@ -83,6 +83,26 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
+def _fsdp_on_cpu():
+    """An Accelerator whose processes (on CPUs, over gloo) train with FSDP as the launcher's config asks: accelerate
+    itself selects FSDP only with GPUs, but its FSDP2 path (``prepare``, ``backward``, ``get_state_dict``) runs on
+    CPU processes once its state says FSDP. This is how the sharded branch runs without a GPU (tests, CI)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* settings
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    for state in (PartialState(), AcceleratorState()):  # ``prepare`` reads the one, re-reads the other
+        state.distributed_type = DistributedType.FSDP
+    AcceleratorState().fsdp_plugin = plugin
+    if acc.is_main_process:
+        import logging
+
+        logging.getLogger("sgpo").info("training with FSDP on CPU processes (gloo), %d processes", acc.num_processes)
+    return acc
+
+
 def setup(device: str = "auto") -> Dist:
     """A ``Dist`` for this process: with an Accelerator when launched by a multi-process launcher."""
     if not launched_distributed():
@@ -93,7 +113,8 @@ def setup(device: str = "auto") -> Dist:
     # On a machine without a GPU (or with model.device=cpu) the processes talk over gloo on the CPU. Accelerate only
     # sets the process group up on CPU when asked, so ask whenever there is no GPU to use.
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    acc = Accelerator(cpu=cpu)
+    fsdp = cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    acc = _fsdp_on_cpu() if fsdp else Accelerator(cpu=cpu)
     if acc.num_processes != int(os.environ.get("WORLD_SIZE", "1") or 1):
         raise RuntimeError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but accelerate set up "
                            f"{acc.num_processes}: check the accelerate config")
@@ -101,7 +122,7 @@ def setup(device: str = "auto") -> Dist:
     if wanted and not is_sharded(acc) and acc.is_main_process:
         import logging
 
-        logging.getLogger("sgpo").warning("%s was asked for but accelerate set up %s (FSDP and DeepSpeed need GPUs); "
+        logging.getLogger("sgpo").warning("%s was asked for but accelerate set up %s (DeepSpeed needs GPUs); "
                                           "training runs data-parallel", wanted[0], acc.distributed_type)
     if not acc.is_main_process:  # one process reports; the others only speak up for problems
         import logging
