@@ -98,3 +98,26 @@ def test_the_reference_pass_is_shared_out_and_gives_one_process_values(tmp_path,
     one = [[p.ref_chosen, p.ref_rejected] for p in pairs]
     assert ranks[0]["ref"] == ranks[1]["ref"] == one  # the very values of one process
     assert ranks[0]["calls"] == [3, 3] and ranks[1]["calls"] == [3, 1]  # batches 0, 2 and 1, 3 of the plan
+
+
+TIMEOUT = textwrap.dedent('''
+    import json, os, sys
+    import torch
+    from sgpo import distributed
+
+    dist = distributed.setup("cpu", timeout_minutes=77)
+    group = torch.distributed.distributed_c10d._get_default_group()
+    minutes = group._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60
+    with open(os.path.join(sys.argv[1], f"rank{dist.rank}.json"), "w") as f:
+        json.dump({"minutes": minutes}, f)
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+''')
+
+
+def test_the_configured_timeout_is_the_process_group_s(tmp_path):
+    from sgpo.config import Config
+
+    assert Config().collective_timeout_minutes >= 60  # a rollout or a judge pass outlasts NCCL's 10 minutes
+    two_processes(tmp_path, TIMEOUT)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["minutes"] for r in (0, 1)] == [77, 77]

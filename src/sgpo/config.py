@@ -189,6 +189,8 @@ class Config:
     "Self-generated preference rounds T."
     report_to: str = "none"
     "Experiment trackers: none, or tensorboard, wandb, trackio, mlflow (several: a list, or names separated by commas). Logs go under RUN/logs; see sgpo/trackers.py for what is logged."
+    collective_timeout_minutes: float = 360.0
+    "Under a launcher: how long a process waits at a collective (a barrier, the main process's judge verdicts, a rollout's results) for the others before the run fails. NCCL's default of 10 minutes is shorter than one rollout or judge pass at paper scale."
     sft: bool = True
     "Run SFT on the references first (data.sft_size prompts): the paper starts every method from an SFT model; here it also teaches the model to finish within the budget."
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -222,7 +224,7 @@ AT_LEAST = {
     "dpo.batch_size": 1, "dpo.epochs": 0, "dpo.improver_nll_coef": 0.0, "dpo.checkpoint_every": 0,
     "eval.improver_size": 0, "eval.head_to_head_size": 0,
 }
-IN_RANGE = {"improver.step": (0, 1), "generation.top_p": (0, 1), "dpo.beta": (0, float("inf")),
+IN_RANGE = {"collective_timeout_minutes": (0, float("inf")), "improver.step": (0, 1), "generation.top_p": (0, 1), "dpo.beta": (0, float("inf")),
             "train.lr": (0, float("inf")), "dpo.lr": (0, float("inf"))}
 
 

@@ -83,7 +83,7 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
-def _fsdp_on_cpu():
+def _fsdp_on_cpu(handlers: list):
     """An Accelerator whose processes (on CPUs, over gloo) train with FSDP as the launcher's config asks: accelerate
     itself selects FSDP only with GPUs, but its FSDP2 path (``prepare``, ``backward``, ``get_state_dict``) runs on
     CPU processes once its state says FSDP. This is how the sharded branch runs without a GPU (tests, CI)."""
@@ -92,7 +92,7 @@ def _fsdp_on_cpu():
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* settings
-    acc = Accelerator(cpu=True, fsdp_plugin=plugin)
+    acc = Accelerator(cpu=True, fsdp_plugin=plugin, kwargs_handlers=handlers)
     for state in (PartialState(), AcceleratorState()):  # ``prepare`` reads the one, re-reads the other
         state.distributed_type = DistributedType.FSDP
     AcceleratorState().fsdp_plugin = plugin
@@ -103,18 +103,24 @@ def _fsdp_on_cpu():
     return acc
 
 
-def setup(device: str = "auto") -> Dist:
-    """A ``Dist`` for this process: with an Accelerator when launched by a multi-process launcher."""
+def setup(device: str = "auto", timeout_minutes: float = 360.0) -> Dist:
+    """A ``Dist`` for this process: with an Accelerator when launched by a multi-process launcher, whose collectives
+    wait ``timeout_minutes`` for the slowest process (NCCL's default, 10 minutes, is shorter than a rollout or a judge
+    pass at paper scale)."""
     if not launched_distributed():
         return Dist(None)
+    from datetime import timedelta
+
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     # On a machine without a GPU (or with model.device=cpu) the processes talk over gloo on the CPU. Accelerate only
     # sets the process group up on CPU when asked, so ask whenever there is no GPU to use.
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     fsdp = cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-    acc = _fsdp_on_cpu() if fsdp else Accelerator(cpu=cpu)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))]
+    acc = _fsdp_on_cpu(handlers) if fsdp else Accelerator(cpu=cpu, kwargs_handlers=handlers)
     if acc.num_processes != int(os.environ.get("WORLD_SIZE", "1") or 1):
         raise RuntimeError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but accelerate set up "
                            f"{acc.num_processes}: check the accelerate config")

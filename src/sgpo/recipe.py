@@ -32,7 +32,7 @@ log = logging.getLogger("sgpo")
 def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dict:
     """Run the whole recipe into ``out_dir`` (resuming what is there). Returns the summary figures.
     Under ``accelerate launch`` every process runs this; only the main one writes (see ``sgpo.distributed``)."""
-    dist = distributed.setup(cfg.model.device)
+    dist = distributed.setup(cfg.model.device, cfg.collective_timeout_minutes)
     set_writer(dist.is_main)
     s = None
     try:
