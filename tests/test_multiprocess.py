@@ -121,3 +121,33 @@ def test_weights_and_losses_match_to_float_tolerance(runs):
         mb = json.loads((two / stage / "metrics.json").read_text())
         assert mb[key] == pytest.approx(ma[key], rel=1e-4, abs=1e-5), (stage, key)
         assert mb.get("nll/steps") == ma.get("nll/steps") and mb.get("dpo/steps") == ma.get("dpo/steps")
+
+
+def test_sharded_training_killed_mid_step_resumes_to_the_same_weights(runs, tmp_path):
+    """FSDP's sharded checkpoint (one shard per process) is written, read back and continued: a launch killed after
+    the first DPO step's checkpoint ends, once re-run, with the weights of the uninterrupted launch."""
+    import signal
+    import time
+
+    import torch
+
+    one, two, _ = runs
+    if two.name != "fsdp":
+        pytest.skip("the kill-and-resume of a data-parallel launch is tests/test_resume.py's")
+    data = one.parent / "train.jsonl"
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS["fsdp"], "--num_processes", "2",
+           "--mixed_precision", "no"] + command(out, data)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and not list(out.glob("round_1/checkpoints/*/step_*")):
+            time.sleep(0.02)
+    finally:  # the launcher and the workers it started (theirs is another process group)
+        subprocess.run(["pkill", f"-{int(signal.SIGKILL)}", "-f", str(out)], check=False)
+        proc.wait()
+    assert list(out.glob("round_1/checkpoints/*/step_*/accelerate")), "no sharded checkpoint was written"
+    p = run(cmd)
+    assert "round_1: done in" in p.stderr and "improver: done earlier, skipped" in p.stderr
+    wa, wb = load_weights(two / "final"), load_weights(out / "final")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
