@@ -121,3 +121,57 @@ def test_the_configured_timeout_is_the_process_group_s(tmp_path):
     assert Config().collective_timeout_minutes >= 60  # a rollout or a judge pass outlasts NCCL's 10 minutes
     two_processes(tmp_path, TIMEOUT)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text())["minutes"] for r in (0, 1)] == [77, 77]
+
+
+ACCUMULATE = textwrap.dedent('''
+    import os, sys
+    import torch
+    from sgpo import distributed
+    from sgpo.config import TrainConfig
+    from sgpo.models import load_model, tiny_random_path
+    from sgpo.training import sft
+    from sgpo.training.loop import Job
+
+    forwards = []
+    real = sft.collate
+    sft.collate = lambda *a, **k: forwards.append(1) or real(*a, **k)
+    dist = distributed.setup("cpu")
+    examples = [sft.NLLExample(tuple(range(10 + i, 14 + 2 * i)), tuple(range(30, 32 + i))) for i in range(8)]
+    out = {}
+    for limit in (None, 12):  # whole slices, then slices cut into micro-batches of at most 12 positions
+        model = load_model(str(tiny_random_path()), device="cpu", dtype="float32")
+        forwards.clear()
+        sft.train_nll(model, examples, TrainConfig(lr=1e-3, batch_size=8),
+                      Job(pad_id=0, seed=0, accelerator=dist.accelerator, show_progress=False, max_positions=limit))
+        out[str(limit)] = {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "forwards": len(forwards)}
+    torch.save(out, os.path.join(sys.argv[1], f"rank{dist.rank}.pt"))
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+''')
+
+
+def test_micro_batches_accumulate_the_whole_batch_gradient_with_one_and_two_processes(tmp_path):
+    """A process's slice cut into micro-batches (backward without gradient sync but the last) trains exactly as the
+    whole slice does, with two processes as with one."""
+    import torch
+
+    from sgpo.config import TrainConfig
+    from sgpo.models import load_model, tiny_random_path
+    from sgpo.training.loop import Job
+    from sgpo.training.sft import NLLExample, train_nll
+
+    examples = [NLLExample(tuple(range(10 + i, 14 + 2 * i)), tuple(range(30, 32 + i))) for i in range(8)]
+    one = {}
+    for limit in (None, 12):
+        model = load_model(str(tiny_random_path()), device="cpu", dtype="float32")
+        train_nll(model, examples, TrainConfig(lr=1e-3, batch_size=8), Job(pad_id=0, seed=0, show_progress=False,
+                                                                           max_positions=limit))
+        one[str(limit)] = model.state_dict()
+    two_processes(tmp_path, ACCUMULATE)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert all(r["None"]["forwards"] == 1 and r["12"]["forwards"] > 1 for r in ranks)  # micro-batches really ran
+    for name, want in one["None"].items():
+        torch.testing.assert_close(one["12"][name], want, rtol=0, atol=1e-6, msg=name)  # one process: exact-ish
+        for r in ranks:  # two processes: the same micro-batched or not, and one process's to float tolerance
+            torch.testing.assert_close(r["12"]["weights"][name], r["None"]["weights"][name], rtol=0, atol=1e-6)
+            torch.testing.assert_close(r["12"]["weights"][name], want, rtol=1e-3, atol=1e-5, msg=name)

@@ -103,6 +103,14 @@ def _fsdp_on_cpu(handlers: list):
     return acc
 
 
+def is_deepspeed(accelerator) -> bool:
+    if accelerator is None:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def setup(device: str = "auto", timeout_minutes: float = 360.0) -> Dist:
     """A ``Dist`` for this process: with an Accelerator when launched by a multi-process launcher, whose collectives
     wait ``timeout_minutes`` for the slowest process (NCCL's default, 10 minutes, is shorter than a rollout or a judge

@@ -236,7 +236,7 @@ def dry_run(cfg: Config) -> dict:
 
 
 def _cell(row: dict, key: str, whole_pool: bool) -> str:
-    if whole_pool and row["stage"] == "sft" and key in ("prompts", "nll_examples", "nll_steps"):
+    if whole_pool and row["stage"] == "sft" and key in ("prompts", "nll_examples", "nll_steps", "checkpoints"):
         return "whole pool"
     v = row.get(key, 0)
     return f"{v:,}" if v else "-"
@@ -258,7 +258,8 @@ def format_dry_run(p: dict, cfg: Config) -> str:
     for r in p["stages"]:
         judges.update(r["judges"])
     lines.append(f"{'total':<18}{'':>13}" + "".join(
-        f"{('?' if whole and k.startswith('nll') else _cell(total, k, False)):>13}" for k, _ in COLUMNS[1:])
+        f"{('?' if whole and (k.startswith('nll') or k == 'checkpoints') else _cell(total, k, False)):>13}"
+        for k, _ in COLUMNS[1:])
         + "  " + ", ".join(f"{k} {v:,}" for k, v in judges.items()))
     lines += ["", "Counts for one process (data-parallel runs share them out). Upper bounds: pairs and DPO steps (the "
               "gates decide),", "improver examples (a chain stops where it reaches the reference), judge calls "

@@ -233,13 +233,34 @@ def default_max_positions(model) -> int | None:
     return CPU_MAX_POSITIONS if device.type == "cpu" else None
 
 
+class SliceBackward:
+    """Back-propagates a micro-batch that is not the last of a process's slice of the batch: scaled like that slice's
+    loss (``run_steps`` sets ``scale`` every step: the slice's share of the batch times the number of processes) and,
+    under several processes, without synchronising gradients (``no_sync``): the last micro-batch's backward
+    synchronises their sum once. ``model``: the prepared (wrapped) model, set by ``run_steps``."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator, self.model, self.scale = accelerator, None, 1.0
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        loss = loss * self.scale if self.scale != 1.0 else loss
+        if self.accelerator is None:
+            loss.backward()
+            return
+        with self.accelerator.no_sync(self.model):
+            self.accelerator.backward(loss)
+
+
 def micro_batching(model, max_positions: int | None | str, accelerator=None):
-    """``(max_positions, backward)`` for a step function: ``auto`` = ``default_max_positions``; ``backward`` is None
-    (whole batches) under several processes or without a limit, since a slice's backward would sync gradients."""
+    """``(max_positions, backward)`` for a step function: ``auto`` = ``default_max_positions``; ``backward`` (a
+    ``SliceBackward``) is None — whole slices — without a limit, or under DeepSpeed, whose engine accumulates
+    gradients its own way."""
+    from ..distributed import is_deepspeed
+
     if max_positions == "auto":
         max_positions = default_max_positions(model)
-    if max_positions and (accelerator is None or accelerator.num_processes == 1):
-        return max_positions, (accelerator.backward if accelerator is not None else torch.Tensor.backward)
+    if max_positions and not is_deepspeed(accelerator):
+        return max_positions, SliceBackward(accelerator)
     return max_positions, None
 
 

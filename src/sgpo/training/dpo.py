@@ -157,8 +157,8 @@ def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions:
 def train_dpo(model, pairs: list[TokenPair], cfg: DPOConfig, job: Job, layout: str = "auto") -> dict:
     """DPO over ``pairs`` (their reference log-probs must be filled). Returns the mean of each metric over steps.
 
-    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``job.seed + epoch``); micro-batching
-    (``job.max_positions``) is used in single-process training only.
+    Batches are length-bucketed (sorted by row length, cut, then shuffled by ``job.seed + epoch``); each process's
+    slice of a batch runs in micro-batches of at most ``job.max_positions`` positions (not under DeepSpeed).
     """
     if any(p.ref_chosen is None or p.ref_rejected is None for p in pairs):
         raise ValueError("every pair needs reference log-probs: call reference_logps first")
@@ -170,7 +170,7 @@ def train_dpo(model, pairs: list[TokenPair], cfg: DPOConfig, job: Job, layout: s
     max_positions, backward = micro_batching(model, job.max_positions, job.accelerator)
     step = dpo_step(job.pad_id, cfg, layout, max_positions, backward)
     opt = Optim(cfg.lr, cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every)
-    hist = run_steps(model, batches, step, opt, job)
+    hist = run_steps(model, batches, step, opt, job, backward=backward)
     m = mean_metrics(hist)
     out = {("dpo/loss" if k == "loss" else k): v for k, v in m.items()}
     out["dpo/steps"] = len(hist)

@@ -265,9 +265,10 @@ class Job:
 
 
 def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
-              weight_fn: Callable[[list], float] = len) -> list[dict]:
+              weight_fn: Callable[[list], float] = len, backward=None) -> list[dict]:
     """Run one optimizer step per global batch. ``step_fn(model, batch) -> (loss, metrics dict)``, the loss being a
-    mean over ``batch`` weighted as ``weight_fn`` counts it (examples by default).
+    mean over ``batch`` weighted as ``weight_fn`` counts it (examples by default). ``backward``: the step function's
+    ``SliceBackward`` when it back-propagates micro-batches itself (told the wrapped model and each step's scale).
 
     Returns the per-step metrics, already averaged across processes (weighted by each rank's share).
     With sharded training (FSDP/DeepSpeed) and a ``checkpoint_dir``, the trained weights are also exported as an
@@ -280,9 +281,13 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
     state = _TrainState.begin(model, batches, opt, job)
     bar = tqdm(total=len(batches), initial=state.start, desc=job.desc, leave=False,
                disable=not job.show_progress or state.rank != 0, unit="step")
+    if backward is not None:
+        backward.model = state.pmodel
     try:
         for i in range(state.start, len(batches)):
             part, share = _split(batches[i], weight_fn, state.rank, world)
+            if backward is not None:
+                backward.scale = share * world if world > 1 else 1.0
             loss, metrics = step_fn(state.pmodel, part)
             state.update(loss * (share * world) if world > 1 else loss, opt.max_grad_norm, acc)
             metrics = {k: float(v) for k, v in metrics.items()}

@@ -59,6 +59,6 @@ def train_nll(model, examples: list[NLLExample], cfg: TrainConfig, job: Job) -> 
     max_positions, backward = micro_batching(model, job.max_positions, job.accelerator)
     opt = Optim(cfg.lr, cfg.max_grad_norm, cfg.weight_decay, cfg.warmup_steps, cfg.checkpoint_every)
     hist = run_steps(model, batches, nll_step(job.pad_id, max_positions, backward), opt, job,
-                     weight_fn=_completion_tokens)
+                     weight_fn=_completion_tokens, backward=backward)
     m = mean_metrics(hist)
     return {"nll/loss": m.get("loss", float("nan")), "nll/steps": len(hist), "nll/examples": len(examples)}
