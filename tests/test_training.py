@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sgpo.training.batching import collate, position_slices, token_logps
@@ -129,3 +130,38 @@ def test_low_precision_logits_are_reduced_in_fp32_chunk_by_chunk(monkeypatch):
     got = batching.logsumexp_fp32(logits)
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert torch.equal(batching.logsumexp_fp32(logits.float()), want)
+
+
+def test_checkpoints_by_elapsed_minutes_as_well_as_steps(tmp_path, tiny_model, monkeypatch):
+    from sgpo.training import loop
+
+    steps = []
+    monkeypatch.setattr(loop.Checkpoints, "save", lambda self, step, *a: steps.append(step))
+    examples = [NLLExample((5, 6, 7), (8, 9)) for _ in range(6)]
+    for minutes, want in ((0.0, [3]), (1e-9, [1, 2, 3])):  # off: after the last step only; due: after every step
+        steps.clear()
+        cfg = TrainConfig(lr=1e-4, batch_size=2, checkpoint_every=0, checkpoint_minutes=minutes)
+        train_nll(tiny_model, examples, cfg, Job(pad_id=0, seed=0, show_progress=False,
+                                                 checkpoint_dir=tmp_path / f"ck{minutes}"))
+        assert steps == want, minutes
+
+
+def test_a_model_already_on_disk_is_moved_or_copied_not_loaded_to_be_saved(tmp_path, tiny_model, tiny_tokenizer):
+    from types import SimpleNamespace
+
+    from sgpo.config import ModelConfig
+    from sgpo.policy import Policy, save_model
+    from sgpo.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    export = run.path("round_1", "checkpoints", "dpo", "weights")
+    save_model(tiny_model, tiny_tokenizer, export)
+    policy = Policy(ModelConfig(name=str(export)), tiny_tokenizer, "cpu", run, SimpleNamespace(current="round_1"),
+                    SimpleNamespace(barrier=lambda: None))
+    policy.load = lambda path: pytest.fail("the model was loaded to be saved")
+    policy.trained(exported=export)  # what sharded training leaves: the export is the current model
+    policy.save("round_1")
+    assert not export.exists() and (run.path("round_1", "model") / "model.safetensors").exists()
+    policy.save("final")  # unchanged since: a copy of round_1/model
+    assert (run.path("final") / "tokenizer.json").exists() and (run.path("round_1", "model") / "config.json").exists()
+    assert policy.path == str(run.path("final"))

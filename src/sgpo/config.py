@@ -133,6 +133,8 @@ class TrainConfig:
     "Gradient clipping."
     checkpoint_every: int = 50
     "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
+    checkpoint_minutes: float = 0.0
+    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~100 GB)."
 
 
 @dataclass
@@ -155,6 +157,8 @@ class DPOConfig:
     "Gradient clipping."
     checkpoint_every: int = 50
     "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
+    checkpoint_minutes: float = 0.0
+    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~100 GB)."
 
 
 @dataclass
@@ -221,7 +225,8 @@ AT_LEAST = {
     "improver.experimental.drafts_per_prompt": 1, "improver.experimental.rewrite_samples": 1,
     "generation.max_new_tokens": 1, "generation.batch_size": 1, "generation.temperature": 0.0,
     "train.batch_size": 1, "train.epochs": 0, "train.warmup_steps": 0, "train.checkpoint_every": 0,
-    "dpo.batch_size": 1, "dpo.epochs": 0, "dpo.improver_nll_coef": 0.0, "dpo.checkpoint_every": 0,
+    "train.checkpoint_minutes": 0.0, "dpo.batch_size": 1, "dpo.epochs": 0, "dpo.improver_nll_coef": 0.0,
+    "dpo.checkpoint_every": 0, "dpo.checkpoint_minutes": 0.0,
     "eval.improver_size": 0, "eval.head_to_head_size": 0,
 }
 IN_RANGE = {"collective_timeout_minutes": (0, float("inf")), "improver.step": (0, 1), "generation.top_p": (0, 1), "dpo.beta": (0, float("inf")),

@@ -264,6 +264,9 @@ def format_dry_run(p: dict, cfg: Config) -> str:
     lines += ["", "Counts for one process (data-parallel runs share them out). Upper bounds: pairs and DPO steps (the "
               "gates decide),", "improver examples (a chain stops where it reaches the reference), judge calls "
               "(cached verdicts are free)."]
+    if cfg.train.checkpoint_minutes or cfg.dpo.checkpoint_minutes:
+        lines.append("Checkpoint writes count those by steps; checkpoint_minutes adds one per that many minutes of "
+                     "training.")
     if p["uncounted"]:
         lines.append("Not downloaded: " + ", ".join(dict.fromkeys(p["uncounted"])) + " (placeholder rows as many as "
                      "the slices ask for" + ("; the SFT slice is the whole pool, not counted)" if whole else ")"))

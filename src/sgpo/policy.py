@@ -2,6 +2,8 @@
 with (``generator``), and its checkpoints (``save``, ``resume_from``). Only the main process writes."""
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from .config import ModelConfig
@@ -20,6 +22,7 @@ class Policy:
         self.start_path = self.path    # the start model: the other side of every head-to-head
         self._model = None
         self._changed = False  # the in-memory weights differ from ``path`` (trained since it was saved)
+        self._exported = False  # ``path`` is a sharded training call's export: the stage's checkpoint moves it
 
     @property
     def model(self):
@@ -65,11 +68,11 @@ class Policy:
         free_memory()
         self._changed = True
         if exported is not None:
-            self.path, self._model, self._changed = str(exported), None, False
+            self.path, self._model, self._changed, self._exported = str(exported), None, False, True
 
     def resume_from(self, stage: str) -> None:
         """The stage is done: the current model is its checkpoint (loaded when needed)."""
-        self.path, self._model, self._changed = str(self.run.path(stage, "model")), None, False
+        self.path, self._model, self._changed, self._exported = str(self.run.path(stage, "model")), None, False, False
 
     def save(self, stage: str) -> None:
         """Save the current model as the stage's checkpoint atomically (main process only; the others wait).
@@ -77,9 +80,22 @@ class Policy:
         path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
         if not self._changed and self.path == str(path):  # saved already (for a vLLM rollout)
             return
-        save_model(self.model, self.tokenizer, path)
+        if self._changed or not Path(self.path).is_dir():
+            save_model(self.model, self.tokenizer, path)
+        elif is_writer():  # the weights are a model folder already: moved (an export) or copied, never loaded again
+            place_folder(Path(self.path), path, move=self._exported)
         self.dist.barrier()
-        self.path, self._changed = str(path), False
+        self.path, self._changed, self._exported = str(path), False, False
+
+
+def place_folder(src: Path, dst: Path, move: bool) -> None:
+    """``src``, a model folder, as ``dst`` (replaced atomically): renamed when ``move``, else copied."""
+    with atomic_dir(dst) as tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if move:
+            os.replace(src, tmp)
+        else:
+            shutil.copytree(src, tmp)
 
 
 def save_model(model, tokenizer, path: Path) -> None:

@@ -169,7 +169,8 @@ def train_dpo(model, pairs: list[TokenPair], cfg: DPOConfig, job: Job, layout: s
         batches += [[pairs[i] for i in b] for b in length_buckets(lengths, cfg.batch_size, job.seed + epoch)]
     max_positions, backward = micro_batching(model, job.max_positions, job.accelerator)
     step = dpo_step(job.pad_id, cfg, layout, max_positions, backward)
-    opt = Optim(cfg.lr, cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every)
+    opt = Optim(cfg.lr, cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every,
+                checkpoint_minutes=cfg.checkpoint_minutes)
     hist = run_steps(model, batches, step, opt, job, backward=backward)
     m = mean_metrics(hist)
     out = {("dpo/loss" if k == "loss" else k): v for k, v in m.items()}

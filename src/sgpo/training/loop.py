@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -243,6 +244,7 @@ class Optim:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     checkpoint_every: int = 0
+    checkpoint_minutes: float = 0.0
 
 
 @dataclass
@@ -298,9 +300,9 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
                 job.on_step(i + 1, {**metrics, "train/learning_rate": state.scheduler.get_last_lr()[0]})
             bar.update(1)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
-            last = i + 1 == len(batches)
-            if state.ckpt and (last or (opt.checkpoint_every and (i + 1) % opt.checkpoint_every == 0)):
+            if state.ckpt and state.checkpoint_due(i + 1, len(batches), opt, acc):
                 state.ckpt.save(i + 1, model, state.optimizer, state.scheduler, state.history, state.fingerprint)
+                state.saved_at = time.monotonic()
     finally:
         bar.close()
     if state.sharded and job.checkpoint_dir is not None:
@@ -324,6 +326,23 @@ class _TrainState:
     sharded: bool
     start: int = 0
     history: list = field(default_factory=list)
+    saved_at: float = field(default_factory=time.monotonic)  # when the last checkpoint was written (or training began)
+
+    def checkpoint_due(self, done: int, total: int, opt: Optim, accelerator) -> bool:
+        """After the last step, every ``checkpoint_every`` steps, and when ``checkpoint_minutes`` have passed since the
+        last checkpoint — by the main process's clock, so that every process agrees (a checkpoint is a collective)."""
+        if done == total or (opt.checkpoint_every and done % opt.checkpoint_every == 0):
+            return True
+        if not opt.checkpoint_minutes:
+            return False
+        due = time.monotonic() - self.saved_at >= 60 * opt.checkpoint_minutes
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [due]
+            broadcast_object_list(box, from_process=0)
+            due = box[0]
+        return due
 
     @classmethod
     def begin(cls, model, batches: list, opt: Optim, job: Job) -> "_TrainState":

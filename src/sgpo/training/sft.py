@@ -57,7 +57,8 @@ def train_nll(model, examples: list[NLLExample], cfg: TrainConfig, job: Job) -> 
     for epoch in range(cfg.epochs):
         batches += [[examples[i] for i in b] for b in length_buckets(lengths, cfg.batch_size, job.seed + epoch)]
     max_positions, backward = micro_batching(model, job.max_positions, job.accelerator)
-    opt = Optim(cfg.lr, cfg.max_grad_norm, cfg.weight_decay, cfg.warmup_steps, cfg.checkpoint_every)
+    opt = Optim(cfg.lr, cfg.max_grad_norm, cfg.weight_decay, cfg.warmup_steps, cfg.checkpoint_every,
+                cfg.checkpoint_minutes)
     hist = run_steps(model, batches, nll_step(job.pad_id, max_positions, backward), opt, job,
                      weight_fn=_completion_tokens, backward=backward)
     m = mean_metrics(hist)
