@@ -80,10 +80,13 @@ class Policy:
         path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
         if not self._changed and self.path == str(path):  # saved already (for a vLLM rollout)
             return
-        if self._changed or not Path(self.path).is_dir():
+        # the weights are a model folder already (an export, decided by the flag alone: the main process may have moved
+        # it before another process looks): moved or copied, never loaded on every process to be saved again
+        if self._exported or (not self._changed and Path(self.path).is_dir()):
+            if is_writer():
+                place_folder(Path(self.path), path, move=self._exported)
+        else:
             save_model(self.model, self.tokenizer, path)
-        elif is_writer():  # the weights are a model folder already: moved (an export) or copied, never loaded again
-            place_folder(Path(self.path), path, move=self._exported)
         self.dist.barrier()
         self.path, self._changed, self._exported = str(path), False, False
 

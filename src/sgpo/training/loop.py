@@ -410,8 +410,13 @@ def _export(accelerator, pmodel, out: Path, tokenizer=None) -> None:
     if accelerator.is_main_process:
         from ..files import atomic_dir
 
+        model = accelerator.unwrap_model(pmodel)
+        # a tied weight (lm_head = embed_tokens) comes back gathered as a copy of its own: saved once, as a plain save
+        first: dict[int, str] = {}
+        tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
         with atomic_dir(out) as tmp:
-            accelerator.unwrap_model(pmodel).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            model.save_pretrained(tmp, state_dict={k: v for k, v in state.items() if k not in tied},
+                                  safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     accelerator.wait_for_everyone()
