@@ -6,8 +6,10 @@ the stage list, the methods, the gates, the dealing of prompts — is the code a
 run directory. Local and embedded data are read (their sizes are real); a hub dataset is stood in for by as many
 placeholder rows as the slices ask for, and the whole-pool SFT slice it would give is "not counted".
 
-Counts are for one process. Pairs and DPO steps are upper bounds (the gates decide); so are the improver examples (an
-interpolation chain stops early where a step reaches the reference) and the judge calls (cached verdicts are free).
+Counts are for one process. Pairs, DPO steps and judge calls are upper bounds (the gates decide; cached verdicts are
+free). Improver examples are what the improver targets make of placeholder drafts built to let every chain run its
+full length; a few references (multi-line ones) still end their chain early, so the count can fall a little short of
+the bound (measured: 23 of the default's 557 pool prompts).
 """
 from __future__ import annotations
 
@@ -52,12 +54,13 @@ class Tally:
 
 
 def placeholder(record: Record, role: str) -> str:
-    """A stand-in response: the record's reference with a marker before every word and its sentence ends removed (one
-    sentence: an interpolation chain towards the reference runs its full length), or a short text without one."""
+    """A stand-in response: the record's reference as one sentence (its sentence ends removed), a numbered marker after
+    every word — every step of an interpolation chain towards the reference has an edit left to make, and no word
+    4-gram repeats (the repetition gate keeps it) — or a short text when it has none."""
     if not record.reference:
         return f"«{role}» response to {record.id}"
     words = [w.rstrip(".!?。:") or w for w in record.reference.split()]
-    return " ".join(f"«{role}» {w}" for w in words)
+    return " ".join(f"{w} «{role}{i}»" for i, w in enumerate(words))
 
 
 class CountingSampler:
@@ -262,8 +265,8 @@ def format_dry_run(p: dict, cfg: Config) -> str:
         for k, _ in COLUMNS[1:])
         + "  " + ", ".join(f"{k} {v:,}" for k, v in judges.items()))
     lines += ["", "Counts for one process (data-parallel runs share them out). Upper bounds: pairs and DPO steps (the "
-              "gates decide),", "improver examples (a chain stops where it reaches the reference), judge calls "
-              "(cached verdicts are free)."]
+              "gates decide),", "judge calls (cached verdicts are free). Improver examples are counted on placeholder "
+              "drafts (a real chain stops", "where it reaches the reference)."]
     if cfg.train.checkpoint_minutes or cfg.dpo.checkpoint_minutes:
         lines.append("Checkpoint writes count those by steps; checkpoint_minutes adds one per that many minutes of "
                      "training.")
