@@ -85,8 +85,7 @@ class CountingSampler:
                 samples: int = 1) -> dict[str, Generation]:
         """Every try counted (a real rewrite samples again only a rewrite equal to its draft)."""
         self.tally.add("generations", len(records) * (samples - 1))
-        shard = Path(shard_dir) / f"{role.replace('-', '_')}.jsonl" if shard_dir is not None else None
-        return self.rollout(model, records, role, round_, drafts=drafts, shard=shard)
+        return self.rollout(model, records, role, round_, drafts=drafts)  # no later stage reads a rewrite shard
 
 
 class CountingPolicy:
