@@ -151,3 +151,56 @@ def test_sharded_training_killed_mid_step_resumes_to_the_same_weights(runs, tmp_
     wa, wb = load_weights(two / "final"), load_weights(out / "final")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+
+
+LORA = '''
+import os, sys, torch
+from sgpo import distributed, files
+from sgpo.config import ModelConfig, TrainConfig
+from sgpo.models import load_model, load_tokenizer, tiny_random_path
+from sgpo.training import sft
+from sgpo.training.adapters import trainable
+from sgpo.training.loop import Job
+
+dist = distributed.setup("cpu")
+files.set_writer(dist.is_main)
+path = str(tiny_random_path())
+model = load_model(path, device="cpu", dtype="float32")
+examples = [sft.NLLExample(tuple(range(10 + i, 14 + 2 * i)), tuple(range(30, 32 + i))) for i in range(8)]
+with trainable(model, ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0), sharded=dist.sharded, seed=5) as m:
+    sft.train_nll(m, examples, TrainConfig(lr=1e-2, batch_size=4), Job(
+        pad_id=0, seed=5, accelerator=dist.accelerator, show_progress=False, checkpoint_dir=sys.argv[1],
+        tokenizer=load_tokenizer(path)))
+if not dist.sharded:
+    torch.save(model.state_dict(), os.path.join(sys.argv[1], "merged.pt"))
+dist.barrier()
+'''
+
+
+def test_lora_under_fsdp_exports_the_merged_full_model(tmp_path):
+    """LoRA trained by two FSDP processes: the export is a whole model folder (weights with the adapter merged on the
+    gathered weights, tokenizer) equal to a one-process LoRA training merged in memory, and it loads and generates."""
+    import torch
+
+    from sgpo.generation import Request, Settings, generate
+    from sgpo.models import load_model, load_tokenizer, tiny_random_path
+
+    script = tmp_path / "lora.py"
+    script.write_text(LORA)
+    (tmp_path / "one").mkdir()
+    run([sys.executable, str(script), str(tmp_path / "one")])
+    run([sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS["fsdp"], "--num_processes", "2",
+         "--mixed_precision", "no", str(script), str(tmp_path / "two")])
+    export = tmp_path / "two" / "weights"  # written by sharded training only
+    assert (export / "model.safetensors").exists() and not (tmp_path / "one" / "weights").exists()
+    assert not (export / "adapter_config.json").exists()
+    want, got = torch.load(tmp_path / "one" / "merged.pt"), load_weights(export)
+    assert set(got) <= set(want) and len(got) >= len(want) - 1  # a tied LM head is saved once
+    for k, v in got.items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=1e-6, msg=k)
+    base = load_weights(tiny_random_path())
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])  # the adapter was merged in
+    model, tok = load_model(str(export), device="cpu", dtype="float32"), load_tokenizer(str(export))
+    gens = generate(model, tok, [Request(tuple(tok.encode("Hi")), seed=1)], Settings(6, 0.0, 1.0, 1))
+    assert len(gens[0].token_ids) > 0

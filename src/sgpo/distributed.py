@@ -4,8 +4,9 @@ A run started with plain ``python``/``sgpo`` has one process and no Accelerator:
 or the identity. Under ``accelerate launch`` (or ``torchrun``) every process runs the whole recipe; they agree on
 every decision because every decision is derived from the config, the data and the run directory, and:
 
-* generation: the batches of the fixed plan are dealt out whole (batch k to rank k mod world size); results are
-  gathered on every rank and only the main process appends them to the run files;
+* generation: the batches of the fixed plan are dealt out whole (batch k to rank k mod world size; with vLLM, one
+  engine per process, the calls of whole batches); results are gathered on every rank and only the main process
+  appends them to the run files;
 * training: every global batch is split into disjoint slices, one per rank (see ``sgpo.training.loop``);
 * files: only the main process writes; the others wait at a barrier, then read what it wrote.
 """
@@ -36,6 +37,14 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    @property
+    def slot(self) -> tuple[int, int] | None:
+        """(local rank, processes on this machine) under a launcher, else None: which GPU, or which share of the
+        cores, this process's generation engine gets."""
+        if self.accelerator is None:
+            return None
+        return self.accelerator.local_process_index, int(os.environ.get("LOCAL_WORLD_SIZE", self.world) or self.world)
 
     @property
     def device(self):

@@ -7,7 +7,8 @@ Results are appended to a shard (JSONL: id, text, finished) after every batch; a
 Several processes (``dist``): the batches of the fixed plan still to do are dealt out whole, batch k of the plan to
 rank k mod world size; after each group of ``world`` batches the results are gathered on every rank and the main
 process appends them to the shard in plan order. Every batch is exactly the batch a single process would have run,
-so the responses are the same.
+so the responses are the same. With vLLM every process runs an engine of its own and the unit dealt out is a vLLM
+call (consecutive whole batches), since vLLM's samples depend on the requests generated together.
 """
 from __future__ import annotations
 
@@ -112,9 +113,9 @@ class Sampler:
             if store:
                 store.append(_row(records[i].id, g) for i, g in zip(indices, gens))
 
-        if self.backend == "vllm":  # one vLLM on the main process (it batches for itself); the others wait for it
-            results = self._vllm(model, reqs, save, skip) if not shared or self.dist.is_main else None
-            results = self.dist.broadcast(results) if shared else results
+        if self.backend == "vllm":
+            results = self._vllm_shared(model, records, reqs, skip, store) if shared else self._vllm(model, reqs, save,
+                                                                                                     skip)
         else:
             results = generate(model, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip, progress=desc)
         return {r.id: g if g is not None else done[r.id] for r, g in zip(records, results)}
@@ -132,6 +133,47 @@ class Sampler:
             self.tokenizer.save_pretrained(tmp)
             return vllm_backend.generate(tmp, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip,
                                          options=opts)
+
+    def _vllm_shared(self, checkpoint, records, reqs: list[Request], skip: set[int], store) -> list:
+        """One vLLM engine per process, on its own GPU or its own share of the cores: the rollout's calls
+        (``vllm_backend.plan_calls``) dealt out, call k to rank k mod world size. After each group of ``world`` calls
+        the answers are gathered on every rank and the main process appends them to the shard; a process that fails
+        says so in the next gather and every process raises there (none waits for answers that will never come)."""
+        from . import vllm_backend
+
+        if not isinstance(checkpoint, (str, Path)):
+            raise TypeError("under several processes vLLM generates from a checkpoint folder, not a model object")
+        dist, s = self.dist, self.settings()
+        opts = {**(self.vllm_options or {}), "slot": dist.slot, "progress": dist.is_main}
+        calls = vllm_backend.plan_calls(reqs, s, skip, int(opts.get("min_call", vllm_backend.MIN_CALL)))
+        results: list = [None] * len(reqs)
+        gathered = []
+
+        def group(done: list, error: str | None = None) -> None:
+            gathered.append(len(done))
+            rows = dist.gather([(error, [(i, g) for batch, gens in done for i, g in zip(batch, gens)])])
+            failed = [e for e, _ in rows if e]
+            if failed:
+                raise PeerFailed(failed[0])
+            answers = sorted((x for _, items in rows for x in items), key=lambda x: x[0])
+            for i, g in answers:
+                results[i] = g
+            if store:  # only the main process writes (the others' Shard is read-only)
+                store.append(_row(records[i].id, g) for i, g in answers)
+
+        error = None
+        try:
+            vllm_backend.generate_calls(checkpoint, self.tokenizer, reqs, s, calls[dist.rank::dist.world],
+                                        on_call=group, options=opts)
+        except PeerFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - told to every process at the next gather, then raised here
+            error = f"process {dist.rank}: {type(e).__name__}: {e}"
+        while len(gathered) < -(-len(calls) // dist.world):  # this process's share is done (or failed): it still
+            group([], error)                                    # takes part in every group's gather
+        if not dist.all_agree(error is None):
+            raise vllm_backend.BackendError(error or "vLLM failed on another process")
+        return results
 
     def rewrite(self, model, records: Sequence[Record], drafts: dict[str, str], round_: int, *, role: str = "improver",
                 shard_dir: str | Path | None = None, samples: int = 1) -> dict[str, Generation]:
@@ -175,6 +217,10 @@ class Sampler:
             bar.update(len(results))
         bar.close()
         return {r.id: out[r.id] for r in records}
+
+
+class PeerFailed(RuntimeError):
+    """Another process's vLLM failed (its message); every process stops at the same gather."""
 
 
 def generation_of(row: dict) -> Generation:

@@ -69,7 +69,7 @@ class Trainer:
         limit = self.cfg.data.max_prompt_tokens
         examples = [dataclasses.replace(e, prompt_ids=tuple(cut_prompt(e.prompt_ids, limit))) for e in examples]
         job = self.job(desc, seed)
-        with trainable(self.policy.model if model is None else model, self.cfg.model) as m:
+        with trainable(self.policy.model if model is None else model, self.cfg.model, self.dist.sharded, seed) as m:
             metrics = train_nll(m, examples, self.cfg.train, job)
         self._count_steps(desc, metrics["nll/steps"])
         if model is None:
@@ -90,7 +90,7 @@ class Trainer:
     def train_dpo(self, pairs: list[Pair], desc: str, seed: int) -> dict:
         """DPO of the current model on ``pairs`` (their reference log-probs filled by ``reference_pass``)."""
         job = self.job(desc, seed, "dpo/loss")
-        with trainable(self.policy.model, self.cfg.model) as model:
+        with trainable(self.policy.model, self.cfg.model, self.dist.sharded, seed) as model:
             metrics = train_dpo(model, self.token_pairs(pairs, self.cfg.dpo.improver_nll_coef > 0), self.cfg.dpo, job)
         self._count_steps(desc, metrics["dpo/steps"])
         self._after_training(job)

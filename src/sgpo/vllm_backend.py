@@ -81,49 +81,81 @@ def generate(checkpoint: str | Path, tokenizer, requests: Sequence[Request], s: 
              on_batch: Callable[[list[int], list[Generation]], None] | None = None, skip: set[int] | None = None,
              options: dict | None = None) -> list[Generation | None]:
     """``generation.generate``'s contract on vLLM: results in request order, ``on_batch`` per finished plan batch,
-    batches all in ``skip`` not generated (``None``). ``checkpoint`` is a model directory (with its tokenizer);
-    ``options`` are the worker's ``dtype``, ``seed``, ``gpu_memory``, ``device``."""
-    return generate_timed(checkpoint, tokenizer, requests, s, on_batch=on_batch, skip=skip, options=options)[0]
+    batches all in ``skip`` not generated (``None``). ``checkpoint`` is a model directory; ``options`` are the
+    worker's ``dtype``, ``seed``, ``gpu_memory``, ``device``, ``min_call`` and ``slot`` (see ``worker_env``)."""
+    options = options or {}
+    calls = plan_calls(requests, s, skip, int(options.get("min_call", MIN_CALL)))
+
+    def each_batch(done: list) -> None:
+        for batch, gens in done:
+            if on_batch:
+                on_batch(batch, gens)
+
+    return generate_calls(checkpoint, tokenizer, requests, s, calls, on_call=each_batch, options=options)[0]
 
 
-def generate_timed(checkpoint: str | Path, tokenizer, requests: Sequence[Request], s: Settings, *,
-                   on_batch: Callable[[list[int], list[Generation]], None] | None = None,
-                   skip: set[int] | None = None, options: dict | None = None) -> tuple[list[Generation | None], dict]:
-    """``generate``, and its timings: ``start_s`` (vLLM's start-up, imports included) and ``generate_s`` (from then
-    to the last answer)."""
-    results: list[Generation | None] = [None] * len(requests)
+def plan_calls(requests: Sequence[Request], s: Settings, skip: set[int] | None = None,
+               min_call: int = MIN_CALL) -> list[list[list[int]]]:
+    """The vLLM calls of a rollout: the fixed plan's batches (``generation.plan_batches``) not all in ``skip``, in plan
+    order, grouped into calls of at least ``min_call`` sequences (the last may hold fewer). vLLM's samples depend on
+    the requests batched with a request, so a call is the unit that is dealt out to processes: a call's answers are the
+    same whichever process's engine runs it."""
     batches = [b for b in plan_batches(requests, max(1, s.batch_size or 64)) if not (skip and all(i in skip for i in b))]
-    if not batches:
+    calls, cur, n = [], [], 0
+    for b in batches:
+        cur.append(b)
+        n += len(b)
+        if n >= min_call:
+            calls.append(cur)
+            cur, n = [], 0
+    return calls + ([cur] if cur else [])
+
+
+def generate_calls(checkpoint: str | Path, tokenizer, requests: Sequence[Request], s: Settings,
+                   calls: list[list[list[int]]], *, on_call: Callable[[list], None] | None = None,
+                   options: dict | None = None) -> tuple[list[Generation | None], dict]:
+    """One vLLM worker runs ``calls`` (see ``plan_calls``) in order; ``on_call`` gets each finished call as a list of
+    (batch, its Generations) while the worker goes on with the next. Returns the results in request order (``None``
+    where no call asked) and the timings: ``start_s`` (vLLM's start-up, imports included) and ``generate_s`` (from
+    then to the last answer)."""
+    results: list[Generation | None] = [None] * len(requests)
+    if not calls:
         return results, {"start_s": 0.0, "generate_s": 0.0}
     with tempfile.TemporaryDirectory(prefix="sgpo-vllm-") as tmp:
-        job = _job(checkpoint, tokenizer, requests, batches, s, options or {})
+        job = _job(checkpoint, tokenizer, requests, calls, s, options or {})
         job["out"] = str(Path(tmp) / "results.jsonl")
         Path(job["out"]).touch()
         (Path(tmp) / "job.json").write_text(json.dumps(job))
 
-        def deliver(k: int, rows: list) -> None:
-            gens = [Generation(tokenizer.decode(ids, skip_special_tokens=True), tuple(ids), bool(f))
-                    for _, ids, f in rows]
-            for (i, _, _), g in zip(rows, gens):
-                results[i] = g
-            if on_batch:
-                on_batch(batches[k], gens)
+        def deliver(c: int, rows: list) -> None:
+            done = []
+            for batch, batch_rows in zip(calls[c], rows):
+                gens = [Generation(tokenizer.decode(ids, skip_special_tokens=True), tuple(ids), bool(f))
+                        for _, ids, f in batch_rows]
+                for i, g in zip(batch, gens):
+                    results[i] = g
+                done.append((batch, gens))
+            if on_call:
+                on_call(done)
 
-        timings = _run_worker(Path(tmp) / "job.json", Path(job["out"]), deliver, sum(len(b) for b in batches))
+        total = sum(len(b) for call in calls for b in call)
+        env = worker_env((options or {}).get("device", "auto"), (options or {}).get("slot"))
+        timings = _run_worker(Path(tmp) / "job.json", Path(job["out"]), deliver, total, env,
+                              progress=(options or {}).get("progress", True))
     return results, timings
 
 
-def _job(checkpoint, tokenizer, requests: Sequence[Request], batches: list[list[int]], s: Settings,
+def _job(checkpoint, tokenizer, requests: Sequence[Request], calls: list[list[list[int]]], s: Settings,
          options: dict) -> dict:
     """The worker's job: everything it needs, as JSON."""
-    longest = max(len(requests[i].prompt_ids) for b in batches for i in b) + s.max_new_tokens
+    longest = max(len(requests[i].prompt_ids) for call in calls for b in call for i in b) + s.max_new_tokens
     device = options.get("device", "auto")
     return {"model": str(checkpoint), "dtype": options.get("dtype", "float32"), "seed": int(options.get("seed", 0)),
             "max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": s.top_p,
             "eos": sorted(_checkpoint_eos(checkpoint, tokenizer)), "max_model_len": longest,
-            "gpu_memory": float(options.get("gpu_memory", 0.5)), "min_call": MIN_CALL,
-            "enforce_eager": not _on_cuda(device),
-            "batches": [[[i, list(requests[i].prompt_ids), int(requests[i].seed)] for i in b] for b in batches]}
+            "gpu_memory": float(options.get("gpu_memory", 0.5)), "enforce_eager": not _on_cuda(device),
+            "calls": [[[[i, list(requests[i].prompt_ids), int(requests[i].seed)] for i in b] for b in call]
+                      for call in calls]}
 
 
 def _checkpoint_eos(checkpoint, tokenizer) -> set[int]:
@@ -144,16 +176,37 @@ def _on_cuda(device: str) -> bool:
     return pick_device(device).type == "cuda"
 
 
-def _worker_env() -> dict:
-    """The worker's environment: offline as this process is, with this process's CPU threads (vLLM otherwise takes
-    one thread on a small machine) and a CPU KV-cache size that fits a laptop."""
+# what a launcher (torchrun, accelerate launch) sets for the run's process group: a vLLM worker must not see it, or
+# its own one-process group would try to join the run's (same address and port, another world size)
+_LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+                  "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT"}
+
+
+def worker_env(device: str = "auto", slot: tuple[int, int] | None = None) -> dict:
+    """The worker's environment: offline as this process is, without the launcher's process-group variables, with a
+    CPU KV-cache size that fits a laptop. Its device: on CUDA the one GPU of this process (``CUDA_VISIBLE_DEVICES``:
+    the ``slot``'s, else ``device``'s index), on CPU this process's threads (vLLM otherwise takes one on a small
+    machine). ``slot`` = (local rank, processes on this machine): one engine per process, each on its own GPU or its
+    own share of the cores."""
     import torch
 
-    env = dict(os.environ)
-    threads = torch.get_num_threads()
-    cpus = sorted(os.sched_getaffinity(0))[:threads] if hasattr(os, "sched_getaffinity") else list(range(threads))
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")}
+    if _on_cuda(device):
+        from .models import pick_device
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        env["CUDA_VISIBLE_DEVICES"] = ids[(slot[0] if slot else pick_device(device).index or 0) % len(ids)]
+    else:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        if slot:  # this process's share of the cores (at least one)
+            rank, n = slot
+            cpus = cpus[rank * len(cpus) // n:(rank + 1) * len(cpus) // n] or [cpus[rank % len(cpus)]]
+            env["OMP_NUM_THREADS"] = str(len(cpus))  # a launcher's OMP_NUM_THREADS=1 is for the training process
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+        cpus = cpus[:torch.get_num_threads()] if not slot else cpus
+        env.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return env
@@ -166,8 +219,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _run_worker(job: Path, out: Path, deliver: Callable[[int, list], None], total: int) -> dict:
-    """Start the worker, deliver each batch line as it appears in ``out``, fail with the worker's own last words.
+def _run_worker(job: Path, out: Path, deliver: Callable[[int, list], None], total: int, env: dict,
+                progress: bool = True) -> dict:
+    """Start the worker, deliver each call's line as it appears in ``out``, fail with the worker's own last words.
     Returns the start-up and generation seconds."""
     from tqdm.auto import tqdm
 
@@ -178,8 +232,8 @@ def _run_worker(job: Path, out: Path, deliver: Callable[[int, list], None], tota
     t0 = time.perf_counter()
     with open(err, "w") as log_file:
         proc = subprocess.Popen([python, str(WORKER), str(job)], stdout=log_file, stderr=subprocess.STDOUT,
-                                env=_worker_env(), preexec_fn=_die_with_parent)
-    bar = tqdm(total=total, desc="vllm", unit="seq", leave=False)
+                                env=env, preexec_fn=_die_with_parent)
+    bar = tqdm(total=total, desc="vllm", unit="seq", leave=False, disable=not progress)
     done, started, last = 0, None, None
     try:
         with open(out, encoding="utf-8") as f:
@@ -193,10 +247,11 @@ def _run_worker(job: Path, out: Path, deliver: Callable[[int, list], None], tota
                     if "started" in row:  # vLLM is up: start-up is everything until now (imports included)
                         started = time.perf_counter() - t0
                         continue
-                    deliver(row["batch"], row["results"])
+                    deliver(row["call"], row["batches"])
                     last = time.perf_counter() - t0
-                    done += len(row["results"])
-                    bar.update(len(row["results"]))
+                    n = sum(len(b) for b in row["batches"])
+                    done += n
+                    bar.update(n)
                 if not alive:
                     break
                 time.sleep(0.1)

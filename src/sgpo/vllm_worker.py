@@ -3,28 +3,16 @@
     python vllm_worker.py JOB.json
 
 It imports nothing from sgpo (vLLM may live in an environment of its own, with its own transformers). ``JOB.json``
-(written by ``sgpo.vllm_backend``) holds the checkpoint, the sampling settings, the EOS ids and the requests grouped
-into the plan's batches: ``{"model", "dtype", "seed", "max_new_tokens", "temperature", "top_p", "eos", "max_model_len",
-"gpu_memory", "min_call", "batches": [[[index, prompt_ids, seed], ...], ...], "out"}``. Consecutive batches are sent
-to vLLM together, at least ``min_call`` sequences per call; after each call one JSON line per batch is appended to
-``out`` (``{"batch": k, "results": [[index, token_ids, finished], ...]}``, token ids without the EOS) and flushed, so
+(written by ``sgpo.vllm_backend``) holds the checkpoint, the sampling settings, the EOS ids and the requests: the
+plan's batches grouped into vLLM calls, ``{"model", "dtype", "seed", "max_new_tokens", "temperature", "top_p", "eos",
+"max_model_len", "gpu_memory", "enforce_eager", "calls": [[[[index, prompt_ids, seed], ...] (a batch), ...] (a call),
+...], "out"}``. The calls run in order, each one ``LLM.generate``; after each, one JSON line is appended to ``out``
+(``{"call": c, "batches": [[[index, token_ids, finished], ...], ...]}``, token ids without the EOS) and flushed, so
 the caller can save finished batches while the rest is generated. The first line, ``{"started": true}``, says that
 vLLM has started (the caller times its start-up).
 """
 import json
 import sys
-
-
-def _calls(batches: list, min_call: int) -> list[list[int]]:
-    """Batch numbers grouped into vLLM calls of at least ``min_call`` sequences (the last may be smaller)."""
-    calls, cur, n = [], [], 0
-    for k, b in enumerate(batches):
-        cur.append(k)
-        n += len(b)
-        if n >= min_call:
-            calls.append(cur)
-            cur, n = [], 0
-    return calls + ([cur] if cur else [])
 
 
 def _params(job: dict, seed: int):
@@ -53,17 +41,16 @@ def main(job_path: str) -> None:
               max_model_len=job["max_model_len"], gpu_memory_utilization=job["gpu_memory"],
               skip_tokenizer_init=True)  # token ids in, token ids out: the folder need not hold a tokenizer
     eos = set(job["eos"])
-    batches = job["batches"]
     with open(job["out"], "a", encoding="utf-8") as out:
         out.write(json.dumps({"started": True}) + "\n")
         out.flush()
-        for call in _calls(batches, job["min_call"]):
-            items = [item for k in call for item in batches[k]]
+        for c, call in enumerate(job["calls"]):
+            items = [item for batch in call for item in batch]
             prompts = [TokensPrompt(prompt_token_ids=ids) for _, ids, _ in items]
             outputs = llm.generate(prompts, [_params(job, seed) for _, _, seed in items], use_tqdm=False)
             results = {i: _result(i, o.outputs[0], eos) for (i, _, _), o in zip(items, outputs)}
-            for k in call:
-                out.write(json.dumps({"batch": k, "results": [results[i] for i, _, _ in batches[k]]}) + "\n")
+            rows = [[results[i] for i, _, _ in batch] for batch in call]
+            out.write(json.dumps({"call": c, "batches": rows}) + "\n")
             out.flush()
 
 

@@ -405,8 +405,11 @@ def _export(accelerator, pmodel, out: Path, tokenizer=None) -> None:
     state = accelerator.get_state_dict(pmodel)  # gathers the shards (a collective)
     if accelerator.is_main_process:
         from ..files import atomic_dir
+        from .adapters import merged_state
 
         model = accelerator.unwrap_model(pmodel)
+        state = merged_state(model, state)  # LoRA: merged on the gathered weights, a full model for vLLM and the run
+        model = getattr(model, "get_base_model", lambda: model)()
         # a tied weight (lm_head = embed_tokens) comes back gathered as a copy of its own: saved once, as a plain save
         first: dict[int, str] = {}
         tied = {n for n, p in model.named_parameters(remove_duplicate=False) if first.setdefault(id(p), n) != n}
