@@ -1,7 +1,6 @@
 """Assemble what the GPU check needs into one small folder (default ``.gpu_carry/``, git-ignored), for a GPU
-machine without internet: the SmolLM2-135M architecture (config + tokenizer, no weights), the seeded tiny model,
-the tiny model's CPU greedy outputs (to compare with the GPU's), prompts with references, and wheels of the few
-pure-CPU packages such a machine may lack.
+machine without internet: the SmolLM2 tokenizer (and config; no weights), prompts with references, and wheels of the
+few pure-CPU packages such a machine may lack.
 
     python benchmarks/gpu_prepare.py [--out .gpu_carry] [--python-version 3.12]
 """
@@ -17,9 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from sgpo.data import load_records  # noqa: E402
-from sgpo.generation import Request, Settings, generate  # noqa: E402
-from sgpo.models import embedded_smollm2_path, load_model, load_tokenizer, tiny_random_path  # noqa: E402
-from sgpo.templates import policy_ids  # noqa: E402
+from sgpo.models import embedded_smollm2_path  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "config.json")
@@ -30,6 +27,7 @@ def main() -> None:
     ap.add_argument("--out", default=".gpu_carry")
     ap.add_argument("--python-version", default="3.12")
     ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--no-wheels", action="store_true", help="no wheels (a check on this machine needs none)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,26 +38,23 @@ def main() -> None:
         src = embedded_smollm2_path() / name
         if src.exists():
             shutil.copy(src, smol / name)
-    shutil.copytree(tiny_random_path(), out / "tiny-random", dirs_exist_ok=True)
 
     recs, _ = load_records("sgpo:arena-hard-v2", need="reference")
     rows = [{"prompt": r.prompt_text, "response": r.reference} for r in recs[:args.prompts]]
     (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    # the CPU reference for the greedy-match check: the seeded tiny model, fp32, greedy
-    tok = load_tokenizer(str(out / "tiny-random"))
-    model = load_model(str(out / "tiny-random"), device="cpu", dtype="float32")
-    reqs = [Request(tuple(policy_ids(tok, (("user", r["prompt"]),))[-200:]), i) for i, r in enumerate(rows[:32])]
-    gens = generate(model, tok, reqs, Settings(max_new_tokens=32, temperature=0.0, batch_size=8))
-    (out / "tiny_cpu_greedy.json").write_text(json.dumps([list(g.token_ids) for g in gens]))
-
     wheels = out / "wheels"
     wheels.mkdir(exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps",
-                    "--python-version", args.python_version, "--platform", "manylinux2014_x86_64",
-                    "--platform", "manylinux_2_17_x86_64", "-d", str(wheels), "rapidfuzz"], check=True)
+    if not args.no_wheels:
+        download_wheels(wheels, args.python_version)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB")
+
+
+def download_wheels(wheels: Path, python_version: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--no-deps",
+                    "--python-version", python_version, "--platform", "manylinux2014_x86_64",
+                    "--platform", "manylinux_2_17_x86_64", "-d", str(wheels), "rapidfuzz"], check=True)
 
 
 if __name__ == "__main__":

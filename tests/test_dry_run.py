@@ -92,3 +92,27 @@ def test_a_hub_pool_is_not_downloaded_and_says_so(nothing_loads, capsys):
     assert main(["run", "--set", "data.sft=someone/some-dataset", "--set", "data.sft_size=0", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "whole pool" in out and "not counted" in out
+
+
+def test_the_dry_run_gives_checkpoint_sizes_and_the_bytes_written(nothing_loads):
+    from sgpo.models import tiny_random_path
+    from sgpo.sizes import checkpoint_bytes, parameter_count
+
+    cfg = config.load(REPO / "configs" / "paper" / "sgpo-llama-3-8b.yaml")
+    d = dry_run(cfg)
+    text = format_dry_run(d, cfg)
+    # 8e9 bf16 weights: 16 GB; a training checkpoint adds fp32 masters and two fp32 moments: 14 bytes a parameter
+    assert "8.00B parameters, read from the name; bfloat16 weights here" in text
+    assert "a model folder 16.0 GB; a training checkpoint 112.0 GB" in text
+    n_train = sum(r["train_checkpoints"] for r in d["stages"])
+    n_models = sum(r["checkpoints"] for r in d["stages"]) - n_train
+    # checkpoint_every 0: one training checkpoint per training call (SFT, improver, a DPO per round) whatever the
+    # pool's size; a model folder after each of them and the final one
+    assert (n_train, n_models) == (cfg.rounds + 2, cfg.rounds + 3)
+    assert f"= {(n_models * 16 + n_train * 112):,.1f} GB" in text
+    assert "checkpoint_minutes adds at most one" in text
+    # a model on disk is counted on its config (no weights read), LoRA checkpoints hold no optimizer state to speak of
+    params, how = parameter_count(str(tiny_random_path()))
+    assert how == "counted from its config" and 1e6 < params < 1e7
+    assert checkpoint_bytes(1000, "float32", lora=False) == (4000, 12000)
+    assert checkpoint_bytes(1000, "bfloat16", lora=True) == (2000, 2000)

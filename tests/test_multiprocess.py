@@ -53,6 +53,9 @@ LAUNCHERS = {
     "ddp": ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"],
     # the user's own FSDP command: on CPU processes sgpo runs accelerate's FSDP2 path over gloo
     "fsdp": ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml")],
+    # the user's own ZeRO commands: DeepSpeed's engine on CPU processes (its CPU accelerator over gloo)
+    "zero2": ["--config_file", str(REPO / "configs" / "accelerate" / "zero2.yaml")],
+    "zero3": ["--config_file", str(REPO / "configs" / "accelerate" / "zero3.yaml")],
 }
 
 
@@ -74,6 +77,7 @@ def test_two_processes_really_ran(runs):
     assert p.stderr.count("run directory:") == 2  # both ranks started
     assert "runs data-parallel" not in p.stderr  # FSDP was not quietly replaced by DDP
     assert ("training with FSDP on CPU processes" in p.stderr) == (two.name == "fsdp")
+    assert ("training with DEEPSPEED on CPU processes" in p.stderr) == two.name.startswith("zero")
     assert (two / "final" / "model.safetensors").exists()
 
 
@@ -124,19 +128,19 @@ def test_weights_and_losses_match_to_float_tolerance(runs):
 
 
 def test_sharded_training_killed_mid_step_resumes_to_the_same_weights(runs, tmp_path):
-    """FSDP's sharded checkpoint (one shard per process) is written, read back and continued: a launch killed after
-    the first DPO step's checkpoint ends, once re-run, with the weights of the uninterrupted launch."""
+    """A sharded checkpoint (FSDP's or ZeRO-3's, one shard per process) is written, read back and continued: a launch
+    killed after the first DPO step's checkpoint ends, once re-run, with the weights of the uninterrupted launch."""
     import signal
     import time
 
     import torch
 
     one, two, _ = runs
-    if two.name != "fsdp":
+    if two.name not in ("fsdp", "zero3"):
         pytest.skip("the kill-and-resume of a data-parallel launch is tests/test_resume.py's")
     data = one.parent / "train.jsonl"
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS["fsdp"], "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS[two.name], "--num_processes", "2",
            "--mixed_precision", "no"] + command(out, data)
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -177,8 +181,9 @@ dist.barrier()
 '''
 
 
-def test_lora_under_fsdp_exports_the_merged_full_model(tmp_path):
-    """LoRA trained by two FSDP processes: the export is a whole model folder (weights with the adapter merged on the
+@pytest.mark.parametrize("launcher", ["fsdp", "zero3"])
+def test_lora_under_sharding_exports_the_merged_full_model(tmp_path, launcher):
+    """LoRA trained by two FSDP or ZeRO-3 processes: the export is a whole model folder (weights with the adapter merged on the
     gathered weights, tokenizer) equal to a one-process LoRA training merged in memory, and it loads and generates."""
     import torch
 
@@ -189,7 +194,7 @@ def test_lora_under_fsdp_exports_the_merged_full_model(tmp_path):
     script.write_text(LORA)
     (tmp_path / "one").mkdir()
     run([sys.executable, str(script), str(tmp_path / "one")])
-    run([sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS["fsdp"], "--num_processes", "2",
+    run([sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS[launcher], "--num_processes", "2",
          "--mixed_precision", "no", str(script), str(tmp_path / "two")])
     export = tmp_path / "two" / "weights"  # written by sharded training only
     assert (export / "model.safetensors").exists() and not (tmp_path / "one" / "weights").exists()

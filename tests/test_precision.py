@@ -64,3 +64,41 @@ def test_masters_travel_with_the_optimizer_state(tiny_model):
         assert a.dtype == torch.float32 and torch.equal(a, b)
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_reference_pass_keeps_to_its_position_budget(tiny_model, monkeypatch):
+    """A reference batch whose padded rows exceed the budget is scored in parts, with the values of the whole batch;
+    on an accelerator the budget applies by default (on a CPU the pass is not cut, training is)."""
+    from sgpo.training import batching, dpo
+
+    pairs = [TokenPair([20 + i, 21, 22][: 1 + i % 3], [30, 31, 32 + i, 2][: 2 + i % 3], [40 + i, 41, 2])
+             for i in range(10)]
+    reference_logps(tiny_model, pairs, pad_id=0, batch_size=8, show_progress=False)
+    whole = [(p.ref_chosen, p.ref_rejected) for p in pairs]
+    sizes = []
+    real = dpo.pair_logps
+    monkeypatch.setattr(dpo, "pair_logps", lambda m, b: sizes.append(b.input_ids.numel()) or real(m, b))
+    reference_logps(tiny_model, pairs, pad_id=0, batch_size=8, show_progress=False, max_positions=20)
+    assert len(sizes) > 2 and max(sizes) <= 20
+    for (c, r), p in zip(whole, pairs):
+        assert p.ref_chosen == pytest.approx(c, abs=1e-4) and p.ref_rejected == pytest.approx(r, abs=1e-4)
+    on_gpu = torch.nn.Linear(2, 2, device="meta")  # any device but the CPU
+    assert batching.default_max_positions(on_gpu, training=False) == batching.GPU_MAX_POSITIONS
+    assert batching.default_max_positions(on_gpu) == batching.GPU_MAX_POSITIONS
+    assert batching.default_max_positions(tiny_model, training=False) is None
+    assert batching.default_max_positions(tiny_model) == batching.CPU_MAX_POSITIONS
+
+
+def test_sharded_training_refuses_low_precision_weights_without_mixed_precision(tiny_model):
+    """FSDP and DeepSpeed keep fp32 masters only under mixed precision: bf16 weights with ``mixed_precision: no``
+    would update in bf16, so the run stops with what to do."""
+    from types import SimpleNamespace
+
+    from sgpo.files import RunError
+    from sgpo.training.loop import check_sharded_precision
+
+    bf16 = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    with pytest.raises(RunError, match="mixed_precision bf16"):
+        check_sharded_precision(SimpleNamespace(mixed_precision="no"), bf16)
+    check_sharded_precision(SimpleNamespace(mixed_precision="bf16"), bf16)
+    check_sharded_precision(SimpleNamespace(mixed_precision="no"), tiny_model)  # fp32 weights: nothing to lose

@@ -92,24 +92,44 @@ def is_sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
-def _fsdp_on_cpu(handlers: list):
-    """An Accelerator whose processes (on CPUs, over gloo) train with FSDP as the launcher's config asks: accelerate
-    itself selects FSDP only with GPUs, but its FSDP2 path (``prepare``, ``backward``, ``get_state_dict``) runs on
-    CPU processes once its state says FSDP. This is how the sharded branch runs without a GPU (tests, CI)."""
+def _sharded_on_cpu(kind: str, handlers: list):
+    """An Accelerator whose processes (on CPUs, over gloo) train with FSDP or DeepSpeed as the launcher's config asks
+    (``kind``: ``FSDP`` or ``DEEPSPEED``): accelerate itself selects either only with GPUs, but its FSDP2 path
+    (``prepare``, ``backward``, ``get_state_dict``) and DeepSpeed's engine (its CPU accelerator falls back to gloo)
+    run on CPU processes once accelerate's state says so. This is how the sharded branch runs without a GPU (tests,
+    CI)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* settings
-    acc = Accelerator(cpu=True, fsdp_plugin=plugin, kwargs_handlers=handlers)
+    fsdp = kind == "FSDP"
+    plugin = FullyShardedDataParallelPlugin() if fsdp else DeepSpeedPlugin()  # from the launcher's settings
+    acc = Accelerator(cpu=True, kwargs_handlers=handlers, **({"fsdp_plugin": plugin} if fsdp else
+                                                             {"deepspeed_plugin": plugin}))
     for state in (PartialState(), AcceleratorState()):  # ``prepare`` reads the one, re-reads the other
-        state.distributed_type = DistributedType.FSDP
-    AcceleratorState().fsdp_plugin = plugin
+        state.distributed_type = DistributedType[kind]
+    if fsdp:
+        AcceleratorState().fsdp_plugin = plugin
+    else:  # what AcceleratorState's set-up does for DeepSpeed, skipped on the CPU
+        plugin.set_mixed_precision("no")
+        plugin.select(_from_accelerator_state=True)
+        AcceleratorState().deepspeed_plugins = plugin
     if acc.is_main_process:
         import logging
 
-        logging.getLogger("sgpo").info("training with FSDP on CPU processes (gloo), %d processes", acc.num_processes)
+        logging.getLogger("sgpo").info("training with %s on CPU processes (gloo), %d processes", kind,
+                                       acc.num_processes)
     return acc
+
+
+def _whole_models() -> None:
+    """Under ZeRO-3, accelerate's DeepSpeed set-up makes transformers build every model partitioned (``zero.Init``
+    at ``from_pretrained``): empty placeholders outside DeepSpeed's engine, which cannot generate or score the
+    reference pass. sgpo loads whole models (as under DDP, one copy per process, 16 GB for 8B in bf16); DeepSpeed
+    partitions the one it trains when the training call prepares it."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -135,18 +155,20 @@ def setup(device: str = "auto", timeout_minutes: float = 360.0) -> Dist:
     # On a machine without a GPU (or with model.device=cpu) the processes talk over gloo on the CPU. Accelerate only
     # sets the process group up on CPU when asked, so ask whenever there is no GPU to use.
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    fsdp = cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    sharded = [k.split("_")[-1] for k in _LAUNCHER_FLAGS if os.environ.get(k, "").lower() in ("1", "true")]
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))]
-    acc = _fsdp_on_cpu(handlers) if fsdp else Accelerator(cpu=cpu, kwargs_handlers=handlers)
+    acc = (_sharded_on_cpu(sharded[0], handlers) if cpu and sharded
+           else Accelerator(cpu=cpu, kwargs_handlers=handlers))
+    if is_deepspeed(acc):
+        _whole_models()
     if acc.num_processes != int(os.environ.get("WORLD_SIZE", "1") or 1):
         raise RuntimeError(f"the launcher started {os.environ.get('WORLD_SIZE')} processes but accelerate set up "
                            f"{acc.num_processes}: check the accelerate config")
-    wanted = [k.split("_")[-1] for k in _LAUNCHER_FLAGS if os.environ.get(k, "").lower() in ("1", "true")]
-    if wanted and not is_sharded(acc) and acc.is_main_process:
+    if sharded and not is_sharded(acc) and acc.is_main_process:
         import logging
 
-        logging.getLogger("sgpo").warning("%s was asked for but accelerate set up %s (DeepSpeed needs GPUs); "
-                                          "training runs data-parallel", wanted[0], acc.distributed_type)
+        logging.getLogger("sgpo").warning("%s was asked for but accelerate set up %s; training runs data-parallel",
+                                          sharded[0], acc.distributed_type)
     if not acc.is_main_process:  # one process reports; the others only speak up for problems
         import logging
 

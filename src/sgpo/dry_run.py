@@ -138,7 +138,9 @@ class CountingTrainer:
 
     def _steps(self, n: int, batch_size: int, epochs: int, every: int) -> int:
         steps = epochs * math.ceil(n / batch_size)
-        self.tally.add("checkpoints", (steps // every + (steps % every > 0)) if every else int(steps > 0))
+        writes = (steps // every + (steps % every > 0)) if every else int(steps > 0)
+        self.tally.add("checkpoints", writes)
+        self.tally.add("train_checkpoints", writes)  # of those: training checkpoints (optimizer state included)
         return steps
 
     def train_nll(self, examples: list[NLLExample], desc: str, seed: int, model=None) -> dict:
@@ -231,6 +233,7 @@ def dry_run(cfg: Config) -> dict:
         row = tally.rows.get(name, Counter())
         stages.append({"stage": name, "prompts": len(tally.ids.get(name, ())),
                        **{k: row[k] for k, _ in COLUMNS if k != "prompts"},
+                       "train_checkpoints": row["train_checkpoints"],
                        "judges": {k[6:]: v for k, v in row.items() if k.startswith("judge:")}})
     whole_pool = bool(tally.uncounted) and cfg.data.sft_size == 0
     return {"method": cfg.method, "model": cfg.model.name, "stages": stages, "uncounted": tally.uncounted,
@@ -266,10 +269,33 @@ def format_dry_run(p: dict, cfg: Config) -> str:
     lines += ["", "Counts for one process (data-parallel runs share them out). Upper bounds: pairs and DPO steps (the "
               "gates decide),", "judge calls (cached verdicts are free). Improver examples are counted on placeholder "
               "drafts (a real chain stops", "where it reaches the reference)."]
-    if cfg.train.checkpoint_minutes or cfg.dpo.checkpoint_minutes:
-        lines.append("Checkpoint writes count those by steps; checkpoint_minutes adds one per that many minutes of "
-                     "training.")
+    lines += checkpoint_lines(p["stages"], cfg, whole)
     if p["uncounted"]:
         lines.append("Not downloaded: " + ", ".join(dict.fromkeys(p["uncounted"])) + " (placeholder rows as many as "
                      "the slices ask for" + ("; the SFT slice is the whole pool, not counted)" if whole else ")"))
     return "\n".join(lines)
+
+
+def checkpoint_lines(stages: list[dict], cfg: Config, whole_pool: bool) -> list[str]:
+    """The bytes of one checkpoint of each kind and of all the writes counted (``sizes``: estimates)."""
+    from .models import pick_device, pick_dtype
+    from .sizes import GB, checkpoint_bytes, parameter_count
+
+    params, how = parameter_count(cfg.model.name)
+    minutes = cfg.train.checkpoint_minutes or cfg.dpo.checkpoint_minutes
+    uncounted = whole_pool and cfg.train.checkpoint_every > 0  # SFT's steps, so its checkpoints by steps, unknown
+    stages = [r for r in stages if not (uncounted and r["stage"] == "sft")]
+    counted = "Checkpoint writes count those by steps" + (" (the SFT stage's are not counted)" if uncounted else "")
+    counted += "; checkpoint_minutes adds at most one per that many minutes of training." if minutes else "."
+    if params is None:
+        return [counted, f"Checkpoint sizes: the parameter count of {cfg.model.name} is unknown here."]
+    dtype = str(pick_dtype(cfg.model.dtype, pick_device(cfg.model.device))).removeprefix("torch.")
+    folder, train = checkpoint_bytes(params, dtype, cfg.model.lora_r > 0)
+    n_train = sum(r["train_checkpoints"] for r in stages)
+    n_models = sum(r["checkpoints"] for r in stages) - n_train
+    state = "weights" if cfg.model.lora_r else "weights, AdamW moments" + (", fp32 masters" if "float32" != dtype else "")
+    total = (n_models * folder + n_train * train) / GB
+    return [counted, f"Checkpoint sizes (estimates: {params / 1e9:.2f}B parameters, {how}; {dtype} weights here):",
+            f"  a model folder {folder / GB:.1f} GB; a training checkpoint {train / GB:.1f} GB ({state};",
+            "  split over the processes under ZeRO-3/FSDP; a training call keeps only its latest);",
+            f"  the writes counted: {n_models} model folders + {n_train} training checkpoints = {total:,.1f} GB."]

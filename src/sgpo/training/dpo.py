@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import (PairBatch, collate, collate_pairs, length_buckets, micro_batching, packing_supported,
-                       pair_length, pair_logps, position_slices, token_logps)
+from .batching import (PairBatch, collate, collate_pairs, default_max_positions, length_buckets, micro_batching,
+                       packing_supported, pair_length, pair_logps, position_slices, token_logps)
 from ..config import DPOConfig
 from .losses import LogRatios, preference_loss
 from .loop import Job, Optim, mean_metrics, run_steps
@@ -65,10 +65,13 @@ def _reference_context(model):
 
 @torch.inference_mode()
 def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: int = 8,
-                    show_progress: bool = True, layout: str = "auto", dist=None) -> None:
-    """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted. Under several
-    processes (``dist``: ``sgpo.distributed.Dist``) batch k of the plan is scored by rank k mod world size and the
-    results are gathered on every rank: each batch is the one a single process scores, so the values are too."""
+                    show_progress: bool = True, layout: str = "auto", dist=None,
+                    max_positions: int | None | str = "auto") -> None:
+    """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted; a batch whose
+    padded rows exceed ``max_positions`` is cut into consecutive parts (``auto``: ``default_max_positions`` without
+    gradients). Under several processes (``dist``: ``sgpo.distributed.Dist``) batch k of the plan is scored by rank
+    k mod world size and the results are gathered on every rank: each batch is the one a single process scores, so the
+    values are too."""
     from tqdm.auto import tqdm
 
     if not pairs:
@@ -79,7 +82,10 @@ def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: i
     device = next(model.parameters()).device
     lengths = _lengths(pairs, layout)
     order = sorted(range(len(pairs)), key=lambda i: (lengths[i], i))
-    plan = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    budget = default_max_positions(model, training=False) if max_positions == "auto" else max_positions
+    rows = 1 if layout == "packed" else 2
+    plan = [batch[s] for start in range(0, len(order), batch_size) for batch in [order[start:start + batch_size]]
+            for s in position_slices([rows * lengths[i] for i in batch], budget)]
     shared = dist is not None and dist.active
     mine = plan[dist.rank::dist.world] if shared else plan
     done = []

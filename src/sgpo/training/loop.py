@@ -345,6 +345,8 @@ class _TrainState:
         """Build the optimizer, restore the latest checkpoint of ``job`` when there is one, wrap for accelerate."""
         acc = job.accelerator
         sharded = _is_sharded(acc)
+        if sharded:
+            check_sharded_precision(acc, model)
         optimizer = make_optimizer(model, opt.lr, opt.weight_decay, masters=not sharded)
         scheduler = warmup_schedule(optimizer, opt.warmup_steps)
         fingerprint = plan_fingerprint(batches, lr=opt.lr, weight_decay=opt.weight_decay,
@@ -380,6 +382,18 @@ class _TrainState:
         self.popt.step()
         self.scheduler.step()
         self.popt.zero_grad(set_to_none=True)
+
+
+def check_sharded_precision(accelerator, model) -> None:
+    """Sharded training keeps fp32 masters only under mixed precision (FSDP upcasts the weights it shards, DeepSpeed's
+    bf16 optimizer keeps fp32 copies): bf16/fp16 weights launched with ``mixed_precision: no`` would be updated in
+    bf16, where DPO's steps round to nothing. Refused with what to do instead."""
+    low = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype in LOW_PRECISION]
+    if low and accelerator.mixed_precision == "no":
+        raise RunError(f"{len(low)} trainable weights are {model.dtype} but the launcher's mixed_precision is 'no': "
+                       "sharded training would update them in low precision, where small steps (DPO's) round to "
+                       "nothing. Launch with --mixed_precision bf16 (as configs/accelerate/*.yaml do), or set "
+                       "model.dtype: float32")
 
 
 def _deepspeed_batch_sizes(accelerator, batches: list, world: int) -> None:
