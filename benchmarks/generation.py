@@ -157,7 +157,8 @@ def run_vllm(model_name: str, tokenizer, prompts, batch_size, args) -> tuple[int
 
     reqs = [Request(tuple(p), seed=i) for i, p in enumerate(prompts)]
     s = Settings(args.max_new_tokens, args.temperature, 1.0, batch_size)
-    gens, timings = vllm_backend.generate_timed(resolve(model_name), tokenizer, reqs, s,
+    calls = vllm_backend.plan_calls(reqs, s)
+    gens, timings = vllm_backend.generate_calls(resolve(model_name), tokenizer, reqs, s, calls,
                                                 options={"dtype": "float32", "device": "cpu"})
     return sum(len(g.token_ids) for g in gens), timings["generate_s"], timings["start_s"]
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from sgpo.generation import Request, Settings, generate  # noqa: E402
 from sgpo.models import load_model, load_tokenizer  # noqa: E402
 from sgpo.training.batching import default_max_positions  # noqa: E402
+from sgpo.training import dpo  # noqa: E402
 from sgpo.training.dpo import TokenPair, reference_logps  # noqa: E402
 
 SHAPES = {  # Llama-3.2-1B's shape (its 128k vocabulary only where no tokenizer reads the ids), and a tiny one
@@ -120,13 +121,15 @@ def reference_memory(shape: str, device: str, scale: float) -> dict:
     pairs = [TokenPair(ids(lp), ids(lr), ids(lr)) for _ in range(n)]
     res = {"pairs": n, "prompt_tokens": lp, "response_tokens": lr, "vocab": vocab,
            "budget": default_max_positions(model, training=False)}
-    for name, budget in (("budget", "auto"), ("uncut", None)):
+    for name in ("budget", "uncut"):
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        if name == "uncut":  # the same pass with no position budget
+            dpo.default_max_positions = lambda model, training=True: None
         t = time.perf_counter()
         try:
-            reference_logps(model, pairs, pad_id=0, batch_size=n, show_progress=False, max_positions=budget)
+            reference_logps(model, pairs, pad_id=0, batch_size=n, show_progress=False)
             res[f"{name}_s"] = round(time.perf_counter() - t, 2)
         except torch.OutOfMemoryError:
             res[f"{name}_s"] = "out of memory"

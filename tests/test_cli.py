@@ -159,3 +159,11 @@ def test_dry_run_counts_what_the_smoke_run_did(smoke_run):
     d = assert_dry_run_matches(smoke_run[0])
     judges = {k for row in d["stages"] for k in row["judges"]}
     assert judges == {"reference", "lm:sgpo:tiny-random"}
+
+
+def test_debug_is_kept_before_or_after_the_subcommand():
+    from sgpo.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--debug", "run"]).debug and parse(["run", "--debug"]).debug
+    assert not parse(["run"]).debug and parse(["--debug", "compare"]).debug and parse(["--debug", "report", "x"]).debug

@@ -52,3 +52,28 @@ def test_dump_roundtrip_and_diff():
     again = config.from_dict(__import__("yaml").safe_load(config.dump(cfg)))
     assert config.to_dict(again) == config.to_dict(cfg)
     assert config.diff(config.to_dict(config.load()), config.to_dict(cfg)) == ["rounds"]
+
+
+def test_the_config_reference_is_current_and_complete():
+    """``docs/config.md`` is what ``python -m sgpo.config_docs`` writes now, and every key has its documentation."""
+    from pathlib import Path
+
+    from sgpo import config_docs
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text() == config_docs.markdown(), "docs/config.md is stale: python -m sgpo.config_docs > docs/config.md"
+    ks = config_docs.keys()
+    assert len(ks) > 50 and all(k.doc for k in ks), [k.name for k in ks if not k.doc]
+    beta = next(k for k in ks if k.name == "dpo.beta")
+    assert (beta.type, beta.default, beta.allowed) == ("float", 0.5, "> 0")
+
+
+def test_sgpo_config_prints_a_section_and_names_the_sections_when_wrong(capsys):
+    from sgpo.cli import main
+
+    assert main(["config", "pairs"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("pairs.require_finished: str = \"chosen_if_rejected\"") and "pairs.verify" in out
+    assert "dpo." not in out
+    assert main(["config", "nope"]) == 2
+    assert "sections: model, data" in capsys.readouterr().err

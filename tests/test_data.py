@@ -95,3 +95,24 @@ def test_cut_reference_at_sentence_boundary(tiny_tokenizer):
     assert cut == "First sentence here. Second one follows!"
     assert len(tiny_tokenizer(cut)["input_ids"]) <= 20
     assert cut_reference("Short.", tiny_tokenizer, 20) == "Short."
+
+
+def test_a_column_mapping_reads_data_as_people_have_it(tmp_path):
+    from sgpo import config
+    from sgpo.data import DataError, load_records
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "What is 2+2?", "answer": "4."}\n{"question": "Name a colour.", "answer": "Red."}\n'
+                    '{"question": ["not", "text"], "answer": "x"}\n{"query": "no question here", "answer": "y"}\n')
+    fields = config.load(None, ["data.fields.prompt=question", "data.fields.response=answer"]).data.fields
+    assert fields == {"prompt": "question", "response": "answer"}
+    records, report = load_records(str(path), need="reference", fields=fields, on_error="skip")
+    assert [(r.prompt_text, r.reference) for r in records] == [("What is 2+2?", "4."), ("Name a colour.", "Red.")]
+    assert sum(report.skipped.values()) == 2
+    with pytest.raises(DataError, match=r"qa.jsonl:3: field 'question' \(read as 'prompt'\)"):
+        load_records(str(path), need="reference", fields=fields)
+    (tmp_path / "q4.jsonl").write_text(path.read_text().splitlines()[3] + "\n")
+    with pytest.raises(DataError, match=r"q4.jsonl:1: missing field 'question' \(data.fields reads it as 'prompt'\)"):
+        load_records(str(tmp_path / "q4.jsonl"), fields=fields)
+    with pytest.raises(config.ConfigError, match="data.fields: 'query' is not an accepted field name"):
+        config.load(None, ["data.fields={query: question}"])

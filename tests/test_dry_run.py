@@ -116,3 +116,12 @@ def test_the_dry_run_gives_checkpoint_sizes_and_the_bytes_written(nothing_loads)
     assert how == "counted from its config" and 1e6 < params < 1e7
     assert checkpoint_bytes(1000, "float32", lora=False) == (4000, 12000)
     assert checkpoint_bytes(1000, "bfloat16", lora=True) == (2000, 2000)
+
+
+def test_the_second_judge_judges_at_most_agreement_size_pairs_a_round(nothing_loads):
+    cfg = config.load(REPO / "configs" / "paper" / "sgpo-llama-3-8b.yaml")
+    rounds = [r for r in dry_run(cfg)["stages"] if r["stage"].startswith("round_") and r["stage"] != "round_0"]
+    assert all(r["pairs"] == 10_000 for r in rounds)  # an upper bound: 10,000 pairs a round …
+    assert all(r["judges"]["lm:sgpo:gemma-3-270m"] == cfg.eval.agreement_size == 500 for r in rounds)  # … 500 judged
+    small = dry_run(config.load(REPO / "configs" / "paper" / "sgpo-llama-3-8b.yaml", ["eval.agreement_size=20"]))
+    assert small["stages"][3]["judges"]["lm:sgpo:gemma-3-270m"] == 20

@@ -78,7 +78,8 @@ def test_the_reference_pass_keeps_to_its_position_budget(tiny_model, monkeypatch
     sizes = []
     real = dpo.pair_logps
     monkeypatch.setattr(dpo, "pair_logps", lambda m, b: sizes.append(b.input_ids.numel()) or real(m, b))
-    reference_logps(tiny_model, pairs, pad_id=0, batch_size=8, show_progress=False, max_positions=20)
+    monkeypatch.setattr(dpo, "default_max_positions", lambda model, training=True: 20)
+    reference_logps(tiny_model, pairs, pad_id=0, batch_size=8, show_progress=False)
     assert len(sizes) > 2 and max(sizes) <= 20
     for (c, r), p in zip(whole, pairs):
         assert p.ref_chosen == pytest.approx(c, abs=1e-4) and p.ref_rejected == pytest.approx(r, abs=1e-4)

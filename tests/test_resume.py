@@ -242,3 +242,19 @@ def test_resume_ignores_keys_a_later_sgpo_removed(tmp_path, caplog):
     assert "improver.experimental.guided_min_gain" in caplog.text
     with pytest.raises(Exception, match=r"changed: seed\)"):
         check_resume(RunDir(out), config.load(None, ["seed=2"]), False)
+
+
+def test_a_column_mapping_survives_resume_and_its_change_is_named(tmp_path):
+    """``data.fields`` is a mapping-valued key, not a section: a run with one resumes, and changing it is refused."""
+    from sgpo import config
+    from sgpo.runs import RunDir, check_resume
+
+    out = tmp_path / "run"
+    run = RunDir(out)
+    run.manifest["stages"]["round_0"] = {"status": "done"}
+    run.save_manifest()
+    cfg = config.load(None, ["data.fields.prompt=question"])
+    (out / "config.yaml").write_text(config.dump(cfg))
+    check_resume(RunDir(out), cfg, False)
+    with pytest.raises(Exception, match=r"changed: data.fields.prompt\)"):
+        check_resume(RunDir(out), config.load(None, ["data.fields.prompt=query"]), False)

@@ -71,3 +71,31 @@ def test_reading_switch_and_instruction_must_agree():
     with pytest.raises(config.ConfigError, match="sees_reference"):
         config.load(None, ["improver.sees_reference=false",
                            "improver.instruction=Improve {draft} for {prompt} like {reference}"])
+
+
+def test_a_tokenizer_without_a_chat_template_gets_one_from_a_file_or_another_model(tmp_path):
+    """A base model's tokenizer ships no template: the error says what to set; ``model.chat_template`` gives one from
+    a Jinja file or borrows another model's, and a checkpoint saved with it keeps it."""
+    import shutil
+
+    import pytest
+
+    from sgpo.models import ModelError, load_tokenizer, tiny_random_path
+    from sgpo.templates import policy_ids
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_random_path(), base)
+    (base / "chat_template.jinja").unlink()
+    with pytest.raises(ModelError, match="set model.chat_template"):
+        load_tokenizer(str(base))
+    jinja = tmp_path / "plain.jinja"
+    jinja.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok = load_tokenizer(str(base), str(jinja))
+    assert tok.decode(policy_ids(tok, (("user", "Hi"),))) == "<user>Hi\n<assistant>"
+    borrowed = load_tokenizer(str(base), str(tiny_random_path()))
+    assert borrowed.chat_template == load_tokenizer(str(tiny_random_path())).chat_template
+    tok.save_pretrained(tmp_path / "saved")
+    assert load_tokenizer(str(tmp_path / "saved")).chat_template == jinja.read_text()
+    with pytest.raises(ModelError, match="has no chat template either"):
+        load_tokenizer(str(base), str(base))

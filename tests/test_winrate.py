@@ -28,3 +28,10 @@ def test_paired_difference_uses_the_pairing():
     # one extra success in 100 paired prompts: the interval includes 0
     tiny = paired_difference([1.0] + [0.0] * 99, [0.0] * 100)
     assert tiny["ci_low"] <= 0 < tiny["ci_high"]
+
+
+def test_a_figure_over_no_items_reads_none():
+    from sgpo.eval.winrate import format_win_rate
+
+    assert format_win_rate(win_rate([])) == "none (n=0)"
+    assert format_win_rate(win_rate([1.0, 0.0])).endswith("n=2]")

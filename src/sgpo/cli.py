@@ -119,6 +119,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from .config_docs import text
+
+    print(text(args.section), end="")
+    return 0
+
+
 def cmd_push(args) -> int:
     from .model_card import push
 
@@ -150,7 +157,7 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--method", help="sgpo, spin, synpo, dpo or sft (same as --set method=...)")
     r.add_argument("--force-restart", action="store_true", help="discard an unfinished run in --output")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
-    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
 
 
@@ -169,7 +176,7 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_eval)
 
 
@@ -180,7 +187,7 @@ def _add_metrics_parser(sub) -> None:
     mt.add_argument("--data-dir", help="alpaca-eval: folder with instruction_difficulty.csv and "
                                        "gamed_baseline_rows.csv (default: the hub dataset, online)")
     mt.add_argument("--version", default="v0.1", choices=("v0.1", "v2.0"), help="arena-hard scoring")
-    mt.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    mt.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     mt.set_defaults(func=cmd_metrics)
 
 
@@ -199,7 +206,7 @@ def _add_compare_parser(sub) -> None:
     c.add_argument("--output", "-o", help="comparison directory (re-running skips finished methods)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every method")
     c.add_argument("--dry-run", action="store_true", help="print each method's plan, run nothing")
-    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=cmd_compare)
 
 
@@ -219,7 +226,7 @@ def _add_improver_eval_parser(sub) -> None:
                     help="only the development slice a run holds out of these prompts (data.dev_size, data.split_seed)")
     ie.add_argument("--rewrite-samples", type=int, help="rewrite tries per draft (default: improver.experimental.rewrite_samples)")
     ie.add_argument("--output", "-o", default="improver_eval", help="directory for figures and cached generations")
-    ie.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    ie.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ie.set_defaults(func=cmd_improver_eval)
 
 
@@ -231,10 +238,17 @@ def _add_push_parser(sub) -> None:
     p.set_defaults(func=cmd_push)
 
 
+def _add_config_parser(sub) -> None:
+    c = sub.add_parser("config", help="every config key with its type, default, allowed values and meaning")
+    c.add_argument("section", nargs="?", help="only this section (model, data, generation, improver, train, dpo, "
+                                              "pairs, eval; '' for the top-level keys)")
+    c.set_defaults(func=cmd_config)
+
+
 def _add_report_parser(sub) -> None:
     rep = sub.add_parser("report", help="write report.md and plots for a run directory")
     rep.add_argument("run_dir")
-    rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    rep.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     rep.set_defaults(func=cmd_report)
 
 
@@ -248,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_parser(sub)
     _add_improver_eval_parser(sub)
     _add_report_parser(sub)
+    _add_config_parser(sub)
     _add_push_parser(sub)
     return p
 

@@ -55,9 +55,9 @@ class EvalJob:
     @property
     def judge(self):
         if not self._judge:
-            from .eval.judges import make_judge
+            from .eval.judges import api_settings, make_judge
 
-            self._judge.append(make_judge(self.cfg.eval.judge))
+            self._judge.append(make_judge(self.cfg.eval.judge, **api_settings(self.cfg.eval.judge, self.cfg.eval)))
         return self._judge[0]
 
 
@@ -120,7 +120,7 @@ def eval_alpaca(job: EvalJob) -> dict:
     cfg = job.cfg
     records, _ = load_records("sgpo:alpaca-eval", need="reference")
     records = records[:job.limit] if job.limit else records
-    tok = load_tokenizer(cfg.model.name)
+    tok = load_tokenizer(cfg.model.name, cfg.model.chat_template)
     job.out_dir.mkdir(parents=True, exist_ok=True)
     start = _outputs(resolve(cfg.model.name), cfg, tok, records, job.out_dir / "start.jsonl")
     final = _outputs(job.model_path, cfg, tok, records, job.out_dir / f"{job.name}.jsonl")

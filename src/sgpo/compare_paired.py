@@ -44,7 +44,7 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
     rows = paired_rows(target, runs)
     if not rows:
         return {}
-    test = prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name))).test
+    test = prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)).test
     texts = {r: saved_answers(run_dir_of(out, *r) / "test") for row in rows for r in row}
     rows = [(a, b) for a, b in rows if _same_start(texts[a], texts[b], a, b)]
     figures: dict = {}

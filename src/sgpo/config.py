@@ -26,6 +26,8 @@ class ConfigError(Exception):
 class ModelConfig:
     name: str = "sgpo:smollm2-135m-instruct"
     "HF hub name, local path, or an embedded model (sgpo:smollm2-135m-instruct, sgpo:tiny-random)."
+    chat_template: str = ""
+    "The chat template both roles are rendered through: empty = the tokenizer's own; else a Jinja file, or a model or tokenizer whose template to use (base models such as Llama-3-8B ship none: e.g. meta-llama/Meta-Llama-3-8B-Instruct). Saved with every checkpoint."
     device: str = "auto"
     "auto (GPU when present), cpu, cuda, cuda:1 ..."
     dtype: str = "auto"
@@ -46,6 +48,10 @@ class DataConfig:
     "SFT data (prompts with references): a JSONL/JSON/Parquet file, an HF dataset name or directory, or sgpo:alpaca-eval (AlpacaEval's 805 instructions with GPT-4 Turbo's answers) / sgpo:arena-hard-v2 (750 questions with o3-mini's answers), shipped in a package."
     split: str = "train"
     "Split name for HF datasets."
+    subset: str = ""
+    "Configuration (subset) name for HF datasets that have several; empty = the dataset's default."
+    fields: dict = field(default_factory=dict)
+    "Column mapping for every data source of the run: accepted name → the source's column, e.g. {prompt: question, response: answer}. Accepted names: prompt, response, completion, messages, instruction, input, output, chosen, rejected (docs/data.md)."
     prompts: str = ""
     "Optional prompt-only data for the preference rounds (same formats); empty = the training pool of `sft`."
     test_size: int = 200
@@ -83,7 +89,7 @@ class GenerationConfig:
     top_p: float = 1.0
     "Nucleus sampling threshold."
     batch_size: int = 64
-    "Sequences decoded together. Larger is faster on CPU too (measured: 127 tokens/s at 16, 218 at 64) and costs KV-cache memory."
+    "Sequences decoded together (per process): larger is faster, on CPU too, and costs KV-cache memory."
     backend: str = "auto"
     "Generation backend: engine (built in), vllm (vLLM's offline LLM.generate in a process of its own: a start-up per rollout, ~25 s on CPU), auto (vllm on CUDA when installed, else engine: on CPU the two measured alike)."
     vllm_gpu_memory: float = 0.5
@@ -140,7 +146,7 @@ class TrainConfig:
 @dataclass
 class DPOConfig:
     beta: float = 0.5
-    "DPO temperature β: larger keeps the policy nearer the reference model. 0.5 beat 0.1 on the decision prompts in two seeds (README); the paper configs pin 0.1."
+    "DPO temperature β: larger keeps the policy nearer the reference model. The paper configs set 0.1."
     lr: float = 5e-6
     "Learning rate."
     epochs: int = 1
@@ -179,6 +185,12 @@ class EvalConfig:
     "Development prompts on which the improver's figures are measured: zero-shot (round_0) and after improver training; each round measures it on its own candidates (0 = off). Costs one rewrite rollout and its judging per measurement."
     head_to_head_size: int = 32
     "Development prompts for the per-stage head-to-head win rate against the start model (0 = off)."
+    agreement_size: int = 500
+    "Pairs per round on which the second judge's agreement (pairs/judge_agreement) is measured, at most: a fixed sample of the round's pairs; 500 gives a 95% CI of about ±4 points, at paper scale a round has 10,000 pairs (one judge call each)."
+    judge_concurrency: int = 4
+    "API judges (openai:): requests in flight at once."
+    judge_retries: int = 6
+    "API judges (openai:): tries per request after a failure (rate limit, server error), with exponential back-off up to a minute."
 
 
 @dataclass
@@ -207,6 +219,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+FIELD_NAMES = ("prompt", "response", "completion", "messages", "instruction", "input", "output", "chosen", "rejected")
 CHOICES = {
     "method": METHODS.names(),
     "improver.target": ("interpolate", "reference"),
@@ -227,7 +240,8 @@ AT_LEAST = {
     "train.batch_size": 1, "train.epochs": 0, "train.warmup_steps": 0, "train.checkpoint_every": 0,
     "train.checkpoint_minutes": 0.0, "dpo.batch_size": 1, "dpo.epochs": 0, "dpo.improver_nll_coef": 0.0,
     "dpo.checkpoint_every": 0, "dpo.checkpoint_minutes": 0.0,
-    "eval.improver_size": 0, "eval.head_to_head_size": 0,
+    "eval.improver_size": 0, "eval.head_to_head_size": 0, "eval.agreement_size": 1, "eval.judge_concurrency": 1,
+    "eval.judge_retries": 0,
 }
 IN_RANGE = {"collective_timeout_minutes": (0, float("inf")), "improver.step": (0, 1), "generation.top_p": (0, 1), "dpo.beta": (0, float("inf")),
             "train.lr": (0, float("inf")), "dpo.lr": (0, float("inf"))}
@@ -247,6 +261,10 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
             return float(value)
         except ValueError:
             pass
+    if typ is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{key}: expected a mapping of names to column names, got {value!r}")
+        return dict(value)
     if typ in (int, float, str, bool):
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")
@@ -300,6 +318,9 @@ def validate(cfg: Config) -> Config:
                 parse_judge_spec(get(cfg, key))
             except ValueError as e:
                 raise ConfigError(f"{key}: {e}") from None
+    unknown = sorted(set(cfg.data.fields) - set(FIELD_NAMES))
+    if unknown:
+        raise ConfigError(f"data.fields: '{unknown[0]}' is not an accepted field name ({', '.join(FIELD_NAMES)})")
     if cfg.pairs.verify and cfg.pairs.verify == cfg.eval.second_judge:
         raise ConfigError("pairs.verify: the judge that selects pairs cannot also be eval.second_judge, the judge of "
                           "their agreement")

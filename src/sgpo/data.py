@@ -296,7 +296,33 @@ def _json_or_error(text: str, where: str) -> Any:
         return DataError(f"{where}: invalid JSON ({str(e).splitlines()[0][:80]})", "invalid JSON")
 
 
-def _iter_hf(name: str, split: str) -> Iterator[tuple[Any, str]]:
+def renamed(row: Any, fields: dict | None, where: str) -> Any:
+    """``row`` with its columns under the accepted names ``fields`` maps them from (``{"prompt": "question"}``: the
+    row's ``question`` is read as its ``prompt``); a mapped column the row lacks is an error naming it."""
+    if not fields or not isinstance(row, dict):
+        return row
+    out = dict(row)
+    for name, column in fields.items():
+        if column not in row:
+            found = ", ".join(sorted(map(_show, row))[:10])
+            raise DataError(f"{where}: missing field '{column}' (data.fields reads it as '{name}'); found fields: "
+                            f"{found or 'none'}", f"missing field '{column}'")
+        del out[column]
+        out[name] = row[column]
+    return out
+
+
+def _named_as_in_source(e: DataError, fields: dict | None) -> DataError:
+    """An error about a renamed field names the source's column too."""
+    if not fields:
+        return e
+    msg = str(e)
+    for name, column in fields.items():
+        msg = msg.replace(f"field '{name}'", f"field '{column}' (read as '{name}')")
+    return e if msg == str(e) else DataError(msg, e.reason)
+
+
+def _iter_hf(name: str, split: str, subset: str = "") -> Iterator[tuple[Any, str]]:
     import datasets
 
     try:
@@ -304,7 +330,7 @@ def _iter_hf(name: str, split: str) -> Iterator[tuple[Any, str]]:
         if any(p.exists() for p in saved):
             ds = datasets.load_from_disk(name)
         else:
-            ds = datasets.load_dataset(name, split=split)
+            ds = datasets.load_dataset(name, subset or None, split=split)
     except Exception as e:
         raise DataError(f"{name}: cannot load dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -343,9 +369,11 @@ def _iter_embedded(name: str) -> Iterator[tuple[Any, str]]:
         raise DataError(f"unknown embedded dataset '{name}' (known: sgpo:arena-hard-v2, sgpo:alpaca-eval)")
 
 
-def load_records(source: str, *, split: str = "train", on_error: str = "raise",
-                 need: str = "prompt") -> tuple[list[Record], LoadReport]:
+def load_records(source: str, *, split: str = "train", on_error: str = "raise", need: str = "prompt",
+                 fields: dict | None = None, subset: str = "") -> tuple[list[Record], LoadReport]:
     """Load ``source`` into records. ``need``: 'prompt', 'reference' (SFT data) or 'preference' (chosen/rejected).
+    ``fields`` maps the accepted field names to the source's own columns (``{"prompt": "question"}``); ``subset`` is
+    a hub dataset's configuration name.
 
     Duplicate prompts are kept once (counted as skipped 'duplicate prompt').
     """
@@ -356,7 +384,7 @@ def load_records(source: str, *, split: str = "train", on_error: str = "raise",
         if path.is_file():
             rows = _iter_file(path)
         elif path.is_dir() or (not path.exists() and source.count("/") <= 1 and not path.suffix):
-            rows = _iter_hf(source, split)
+            rows = _iter_hf(source, split, subset)
         else:
             raise DataError(f"{source}: no such file or dataset")
     report = LoadReport(source)
@@ -365,15 +393,16 @@ def load_records(source: str, *, split: str = "train", on_error: str = "raise",
         try:
             if isinstance(row, DataError):
                 raise row
-            rec = parse_row(row, where)
+            rec = parse_row(renamed(row, fields, where), where)
             if need == "reference" and not (rec.reference and rec.reference.strip()):
                 raise _no_reference(row, rec, where)
             if need == "preference" and rec.chosen is None:
                 raise DataError(f"{where}: missing field 'chosen' (preference data needs prompt/chosen/rejected)",
                                 "missing field 'chosen'")
         except DataError as e:
+            e = _named_as_in_source(e, fields)
             if on_error == "raise":
-                raise
+                raise e from None
             report.skipped[e.reason] += 1
             continue
         if rec.id in seen:

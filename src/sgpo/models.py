@@ -183,7 +183,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             "float16": torch.float16, "fp16": torch.float16}[dtype]
 
 
-def load_tokenizer(name: str):
+def load_tokenizer(name: str, chat_template: str = ""):
+    """The tokenizer of ``name`` with a chat template: its own, or ``chat_template`` (``model.chat_template``): a Jinja
+    file, or a model or tokenizer (hub name, folder) whose template to borrow — a base model such as Llama-3-8B ships
+    none. The template is saved with every checkpoint of the run, so later loads have it."""
     from transformers import AutoTokenizer
 
     path = resolve(name)
@@ -191,11 +194,29 @@ def load_tokenizer(name: str):
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise ModelError(_not_available(name, e)) from None
+    if chat_template:
+        tok.chat_template = _template(chat_template)
     if not getattr(tok, "chat_template", None):
-        raise ModelError(f"tokenizer of '{name}' has no chat template; set one or use an instruction-tuned tokenizer")
+        raise ModelError(f"the tokenizer of '{name}' has no chat template (a base model?): set model.chat_template to a "
+                         "Jinja file or to a model whose template to use, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _template(source: str) -> str:
+    """A chat template from a Jinja file, or borrowed from another model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    if Path(source).is_file():
+        return Path(source).read_text()
+    try:
+        template = AutoTokenizer.from_pretrained(resolve(source)).chat_template
+    except OSError as e:
+        raise ModelError(f"model.chat_template: {_not_available(source, e)}") from None
+    if not template:
+        raise ModelError(f"model.chat_template: the tokenizer of '{source}' has no chat template either")
+    return template
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto"):

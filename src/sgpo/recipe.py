@@ -9,6 +9,8 @@ this same code with parts that count the work instead (``dry_run.py``).
 """
 from __future__ import annotations
 
+import hashlib
+
 import logging
 from pathlib import Path
 
@@ -109,7 +111,11 @@ def round_stage(ctx: Context, method: Method) -> dict:
 def pair_agreement(s: Session, pairs: list[Pair], refs: dict[str, str]) -> dict:
     """How often a judge that did not select the pairs prefers their chosen side: ``pairs/judge_agreement`` (the
     second judge) and, when the improver never saw the references (reading A), ``pairs/judge_agreement_reference``.
-    ``refs``: the round's SFT references by record id."""
+    ``refs``: the round's SFT references by record id. At most ``eval.agreement_size`` pairs are judged (a fixed
+    sample: the pairs of the lowest id hashes), enough for a CI of a few points at a bounded cost."""
+    size = s.cfg.eval.agreement_size
+    if len(pairs) > size:
+        pairs = sorted(pairs, key=lambda p: hashlib.sha256(p.record_id.encode()).hexdigest())[:size]
     with s.evaluator.second_judge() as judge:
         m = judge_agreement(pairs, judge)
     # the reference judge, when the pairs have references (not so for an external preference set) that the improver

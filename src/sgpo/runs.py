@@ -251,7 +251,8 @@ def _as_current(defaults: dict, old: dict, removed: list[str], prefix: str = "")
     for k, v in old.items():
         if k not in defaults:
             removed.append(prefix + k)
-        elif isinstance(v, dict) and isinstance(defaults[k], dict):
+        elif isinstance(v, dict) and isinstance(defaults[k], dict) and defaults[k]:  # a section (a mapping-valued
+            # key such as data.fields defaults to {} and is a value)
             out[k] = _as_current(defaults[k], v, removed, prefix + k + ".")
         else:
             out[k] = v

@@ -4,6 +4,8 @@ sampler (every generation), the current model (``Policy``), the training calls (
 that count the work instead of doing it, and walks the same recipe."""
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -63,7 +65,7 @@ def open_session(cfg: Config, run: RunDir, dist: distributed.Dist) -> Session:
     stages = Stages(run, dist, cfg.seed)
     # under a launcher every process uses the device the launcher gave it
     device = str(dist.device) if dist.accelerator is not None else cfg.model.device
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.chat_template)
     backend = resolve_backend(cfg.generation.backend, device)
     instruction = improver_instruction(cfg.improver)
     sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens, instruction, dist, backend,
@@ -75,6 +77,7 @@ def open_session(cfg: Config, run: RunDir, dist: distributed.Dist) -> Session:
     if trackers:
         stages.on_stage = lambda name, m: trackers.log({k: v for k, v in m.items() if k not in trainer.step_keys},
                                                        run.manifest.get("train_steps", 0))
-    make_judge = (lambda spec: MainProcessJudge(spec, dist)) if dist.active else cached_judge
+    own = functools.partial(cached_judge, eval_cfg=cfg.eval)
+    make_judge = (lambda spec: MainProcessJudge(spec, dist, own)) if dist.active else own
     evaluator = Evaluator(cfg, sampler, policy, stages, make_judge, answer_cache=cache_dir() / "answers")
     return Session(cfg, run, stages, dist, sampler, policy, trainer, evaluator, trackers)

@@ -338,3 +338,14 @@ def test_timeout_is_retried(serve):
     [pref] = judge.prefer(["p"], ["a"], ["b"])
     assert pref in (0.0, 1.0)
     assert judge.stats()["retries"] == 1 and judge.stats()["failed"] == 0
+
+
+def test_a_run_s_eval_section_sets_an_api_judge_s_concurrency_and_retries():
+    from sgpo.config import load
+    from sgpo.eval.judges import api_settings, cached_judge
+
+    e = load(None, ["eval.judge_concurrency=16", "eval.judge_retries=2"]).eval
+    judge = cached_judge("openai:gpt-4o@http://127.0.0.1:9", e)  # nothing is asked: no request is made
+    settings = getattr(judge, "judge", judge).settings
+    assert (settings.concurrency, settings.max_retries) == (16, 2)
+    assert api_settings("reference", e) == {} and api_settings("lm:sgpo:gemma-3-270m", e) == {}

@@ -101,11 +101,20 @@ def make_judge(spec: str, *, cache: str | None = None, **kwargs) -> Judge:
     return CachedJudge(judge, cache) if cache else judge
 
 
-def cached_judge(spec: str):
+def cached_judge(spec: str, eval_cfg=None):
     """A judge whose verdicts are cached by content in the user cache (``judgements/<spec>.jsonl``); only the main
-    process keeps the cache."""
+    process keeps the cache. ``eval_cfg``: a run's ``eval`` section, for an API judge's settings."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
-    return make_judge(spec, cache=str(cache_dir() / "judgements" / f"{name}.jsonl") if is_writer() else None)
+    return make_judge(spec, cache=str(cache_dir() / "judgements" / f"{name}.jsonl") if is_writer() else None,
+                      **api_settings(spec, eval_cfg))
+
+
+def api_settings(spec: str, eval_cfg) -> dict:
+    """The settings (``OpenAISettings``) a run's ``eval`` section gives an API judge (``openai:``); none for the
+    local judges or without a section."""
+    if eval_cfg is None or parse_judge_spec(spec)[0] != "openai":
+        return {}
+    return {"concurrency": eval_cfg.judge_concurrency, "max_retries": eval_cfg.judge_retries}
 
 
 @contextlib.contextmanager

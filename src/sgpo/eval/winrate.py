@@ -46,4 +46,8 @@ def format_metric(m: dict, key: str) -> str:
 
 
 def format_win_rate(w: dict) -> str:
+    """``51.2% [95% CI 44.0–58.4, n=200]``; a figure over no items (every annotation failed, a slice of size 0) reads
+    ``none (n=0)``."""
+    if not w.get("n"):
+        return "none (n=0)"
     return f"{100 * w['win_rate']:.1f}% [95% CI {100 * w['ci_low']:.1f}–{100 * w['ci_high']:.1f}, n={w['n']}]"

@@ -115,7 +115,8 @@ def load_prompts(source: str, cfg: Config, tokenizer, *, dev_slice: bool = False
                  limit: int | None = None) -> list[Record]:
     """Prompts with references, cut like the run's references (``data.max_reference_tokens``).
     ``dev_slice``: only the development slice a run holds out of ``source`` (``data.dev_size``, ``data.split_seed``)."""
-    records, report = load_records(source, split=cfg.data.split, on_error=cfg.data.on_error, need="reference")
+    records, report = load_records(source, split=cfg.data.split, on_error=cfg.data.on_error, need="reference",
+                                   fields=cfg.data.fields, subset=cfg.data.subset)
     log.info("prompts: %s", report.summary())
     if dev_slice:
         _, records, *_ = split_dev(records, cfg.data.dev_size, cfg.data.split_seed, cfg.data.test_size)
@@ -142,7 +143,7 @@ def evaluate_model(model_name: str, records: list[Record], cfg: Config, judge, o
     from ..models import load_model, load_tokenizer, resolve
 
     path = resolve(model_name)
-    tokenizer = load_tokenizer(model_name)
+    tokenizer = load_tokenizer(model_name, cfg.model.chat_template)
     sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens,
                       config_mod.improver_instruction(cfg.improver))
     key = content_hash({"model": str(Path(path).resolve()) if Path(path).exists() else path,
@@ -172,8 +173,8 @@ def run_improver_eval(spec: ImproverEval) -> dict:
 
     cfg = config_for(spec.model, spec.config, spec.overrides)
     samples = cfg.improver.experimental.rewrite_samples if spec.rewrite_samples is None else spec.rewrite_samples
-    records = load_prompts(spec.prompts, cfg, load_tokenizer(spec.model), dev_slice=spec.dev_slice,
-                           limit=spec.limit)
+    tokenizer = load_tokenizer(spec.model, cfg.model.chat_template)
+    records = load_prompts(spec.prompts, cfg, tokenizer, dev_slice=spec.dev_slice, limit=spec.limit)
     judge = None if spec.judge in ("", "none") else make_judge(spec.judge)
     out_dir = Path(spec.output)
     res = {"prompts": spec.prompts + (" (development slice)" if spec.dev_slice else ""), "n": len(records),

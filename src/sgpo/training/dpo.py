@@ -65,11 +65,10 @@ def _reference_context(model):
 
 @torch.inference_mode()
 def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: int = 8,
-                    show_progress: bool = True, layout: str = "auto", dist=None,
-                    max_positions: int | None | str = "auto") -> None:
+                    show_progress: bool = True, layout: str = "auto", dist=None) -> None:
     """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted; a batch whose
-    padded rows exceed ``max_positions`` is cut into consecutive parts (``auto``: ``default_max_positions`` without
-    gradients). Under several processes (``dist``: ``sgpo.distributed.Dist``) batch k of the plan is scored by rank
+    padded rows exceed the position budget (``default_max_positions`` without gradients: none on a CPU) is cut into
+    consecutive parts. Under several processes (``dist``: ``sgpo.distributed.Dist``) batch k of the plan is scored by rank
     k mod world size and the results are gathered on every rank: each batch is the one a single process scores, so the
     values are too."""
     from tqdm.auto import tqdm
@@ -82,7 +81,7 @@ def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: i
     device = next(model.parameters()).device
     lengths = _lengths(pairs, layout)
     order = sorted(range(len(pairs)), key=lambda i: (lengths[i], i))
-    budget = default_max_positions(model, training=False) if max_positions == "auto" else max_positions
+    budget = default_max_positions(model, training=False)
     rows = 1 if layout == "packed" else 2
     plan = [batch[s] for start in range(0, len(order), batch_size) for batch in [order[start:start + batch_size]]
             for s in position_slices([rows * lengths[i] for i in batch], budget)]
