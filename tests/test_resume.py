@@ -258,3 +258,48 @@ def test_a_column_mapping_survives_resume_and_its_change_is_named(tmp_path):
     check_resume(RunDir(out), cfg, False)
     with pytest.raises(Exception, match=r"changed: data.fields.prompt\)"):
         check_resume(RunDir(out), config.load(None, ["data.fields.prompt=query"]), False)
+
+
+def _finished_run(out: Path, sets: list[str]) -> None:
+    from sgpo import config
+    from sgpo.runs import RunDir
+
+    run = RunDir(out)
+    for st in ("round_0", "improver", "round_1", "final", "test", "test_second_judge"):
+        run.manifest["stages"][st] = {"status": "done", "inputs": st}
+    run.save_manifest()
+    (out / "config.yaml").write_text(config.dump(config.load(None, sets)))
+
+
+def test_resume_recomputes_the_figures_after_an_evaluation_change_and_keeps_the_training(tmp_path, caplog):
+    from sgpo import config
+    from sgpo.runs import RunDir, check_resume
+
+    out = tmp_path / "run"
+    _finished_run(out, ["rounds=1"])
+    with caplog.at_level("INFO", logger="sgpo"):
+        check_resume(RunDir(out), config.load(None, ["rounds=1", "eval.second_judge=reference",
+                                                     "eval.agreement_size=50"]), False)
+    stages = RunDir(out).manifest["stages"]
+    assert set(stages) == {"round_0", "improver", "round_1", "final"}  # only the test figures are redone
+    assert "eval.agreement_size, eval.second_judge" in caplog.text and "training is kept" in caplog.text
+
+
+def test_more_rounds_continue_without_an_sft_step_and_are_refused_with_a_way_on_with_one(tmp_path):
+    from sgpo import config
+    from sgpo.files import RunError
+    from sgpo.runs import RunDir, check_resume
+
+    out = tmp_path / "run"
+    _finished_run(out, ["rounds=1", "sft=false"])
+    check_resume(RunDir(out), config.load(None, ["rounds=3", "sft=false"]), False)
+    assert set(RunDir(out).manifest["stages"]) == {"round_0", "improver", "round_1"}  # rounds 2, 3 and the rest follow
+    _finished_run(out, ["rounds=1"])
+    with pytest.raises(RunError, match=r"rounds 1 → 3 would change finished work.*--set model.name=.*final "
+                                       r"--set sft=false --set rounds=2"):
+        check_resume(RunDir(out), config.load(None, ["rounds=3"]), False)
+    with pytest.raises(RunError, match=r"changed: rounds\)"):  # fewer rounds: other finished work
+        check_resume(RunDir(out), config.load(None, ["rounds=0"]), False)
+    with pytest.raises(RunError, match=r"changed: dpo.beta, eval.judge\)"):  # with a training key: refused, all named
+        check_resume(RunDir(out), config.load(None, ["rounds=1", "dpo.beta=0.2", "eval.judge=lm:sgpo:tiny-random"]),
+                     False)

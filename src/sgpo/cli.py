@@ -56,15 +56,24 @@ def cmd_run(args) -> int:
 
 
 def _eval_spec(args, out: str):
-    from .config import ConfigError, GenerationConfig
+    """The evaluation's settings: a config's ``generation`` section and seed (``--config``/``--set``), else greedy
+    decoding of 256 tokens in batches of 16; the explicit flags win over both."""
+    import dataclasses
+
+    from . import config
     from .evaluate import EvalSpec
 
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature: must be ≥ 0, got {args.temperature}")
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           batch_size=args.batch_size)
+    if args.config or args.set:
+        cfg = config.load(args.config, args.set or [])
+        gen, seed = cfg.generation, cfg.seed
+    else:
+        gen, seed = config.GenerationConfig(max_new_tokens=256, temperature=0.0, batch_size=16), 0
+    flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "batch_size": args.batch_size}
+    gen = dataclasses.replace(gen, **{k: v for k, v in flags.items() if v is not None})
+    if gen.temperature < 0:
+        raise config.ConfigError(f"--temperature: must be ≥ 0, got {gen.temperature}")
     return EvalSpec(judge=args.judge, output=out, limit=args.limit, generation=gen,
-                    data_dir=args.data_dir, seed=args.seed)
+                    data_dir=args.data_dir, seed=seed if args.seed is None else args.seed)
 
 
 def cmd_eval(args) -> int:
@@ -172,10 +181,13 @@ def _add_eval_parser(sub) -> None:
     e.add_argument("--limit", type=int, help="first N prompts only (AlpacaEval LC needs all 805)")
     e.add_argument("--output", "-o", help="evaluation directory (cached generations and annotations are reused)")
     e.add_argument("--data-dir", help="benchmark inputs: Arena-Hard v0.1 folder, AlpacaEval LC tables folder")
-    e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--config", help="take the generation settings and seed from this run config (YAML)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. "
+                                                                       "generation.max_new_tokens=512")
+    e.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default 256, or the config's)")
+    e.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy (the default without a config)")
+    e.add_argument("--batch-size", type=int, help="sequences generated together (default 16, or the config's)")
+    e.add_argument("--seed", type=int, help="sampling seed (default 0, or the config's)")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e.set_defaults(func=cmd_eval)
 

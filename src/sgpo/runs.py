@@ -240,8 +240,40 @@ def check_resume(run: RunDir, cfg: Config, force_restart: bool) -> None:
                  ", ".join(removed))
     changed = config_mod.diff(old, config_mod.to_dict(cfg))
     if changed:
+        allow_changes(run, cfg, old, changed)
+
+
+# keys that change what is measured, never what is trained
+EVALUATION_KEYS = ("eval.", "report_to", "collective_timeout_minutes")
+AFTER_ROUNDS = ("final", "test", "test_second_judge")  # the stages after the last round
+
+
+def allow_changes(run: RunDir, cfg: Config, old: dict, changed: list[str]) -> None:
+    """What may change on resume. Evaluation settings: the finished training is kept and the test figures are
+    recomputed (the figures stages already finished keep theirs, said in the log). More rounds (``rounds`` raised):
+    when the earlier rounds' prompts do not move — no SFT step, whose slice follows the rounds' — the run goes on as a
+    fresh run with more rounds would have gone. Anything else would change finished work: refused, naming the keys."""
+    rest = [k for k in changed if not k.startswith(EVALUATION_KEYS) and k != "rounds"]
+    more_rounds = "rounds" in changed and cfg.rounds > old["rounds"]
+    if rest or ("rounds" in changed and not more_rounds):
         raise RunError(f"{run.root} holds a run with a different config (changed: {', '.join(changed)}); "
                        "use another --output, or --force-restart to start over")
+    if more_rounds and cfg.sft and cfg.method != "sft":
+        raise RunError(f"{run.root}: rounds {old['rounds']} → {cfg.rounds} would change finished work (the SFT "
+                       "step's prompts follow the rounds' in the training pool); to go on from this run's model, "
+                       f"start a new run from it: sgpo run CONFIG --set model.name={run.root / 'final'} --set sft=false "
+                       f"--set rounds={cfg.rounds - old['rounds']} -o NEW_DIR")
+    redo = [st for st in AFTER_ROUNDS if st in run.manifest["stages"] and (more_rounds or st != "final")]
+    for st in redo:
+        del run.manifest["stages"][st]
+    run.save_manifest()
+    evaluation = [k for k in changed if k != "rounds"]
+    if evaluation:
+        log.info("resume: evaluation settings changed (%s): the finished training is kept, the test figures are "
+                 "recomputed; stages finished before keep the figures they measured", ", ".join(evaluation))
+    if more_rounds:
+        log.info("resume: rounds %d → %d: rounds %d–%d follow, then the final model and its figures", old["rounds"],
+                 cfg.rounds, old["rounds"] + 1, cfg.rounds)
 
 
 def _as_current(defaults: dict, old: dict, removed: list[str], prefix: str = "") -> dict:
