@@ -292,8 +292,11 @@ def test_more_rounds_continue_without_an_sft_step_and_are_refused_with_a_way_on_
 
     out = tmp_path / "run"
     _finished_run(out, ["rounds=1", "sft=false"])
+    (out / "test").mkdir()
+    (out / "test" / "answers_final.jsonl").write_text('{"id": "a", "text": "of the one-round model"}\n')
     check_resume(RunDir(out), config.load(None, ["rounds=3", "sft=false"]), False)
     assert set(RunDir(out).manifest["stages"]) == {"round_0", "improver", "round_1"}  # rounds 2, 3 and the rest follow
+    assert not (out / "test").exists()  # the old final model's test answers are not reused
     _finished_run(out, ["rounds=1"])
     with pytest.raises(RunError, match=r"rounds 1 → 3 would change finished work.*--set model.name=.*final "
                                        r"--set sft=false --set rounds=2"):

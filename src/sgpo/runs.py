@@ -266,6 +266,8 @@ def allow_changes(run: RunDir, cfg: Config, old: dict, changed: list[str]) -> No
     redo = [st for st in AFTER_ROUNDS if st in run.manifest["stages"] and (more_rounds or st != "final")]
     for st in redo:
         del run.manifest["stages"][st]
+        if more_rounds and st != "final" and run.writer:  # its answers came from the old final model
+            shutil.rmtree(run.path(st), ignore_errors=True)
     run.save_manifest()
     evaluation = [k for k in changed if k != "rounds"]
     if evaluation:
