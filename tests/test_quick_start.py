@@ -50,4 +50,11 @@ def test_the_readme_quick_start_runs_as_written(tmp_path, monkeypatch):
         assert api.requests and api.requests[0]["headers"].get("Authorization") == "Bearer sk-test"
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["eval/test/openai_v1/win_rate_vs_start_n"] == 4  # the test figures are the API judge's
+    # where the time went: every stage's phases and the rest add up to its wall time; the totals are in the summary
+    round_1 = json.loads((tmp_path / "run" / "round_1" / "metrics.json").read_text())
+    phases = {k: v for k, v in round_1.items() if k.startswith("time/round_1/")}
+    assert {"time/round_1/generation_s", "time/round_1/training_s", "time/round_1/reference_pass_s"} <= set(phases)
+    assert abs(sum(phases.values()) - round_1["time/round_1_s"]) < 0.1
+    assert summary["time/total/generation_s"] > 0 and summary["time/total/judging_s"] >= 0
+    assert "time by phase, all stages: " in p.stderr
     assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -51,6 +51,13 @@ def _sha256(path: Path) -> str:
 
 def _convert_gguf(gguf: Path, out: Path, name: str) -> Path:
     """Write the de-quantised fp32 HF checkpoint (and tokenizer) of ``gguf`` to ``out``, atomically."""
+    from .profile import phase
+
+    with phase("converting"):
+        return _convert_gguf_now(gguf, out, name)
+
+
+def _convert_gguf_now(gguf: Path, out: Path, name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .files import atomic_dir, is_writer
 from .models import free_memory, load_model, resolve
+from .profile import phase
 
 
 class Policy:
@@ -43,7 +44,8 @@ class Policy:
 
     def load(self, path: str):
         """A model from ``path`` on the run's device and dtype (a separate copy: the current model is untouched)."""
-        return load_model(str(path), device=self.device, dtype=self.cfg.dtype)
+        with phase("loading"):
+            return load_model(str(path), device=self.device, dtype=self.cfg.dtype)
 
     def model_at(self, path: str):
         """The current model when ``path`` holds it, else a copy loaded from ``path``."""
@@ -80,6 +82,10 @@ class Policy:
         path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
         if not self._changed and self.path == str(path):  # saved already (for a vLLM rollout)
             return
+        with phase("saving"):
+            self._save(path)
+
+    def _save(self, path: Path) -> None:
         # the weights are a model folder already (an export, decided by the flag alone: the main process may have moved
         # it before another process looks): moved or copied, never loaded on every process to be saved again
         if self._exported or (not self._changed and Path(self.path).is_dir()):

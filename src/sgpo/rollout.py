@@ -25,6 +25,7 @@ from .data import Record
 from .generation import Generation, Request, Settings, auto_batch_size, generate, plan_batches
 from .text import normalise
 from .files import Shard
+from .profile import phase
 
 log = logging.getLogger("sgpo")
 
@@ -95,6 +96,10 @@ class Sampler:
         With ``shard``, finished batches are appended there and a re-run generates only what is missing. Under
         several processes (``dist``) the batches are shared among them; every rank gets every result.
         """
+        with phase("generation"):
+            return self._rollout(model, records, role, round_, drafts, shard)
+
+    def _rollout(self, model, records, role, round_, drafts, shard) -> dict[str, Generation]:
         reqs = self.requests(records, role, round_, drafts)
         done: dict[str, Generation] = {}
         store = Shard(shard) if shard else None

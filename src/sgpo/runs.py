@@ -23,6 +23,7 @@ from typing import Callable, Protocol, Sequence
 
 from . import config as config_mod
 from .config import Config
+from .profile import PROFILE
 from .files import RunError, atomic_write_json, content_hash, is_writer
 
 log = logging.getLogger("sgpo")
@@ -169,13 +170,14 @@ class Stages:
             self.run.tidy(name)
             log.info("%s: done earlier, skipped", name)
             return self.run.metrics(name)
-        self.current = name
+        self.current = PROFILE.stage = name
         with self.run.stage(name, self.chain[-1]):
             t0 = time.perf_counter()
             m = fn()
             if model is not None:
                 model.save(name)
             m[f"time/{name}_s"] = round(time.perf_counter() - t0, 2)
+            m.update(PROFILE.of(name, m[f"time/{name}_s"]))
             atomic_write_json(self.run.path(name, "metrics.json"), m)
             if self.on_stage is not None:
                 self.on_stage(name, m)

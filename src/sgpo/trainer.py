@@ -14,6 +14,7 @@ from .improver.targets import ImproverExample, nll_example
 from .pairs import Pair
 from .policy import Policy, save_model
 from .rollout import cut_prompt
+from .profile import phase
 from .training.adapters import trainable
 from .training.dpo import TokenPair, reference_logps, train_dpo
 from .training.loop import Job, exported_weights
@@ -69,7 +70,8 @@ class Trainer:
         limit = self.cfg.data.max_prompt_tokens
         examples = [dataclasses.replace(e, prompt_ids=tuple(cut_prompt(e.prompt_ids, limit))) for e in examples]
         job = self.job(desc, seed)
-        with trainable(self.policy.model if model is None else model, self.cfg.model, self.dist.sharded, seed) as m:
+        target = self.policy.model if model is None else model
+        with phase("training"), trainable(target, self.cfg.model, self.dist.sharded, seed) as m:
             metrics = train_nll(m, examples, self.cfg.train, job)
         self._count_steps(desc, metrics["nll/steps"])
         if model is None:
@@ -90,7 +92,8 @@ class Trainer:
     def train_dpo(self, pairs: list[Pair], desc: str, seed: int) -> dict:
         """DPO of the current model on ``pairs`` (their reference log-probs filled by ``reference_pass``)."""
         job = self.job(desc, seed, "dpo/loss")
-        with trainable(self.policy.model, self.cfg.model, self.dist.sharded, seed) as model:
+        target = self.policy.model
+        with phase("training"), trainable(target, self.cfg.model, self.dist.sharded, seed) as model:
             metrics = train_dpo(model, self.token_pairs(pairs, self.cfg.dpo.improver_nll_coef > 0), self.cfg.dpo, job)
         self._count_steps(desc, metrics["dpo/steps"])
         self._after_training(job)
@@ -102,8 +105,10 @@ class Trainer:
         if not pairs:
             return
         tp = self.token_pairs(pairs, False)
-        reference_logps(self.policy.model_at(reference_path), tp, pad_id=self.tokenizer.pad_token_id,
-                        batch_size=self.cfg.dpo.batch_size * 2, dist=self.dist)
+        model = self.policy.model_at(reference_path)
+        with phase("reference_pass"):
+            reference_logps(model, tp, pad_id=self.tokenizer.pad_token_id, batch_size=self.cfg.dpo.batch_size * 2,
+                            dist=self.dist)
         for p, x in zip(pairs, tp):
             p.ref_chosen_logp, p.ref_rejected_logp = x.ref_chosen, x.ref_rejected
 

@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 from .base import Judge
 
+from ..profile import phase
+
 
 def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer") -> str:
     ref = None if reference is None else hashlib.sha256(reference.encode("utf-8")).hexdigest()
@@ -128,6 +130,10 @@ class CachedJudge(Judge):
         self.cache.close()
 
     def prefer(self, prompts, a, b, references=None) -> list[float]:
+        with phase("judging"):
+            return self._prefer(prompts, a, b, references)
+
+    def _prefer(self, prompts, a, b, references=None) -> list[float]:
         n = len(prompts)
         if not (len(a) == len(b) == n) or (references is not None and len(references) != n):
             raise ValueError("prompts, a, b (and references) must have the same length")
@@ -166,6 +172,10 @@ class CachedJudge(Judge):
 
     def verdicts(self, questions, answers_a, answers_b, references=None) -> list[str | None]:
         """Cached Arena-Hard style verdicts, for judges that give them."""
+        with phase("judging"):
+            return self._verdicts(questions, answers_a, answers_b, references)
+
+    def _verdicts(self, questions, answers_a, answers_b, references=None) -> list[str | None]:
         n = len(questions)
         refs = list(references) if references is not None else [None] * n
         keys = [content_key(self.judge_id, q, x, y, r, kind="verdict")

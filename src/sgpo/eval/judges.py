@@ -15,6 +15,7 @@ import torch
 
 from ..files import is_writer
 from ..models import cache_dir, free_memory
+from ..profile import phase
 from ..registry import JUDGES, parse_judge_spec
 from .base import Judge
 from .cache import CachedJudge
@@ -105,8 +106,9 @@ def cached_judge(spec: str, eval_cfg=None):
     """A judge whose verdicts are cached by content in the user cache (``judgements/<spec>.jsonl``); only the main
     process keeps the cache. ``eval_cfg``: a run's ``eval`` section, for an API judge's settings."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
-    return make_judge(spec, cache=str(cache_dir() / "judgements" / f"{name}.jsonl") if is_writer() else None,
-                      **api_settings(spec, eval_cfg))
+    with phase("loading"):
+        return make_judge(spec, cache=str(cache_dir() / "judgements" / f"{name}.jsonl") if is_writer() else None,
+                          **api_settings(spec, eval_cfg))
 
 
 def api_settings(spec: str, eval_cfg) -> dict:

@@ -1,0 +1,65 @@
+"""Where a run's time goes: wall seconds per stage and phase — generation, judging, training, reference_pass,
+loading (models and judges), saving (checkpoints), converting (an embedded model, once) — counted exclusively (a phase
+inside another pauses it), so a stage's phases and its ``other`` add up to its wall time. Every stage's metrics get
+``time/<stage>/<phase>_s``; the run's log ends with the totals (``recipe.finish``).
+
+The hooks (``with phase("generation"):``) sit in the parts that do the work (rollouts, judges, the trainer, the
+policy's loads and saves), so a new stage is profiled without doing anything.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
+
+PHASES = ("generation", "judging", "training", "reference_pass", "loading", "saving", "converting")
+
+
+class Profile:
+    def __init__(self):
+        self.stage = "setup"
+        self.seconds: dict[tuple[str, str], float] = defaultdict(float)
+        self._stack: list[list] = []  # [phase, since] of the phases running, innermost last
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        now = time.perf_counter()
+        if self._stack:  # the outer phase pauses
+            outer = self._stack[-1]
+            self.seconds[(self.stage, outer[0])] += now - outer[1]
+        self._stack.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            _, since = self._stack.pop()
+            self.seconds[(self.stage, name)] += now - since
+            if self._stack:
+                self._stack[-1][1] = now
+
+    def of(self, stage: str, total: float | None = None) -> dict:
+        """``time/<stage>/<phase>_s`` of ``stage``; with its wall ``total``, ``other`` too (what no phase covers)."""
+        out = {f"time/{stage}/{p}_s": round(s, 2) for (st, p), s in sorted(self.seconds.items()) if st == stage}
+        if total is not None:
+            out[f"time/{stage}/other_s"] = round(max(0.0, total - sum(out.values())), 2)
+        return out
+
+
+PROFILE = Profile()
+
+
+def phase(name: str):
+    """``with phase("generation"): ...`` counts the block's wall time to the running stage's phase ``name``."""
+    return PROFILE.phase(name)
+
+
+def totals(metrics_by_stage: dict[str, dict]) -> dict[str, float]:
+    """Seconds per phase over a run's stages, from their metrics (resumed stages included), largest first."""
+    out: dict[str, float] = defaultdict(float)
+    for stage, m in metrics_by_stage.items():
+        prefix = f"time/{stage}/"
+        for k, v in m.items():
+            if k.startswith(prefix) and k.endswith("_s"):
+                out[k[len(prefix):-2]] += v
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,25 @@
+"""The per-stage, per-phase profile: a phase inside another pauses it, so the phases and ``other`` add up to the
+stage's wall time (a fake clock: no timing is asserted)."""
+from sgpo import profile
+
+
+def test_phases_are_counted_exclusively_and_add_up_with_other(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(profile.time, "perf_counter", lambda: now[0])
+    p = profile.Profile()
+    p.stage = "round_1"
+    with p.phase("training"):
+        now[0] += 3
+        with p.phase("saving"):  # a checkpoint inside training: saving's, not training's
+            now[0] += 2
+        now[0] += 1
+    with p.phase("generation"):
+        now[0] += 4
+    p.stage = "test"
+    with p.phase("judging"):
+        now[0] += 5
+    got = p.of("round_1", total=12.0)
+    assert got == {"time/round_1/training_s": 4.0, "time/round_1/saving_s": 2.0, "time/round_1/generation_s": 4.0,
+                   "time/round_1/other_s": 2.0}
+    assert profile.totals({"round_1": got, "test": p.of("test")}) == {"judging": 5.0, "training": 4.0,
+                                                                       "generation": 4.0, "saving": 2.0, "other": 2.0}
