@@ -116,3 +116,21 @@ def test_a_column_mapping_reads_data_as_people_have_it(tmp_path):
         load_records(str(tmp_path / "q4.jsonl"), fields=fields)
     with pytest.raises(config.ConfigError, match="data.fields: 'query' is not an accepted field name"):
         config.load(None, ["data.fields={query: question}"])
+
+
+def test_a_hub_dataset_s_configuration_is_asked_for_by_name(monkeypatch):
+    import datasets
+
+    from sgpo.data import load_records
+
+    asked = []
+
+    def load_dataset(name, subset=None, split=None):
+        asked.append((name, subset, split))
+        return datasets.Dataset.from_list([{"prompt": "Hi", "response": "Hello."}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    records, _ = load_records("someone/qa", split="train_sft", subset="en", need="reference")
+    assert asked == [("someone/qa", "en", "train_sft")] and records[0].reference == "Hello."
+    load_records("someone/qa")
+    assert asked[-1] == ("someone/qa", None, "train")  # no subset: the dataset's default
