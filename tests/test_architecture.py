@@ -97,3 +97,13 @@ def test_every_config_field_is_read_somewhere():
     text = "\n".join(p.read_text() for p in FILES)
     unread = [dotted for dotted, name in fields(Config) if not re.search(rf"\.{name}\b", text)]
     assert unread == []
+
+
+def test_no_module_shadows_the_standard_library():
+    """``vllm_worker.py`` runs as a script from ``src/sgpo``, whose modules then shadow the standard library's for
+    vLLM (a ``profile.py`` there broke torch's ``cProfile`` import in the worker)."""
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "src" / "sgpo"
+    names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
+    assert not names & set(sys.stdlib_module_names)

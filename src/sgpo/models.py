@@ -51,7 +51,7 @@ def _sha256(path: Path) -> str:
 
 def _convert_gguf(gguf: Path, out: Path, name: str) -> Path:
     """Write the de-quantised fp32 HF checkpoint (and tokenizer) of ``gguf`` to ``out``, atomically."""
-    from .profile import phase
+    from .phases import phase
 
     with phase("converting"):
         return _convert_gguf_now(gguf, out, name)

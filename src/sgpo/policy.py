@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .files import atomic_dir, is_writer
 from .models import free_memory, load_model, resolve
-from .profile import phase
+from .phases import phase
 
 
 class Policy:

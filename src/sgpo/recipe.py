@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, held_out, profile, steps
+from . import distributed, held_out, phases, steps
 from .config import Config
 from .data import Record
 from .eval.winrate import format_metric
@@ -72,7 +72,7 @@ def run_stages(s: Session, method: Method, data: Splits) -> dict:
                        inputs=records, model=True)
     # 4. the final model, and the numbers that matter: start, pre-rounds and final models on the test prompts
     if not s.run.done("final"):
-        profile.PROFILE.stage = "final"
+        phases.PROFILE.stage = "final"
         with s.run.stage("final"):
             s.policy.save("final")
     reported = {}
@@ -166,7 +166,7 @@ def finish(s: Session, last: dict) -> dict:
     """``summary.json`` (the test-split figures, and the last stage's eval/ and improver/ figures), the final line of
     the log, the report."""
     summary = {k: v for k, v in last.items() if k.startswith("eval/") or k.startswith("improver/")}
-    spent = profile.totals({st: s.run.metrics(st) for st in s.run.manifest["stages"] if st != "final"})
+    spent = phases.totals({st: s.run.metrics(st) for st in s.run.manifest["stages"] if st != "final"})
     summary.update({f"time/total/{p}_s": round(v, 1) for p, v in spent.items()})
     atomic_write_json(s.run.path("summary.json"), summary)
     if spent:

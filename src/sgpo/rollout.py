@@ -25,7 +25,7 @@ from .data import Record
 from .generation import Generation, Request, Settings, auto_batch_size, generate, plan_batches
 from .text import normalise
 from .files import Shard
-from .profile import phase
+from .phases import phase
 
 log = logging.getLogger("sgpo")
 

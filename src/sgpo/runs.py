@@ -23,7 +23,7 @@ from typing import Callable, Protocol, Sequence
 
 from . import config as config_mod
 from .config import Config
-from .profile import PROFILE
+from .phases import PROFILE
 from .files import RunError, atomic_write_json, content_hash, is_writer
 
 log = logging.getLogger("sgpo")

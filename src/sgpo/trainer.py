@@ -14,7 +14,7 @@ from .improver.targets import ImproverExample, nll_example
 from .pairs import Pair
 from .policy import Policy, save_model
 from .rollout import cut_prompt
-from .profile import phase
+from .phases import phase
 from .training.adapters import trainable
 from .training.dpo import TokenPair, reference_logps, train_dpo
 from .training.loop import Job, exported_weights

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from .base import Judge
 
-from ..profile import phase
+from ..phases import phase
 
 
 def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer") -> str:

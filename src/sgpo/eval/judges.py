@@ -15,7 +15,7 @@ import torch
 
 from ..files import is_writer
 from ..models import cache_dir, free_memory
-from ..profile import phase
+from ..phases import phase
 from ..registry import JUDGES, parse_judge_spec
 from .base import Judge
 from .cache import CachedJudge
