@@ -284,10 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.debug)
     for k in ("HF_HUB_DISABLE_PROGRESS_BARS",):
         os.environ.setdefault(k, "1")
-    import torch
-
-    if not torch.cuda.is_available():  # transformers imports DeepSpeed (when installed) at every save; on a machine
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # without a GPU it would warn each process that it found none
     try:
         return args.func(args)
     except KeyboardInterrupt:

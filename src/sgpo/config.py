@@ -79,6 +79,10 @@ class DataConfig:
     split_seed: int = 1234
     "Seed of the fixed training/development split."
 
+    def read_options(self) -> dict:
+        """How every data source of a run is read (``data.load_records``'s options)."""
+        return {"split": self.split, "subset": self.subset, "fields": self.fields, "on_error": self.on_error}
+
 
 @dataclass
 class GenerationConfig:

@@ -18,11 +18,14 @@ from typing import Any
 _LAUNCHER_FLAGS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP")
 
 
+def sharding_asked() -> list[str]:
+    """The sharded strategies the launcher's environment asks for (``DEEPSPEED``, ``FSDP``)."""
+    return [k.split("_")[-1] for k in _LAUNCHER_FLAGS if os.environ.get(k, "").lower() in ("1", "true")]
+
+
 def launched_distributed() -> bool:
     """True when this process was started by a multi-process launcher (or asks for DeepSpeed/FSDP)."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return True
-    return any(os.environ.get(k, "").lower() in ("1", "true") for k in _LAUNCHER_FLAGS)
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 or bool(sharding_asked())
 
 
 class Dist:
@@ -155,7 +158,7 @@ def setup(device: str = "auto", timeout_minutes: float = 360.0) -> Dist:
     # On a machine without a GPU (or with model.device=cpu) the processes talk over gloo on the CPU. Accelerate only
     # sets the process group up on CPU when asked, so ask whenever there is no GPU to use.
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    sharded = [k.split("_")[-1] for k in _LAUNCHER_FLAGS if os.environ.get(k, "").lower() in ("1", "true")]
+    sharded = sharding_asked()
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))]
     acc = (_sharded_on_cpu(sharded[0], handlers) if cpu and sharded
            else Accelerator(cpu=cpu, kwargs_handlers=handlers))

@@ -278,7 +278,7 @@ def format_dry_run(p: dict, cfg: Config) -> str:
 
 def checkpoint_lines(stages: list[dict], cfg: Config, whole_pool: bool) -> list[str]:
     """The bytes of one checkpoint of each kind and of all the writes counted (``sizes``: estimates)."""
-    from .models import pick_device, pick_dtype
+    from .models import dtype_name
     from .sizes import GB, checkpoint_bytes, parameter_count
 
     params, how = parameter_count(cfg.model.name)
@@ -289,11 +289,11 @@ def checkpoint_lines(stages: list[dict], cfg: Config, whole_pool: bool) -> list[
     counted += "; checkpoint_minutes adds at most one per that many minutes of training." if minutes else "."
     if params is None:
         return [counted, f"Checkpoint sizes: the parameter count of {cfg.model.name} is unknown here."]
-    dtype = str(pick_dtype(cfg.model.dtype, pick_device(cfg.model.device))).removeprefix("torch.")
+    dtype = dtype_name(cfg.model.dtype, cfg.model.device)
     folder, train = checkpoint_bytes(params, dtype, cfg.model.lora_r > 0)
     n_train = sum(r["train_checkpoints"] for r in stages)
     n_models = sum(r["checkpoints"] for r in stages) - n_train
-    state = "weights" if cfg.model.lora_r else "weights, AdamW moments" + (", fp32 masters" if "float32" != dtype else "")
+    state = "weights" if cfg.model.lora_r else "weights, AdamW moments" + (", fp32 masters" if dtype != "float32" else "")
     total = (n_models * folder + n_train * train) / GB
     return [counted, f"Checkpoint sizes (estimates: {params / 1e9:.2f}B parameters, {how}; {dtype} weights here):",
             f"  a model folder {folder / GB:.1f} GB; a training checkpoint {train / GB:.1f} GB ({state};",

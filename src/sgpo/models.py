@@ -18,6 +18,11 @@ from pathlib import Path
 
 import torch
 
+from .phases import phase
+
+if not torch.cuda.is_available():  # transformers imports DeepSpeed (when installed) at every save; on a machine
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # without a GPU it would warn in every process that it found none
+
 EMBEDDED_SMOLLM2 = "sgpo:smollm2-135m-instruct"
 EMBEDDED_GEMMA3 = "sgpo:gemma-3-270m"
 TINY_RANDOM = "sgpo:tiny-random"
@@ -49,15 +54,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+@phase("converting")
 def _convert_gguf(gguf: Path, out: Path, name: str) -> Path:
     """Write the de-quantised fp32 HF checkpoint (and tokenizer) of ``gguf`` to ``out``, atomically."""
-    from .phases import phase
-
-    with phase("converting"):
-        return _convert_gguf_now(gguf, out, name)
-
-
-def _convert_gguf_now(gguf: Path, out: Path, name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -188,6 +187,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.float32
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
             "float16": torch.float16, "fp16": torch.float16}[dtype]
+
+
+def dtype_name(dtype: str, device: str) -> str:
+    """``model.dtype`` resolved on ``model.device`` as training resolves it, by name (``bfloat16``, ``float32``)."""
+    return str(pick_dtype(dtype, pick_device(device))).removeprefix("torch.")
 
 
 def load_tokenizer(name: str, chat_template: str = ""):

@@ -3,7 +3,7 @@ loading (models and judges), saving (checkpoints), converting (an embedded model
 inside another pauses it), so a stage's phases and its ``other`` add up to its wall time. Every stage's metrics get
 ``time/<stage>/<phase>_s``; the run's log ends with the totals (``recipe.finish``).
 
-The hooks (``with phase("generation"):``) sit in the parts that do the work (rollouts, judges, the trainer, the
+The hooks (``@phase("generation")`` on a function, or ``with phase(...):``) sit in the parts that do the work (rollouts, judges, the trainer, the
 policy's loads and saves), so a new stage is profiled without doing anything.
 """
 from __future__ import annotations
@@ -50,7 +50,8 @@ PROFILE = Profile()
 
 
 def phase(name: str):
-    """``with phase("generation"): ...`` counts the block's wall time to the running stage's phase ``name``."""
+    """``with phase("generation"): ...`` (or ``@phase("generation")`` on a function) counts the block's wall time to
+    the running stage's phase ``name``."""
     return PROFILE.phase(name)
 
 

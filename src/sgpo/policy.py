@@ -42,10 +42,10 @@ class Policy:
             self.save(self.stages.current)
         return self.path
 
+    @phase("loading")
     def load(self, path: str):
         """A model from ``path`` on the run's device and dtype (a separate copy: the current model is untouched)."""
-        with phase("loading"):
-            return load_model(str(path), device=self.device, dtype=self.cfg.dtype)
+        return load_model(str(path), device=self.device, dtype=self.cfg.dtype)
 
     def model_at(self, path: str):
         """The current model when ``path`` holds it, else a copy loaded from ``path``."""
@@ -76,16 +76,13 @@ class Policy:
         """The stage is done: the current model is its checkpoint (loaded when needed)."""
         self.path, self._model, self._changed, self._exported = str(self.run.path(stage, "model")), None, False, False
 
+    @phase("saving")
     def save(self, stage: str) -> None:
         """Save the current model as the stage's checkpoint atomically (main process only; the others wait).
         ``final/`` holds the model itself, every other stage keeps it in ``<stage>/model``."""
         path = self.run.path(stage) if stage == "final" else self.run.path(stage, "model")
         if not self._changed and self.path == str(path):  # saved already (for a vLLM rollout)
             return
-        with phase("saving"):
-            self._save(path)
-
-    def _save(self, path: Path) -> None:
         # the weights are a model folder already (an export, decided by the flag alone: the main process may have moved
         # it before another process looks): moved or copied, never loaded on every process to be saved again
         if self._exported or (not self._changed and Path(self.path).is_dir()):

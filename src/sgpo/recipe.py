@@ -10,7 +10,6 @@ this same code with parts that count the work instead (``dry_run.py``).
 from __future__ import annotations
 
 import hashlib
-
 import logging
 from pathlib import Path
 

@@ -89,6 +89,7 @@ class Sampler:
                      round(sum(cut) / len(cut)), max(cut))
         return reqs
 
+    @phase("generation")
     def rollout(self, model, records: Sequence[Record], role: str, round_: int, *,
                 drafts: dict[str, str] | None = None, shard: str | Path | None = None) -> dict[str, Generation]:
         """One response per record in ``role``; returns {record id: Generation}.
@@ -96,10 +97,6 @@ class Sampler:
         With ``shard``, finished batches are appended there and a re-run generates only what is missing. Under
         several processes (``dist``) the batches are shared among them; every rank gets every result.
         """
-        with phase("generation"):
-            return self._rollout(model, records, role, round_, drafts, shard)
-
-    def _rollout(self, model, records, role, round_, drafts, shard) -> dict[str, Generation]:
         reqs = self.requests(records, role, round_, drafts)
         done: dict[str, Generation] = {}
         store = Shard(shard) if shard else None
@@ -160,11 +157,8 @@ class Sampler:
             failed = [e for e, _ in rows if e]
             if failed:
                 raise PeerFailed(failed[0])
-            answers = sorted((x for _, items in rows for x in items), key=lambda x: x[0])
-            for i, g in answers:
+            for i, g in _saved([x for _, items in rows for x in items], records, store):
                 results[i] = g
-            if store:  # only the main process writes (the others' Shard is read-only)
-                store.append(_row(records[i].id, g) for i, g in answers)
 
         error = None
         try:
@@ -214,11 +208,9 @@ class Sampler:
                 mine = group[dist.rank]
                 gens = generate(model, tokenizer, [reqs[i] for i in mine], settings)  # one batch, as in the plan
                 local = list(zip(mine, gens))
-            results = sorted(dist.gather(local), key=lambda x: x[0])
+            results = _saved(dist.gather(local), records, store)
             for i, g in results:
                 out[records[i].id] = g
-            if store:  # only the main process writes (the others' Shard is read-only)
-                store.append(_row(records[i].id, g) for i, g in results)
             bar.update(len(results))
         bar.close()
         return {r.id: out[r.id] for r in records}
@@ -226,6 +218,15 @@ class Sampler:
 
 class PeerFailed(RuntimeError):
     """Another process's vLLM failed (its message); every process stops at the same gather."""
+
+
+def _saved(answers: list, records, store) -> list:
+    """A group's gathered (request index, Generation) pairs in index order, appended to the shard (only the main
+    process writes: the others' Shard is read-only)."""
+    answers = sorted(answers, key=lambda x: x[0])
+    if store:
+        store.append(_row(records[i].id, g) for i, g in answers)
+    return answers
 
 
 def generation_of(row: dict) -> Generation:

@@ -34,13 +34,12 @@ def prepare_splits(cfg: Config, tokenizer, load: Callable = load_records) -> Spl
     """The run's splits. ``load(source, **options)`` → (records, report) reads a data source; without a tokenizer
     (a dry run) references are not cut and prompt lengths not checked."""
     d = cfg.data
-    records, report = load(d.sft, split=d.split, on_error=d.on_error, need="reference", fields=d.fields,
-                           subset=d.subset)
+    records, report = load(d.sft, need="reference", **d.read_options())
     log.info("data: %s", report.summary())
     cut = fit_to_budget(records, tokenizer, d) if tokenizer is not None else records
     train, dev, *test = split_dev(cut, d.dev_size, d.split_seed, d.test_size)
     if d.prompts:
-        extra, rep = load(d.prompts, split=d.split, on_error=d.on_error, fields=d.fields, subset=d.subset)
+        extra, rep = load(d.prompts, **d.read_options())
         log.info("round prompts: %s", rep.summary())
         dev_ids = {r.id for r in dev}
         train = [r for r in extra if r.id not in dev_ids]

@@ -71,10 +71,9 @@ def resolve_backend(name: str, device: str) -> str:
 def worker_options(cfg, device: str) -> dict:
     """The vLLM worker's options for a run's config: the model dtype resolved as training resolves it
     (``model.dtype``), the run seed, the device and the GPU memory share."""
-    from .models import pick_device, pick_dtype
+    from .models import dtype_name
 
-    dtype = str(pick_dtype(cfg.model.dtype, pick_device(device))).removeprefix("torch.")
-    return {"dtype": dtype, "seed": cfg.seed, "device": device, "gpu_memory": cfg.generation.vllm_gpu_memory}
+    return {"dtype": dtype_name(cfg.model.dtype, device), "seed": cfg.seed, "device": device, "gpu_memory": cfg.generation.vllm_gpu_memory}
 
 
 def generate(checkpoint: str | Path, tokenizer, requests: Sequence[Request], s: Settings, *,
@@ -87,9 +86,8 @@ def generate(checkpoint: str | Path, tokenizer, requests: Sequence[Request], s: 
     calls = plan_calls(requests, s, skip, int(options.get("min_call", MIN_CALL)))
 
     def each_batch(done: list) -> None:
-        for batch, gens in done:
-            if on_batch:
-                on_batch(batch, gens)
+        for batch, gens in done if on_batch else ():
+            on_batch(batch, gens)
 
     return generate_calls(checkpoint, tokenizer, requests, s, calls, on_call=each_batch, options=options)[0]
 
@@ -121,8 +119,9 @@ def generate_calls(checkpoint: str | Path, tokenizer, requests: Sequence[Request
     results: list[Generation | None] = [None] * len(requests)
     if not calls:
         return results, {"start_s": 0.0, "generate_s": 0.0}
+    options = options or {}
     with tempfile.TemporaryDirectory(prefix="sgpo-vllm-") as tmp:
-        job = _job(checkpoint, tokenizer, requests, calls, s, options or {})
+        job = _job(checkpoint, tokenizer, requests, calls, s, options)
         job["out"] = str(Path(tmp) / "results.jsonl")
         Path(job["out"]).touch()
         (Path(tmp) / "job.json").write_text(json.dumps(job))
@@ -139,9 +138,9 @@ def generate_calls(checkpoint: str | Path, tokenizer, requests: Sequence[Request
                 on_call(done)
 
         total = sum(len(b) for call in calls for b in call)
-        env = worker_env((options or {}).get("device", "auto"), (options or {}).get("slot"))
+        env = worker_env(options.get("device", "auto"), options.get("slot"))
         timings = _run_worker(Path(tmp) / "job.json", Path(job["out"]), deliver, total, env,
-                              progress=(options or {}).get("progress", True))
+                              progress=options.get("progress", True))
     return results, timings
 
 
@@ -199,14 +198,14 @@ def worker_env(device: str = "auto", slot: tuple[int, int] | None = None) -> dic
         env["CUDA_VISIBLE_DEVICES"] = ids[(slot[0] if slot else pick_device(device).index or 0) % len(ids)]
     else:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        if slot:  # this process's share of the cores (at least one)
+        if slot:  # this process's share of the cores (at least one); a launcher's OMP_NUM_THREADS=1 is for training
             rank, n = slot
             cpus = cpus[rank * len(cpus) // n:(rank + 1) * len(cpus) // n] or [cpus[rank % len(cpus)]]
-            env["OMP_NUM_THREADS"] = str(len(cpus))  # a launcher's OMP_NUM_THREADS=1 is for the training process
-            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
-        cpus = cpus[:torch.get_num_threads()] if not slot else cpus
-        env.setdefault("OMP_NUM_THREADS", str(len(cpus)))
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
+            env.update(OMP_NUM_THREADS=str(len(cpus)), VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cpus)))
+        else:  # this process's threads
+            cpus = cpus[:torch.get_num_threads()]
+            env.setdefault("OMP_NUM_THREADS", str(len(cpus)))
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cpus)))
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return env

@@ -15,9 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from .base import Judge
-
 from ..phases import phase
+from .base import Judge
 
 
 def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer") -> str:
@@ -129,11 +128,8 @@ class CachedJudge(Judge):
         self.judge.close()
         self.cache.close()
 
+    @phase("judging")
     def prefer(self, prompts, a, b, references=None) -> list[float]:
-        with phase("judging"):
-            return self._prefer(prompts, a, b, references)
-
-    def _prefer(self, prompts, a, b, references=None) -> list[float]:
         n = len(prompts)
         if not (len(a) == len(b) == n) or (references is not None and len(references) != n):
             raise ValueError("prompts, a, b (and references) must have the same length")
@@ -170,12 +166,9 @@ class CachedJudge(Judge):
             out[i] = out[first_of[keys[i]]]
         return out
 
+    @phase("judging")
     def verdicts(self, questions, answers_a, answers_b, references=None) -> list[str | None]:
         """Cached Arena-Hard style verdicts, for judges that give them."""
-        with phase("judging"):
-            return self._verdicts(questions, answers_a, answers_b, references)
-
-    def _verdicts(self, questions, answers_a, answers_b, references=None) -> list[str | None]:
         n = len(questions)
         refs = list(references) if references is not None else [None] * n
         keys = [content_key(self.judge_id, q, x, y, r, kind="verdict")

@@ -115,8 +115,7 @@ def load_prompts(source: str, cfg: Config, tokenizer, *, dev_slice: bool = False
                  limit: int | None = None) -> list[Record]:
     """Prompts with references, cut like the run's references (``data.max_reference_tokens``).
     ``dev_slice``: only the development slice a run holds out of ``source`` (``data.dev_size``, ``data.split_seed``)."""
-    records, report = load_records(source, split=cfg.data.split, on_error=cfg.data.on_error, need="reference",
-                                   fields=cfg.data.fields, subset=cfg.data.subset)
+    records, report = load_records(source, need="reference", **cfg.data.read_options())
     log.info("prompts: %s", report.summary())
     if dev_slice:
         _, records, *_ = split_dev(records, cfg.data.dev_size, cfg.data.split_seed, cfg.data.test_size)

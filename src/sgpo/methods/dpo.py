@@ -43,8 +43,8 @@ class DPO(Method):
 
     def _external(self, ctx: Context, n: int) -> list[Pair]:
         cfg, s = ctx.cfg, ctx.session
-        records, _ = s.load(cfg.data.preference, split=cfg.data.preference_split, on_error=cfg.data.on_error,
-                            need="preference", fields=cfg.data.fields, subset=cfg.data.subset)
+        records, _ = s.load(cfg.data.preference, need="preference",
+                            **{**cfg.data.read_options(), "split": cfg.data.preference_split})
         order = list(range(len(records)))
         random.Random(cfg.data.split_seed).shuffle(order)
         limit = max(cfg.data.max_reference_tokens, cfg.generation.max_new_tokens)

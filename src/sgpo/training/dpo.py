@@ -83,8 +83,10 @@ def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: i
     order = sorted(range(len(pairs)), key=lambda i: (lengths[i], i))
     budget = default_max_positions(model, training=False)
     rows = 1 if layout == "packed" else 2
-    plan = [batch[s] for start in range(0, len(order), batch_size) for batch in [order[start:start + batch_size]]
-            for s in position_slices([rows * lengths[i] for i in batch], budget)]
+    plan = []
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        plan += [batch[s] for s in position_slices([rows * lengths[i] for i in batch], budget)]
     shared = dist is not None and dist.active
     mine = plan[dist.rank::dist.world] if shared else plan
     done = []
