@@ -1,6 +1,7 @@
 """The house rules, checked on the source: no import circle, no function over 60 lines or with more than 7
 parameters, and every config field read somewhere."""
 import ast
+import os
 import dataclasses
 import re
 from pathlib import Path
@@ -107,3 +108,18 @@ def test_no_module_shadows_the_standard_library():
     folder = Path(__file__).resolve().parents[1] / "src" / "sgpo"
     names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
     assert not names & set(sys.stdlib_module_names)
+
+
+def test_deepspeed_is_told_the_cpu_on_a_machine_without_a_gpu():
+    """transformers imports DeepSpeed (when installed) at every save; without ``DS_ACCELERATOR`` it warns in every
+    process that it found no GPU. Loading sgpo's models module sets it on such a machine (a user's value stands)."""
+    import subprocess
+    import sys
+
+    code = "import os, torch, sgpo.models; print(os.environ.get('DS_ACCELERATOR'), torch.cuda.is_available())"
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()
+    assert out == (["None", "True"] if out[-1] == "True" else ["cpu", "False"])
+    env["DS_ACCELERATOR"] = "xpu"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()[0] == "xpu"
