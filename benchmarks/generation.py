@@ -9,7 +9,10 @@ Compared, on the same prompts and sampling settings (temperature, top_p = 1, no 
       depends on the subset, and all of them would take many minutes);
   (c) ``model.generate`` on padded batches of the engine's batch size, in input order;
   (d) with ``--vllm``: the ``vllm`` backend (vLLM's ``LLM.generate`` in its own process, with this process's thread
-      count), its start-up timed apart from its generation.
+      count), its start-up timed apart from its generation;
+  (e) with ``--vllm`` (or ``--sweep``): the engine at each batch size of ``--sweep`` (default 16,32,64,128, those up
+      to the number of prompts), and the engine/vLLM ratio at the default run's batch (``generation.batch_size``)
+      and at the engine's best batch, with that batch's fraction of the matmul ceiling.
 Tokens are the generated tokens before EOS. Each figure is given as min / median / max over ``--repeats`` runs; the
 ratios use medians. Tokens per CPU-second of this process are shown beside them: on a machine shared with other jobs
 they vary less than wall-clock rates (with one thread; with several, spinning threads count too). Two ceilings frame the figures:
@@ -253,6 +256,8 @@ def _parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     ap.add_argument("--no-greedy-check", action="store_true")
     ap.add_argument("--vllm", action="store_true", help="add the vllm backend (needs scripts/setup.sh --with-vllm)")
+    ap.add_argument("--sweep", default=None, help="engine batch sizes to time, comma-separated (default with --vllm: "
+                                                  "16,32,64,128 up to the number of prompts)")
     args = ap.parse_args(argv)
     quick = dict(model="sgpo:tiny-random", prompts=8, max_new_tokens=16, batch_size=4, repeats=1,
                  sequential_prompts=4)
@@ -315,6 +320,39 @@ def _time_methods(model, tokenizer, prompts, args) -> tuple[dict, dict, dict, li
             cpu_rates[key].append(n / cpu)
             tokens[key] = n
     return rates, cpu_rates, tokens, new_tokens
+
+
+def _sweep(model, tokenizer, prompts, args) -> dict[int, float]:
+    """The engine's median tokens/s at each batch size of the sweep (and at the default run's batch)."""
+    from sgpo.config import GenerationConfig
+
+    sizes = [int(x) for x in args.sweep.split(",")] if args.sweep else [16, 32, 64, 128]
+    sizes = sorted({b for b in sizes if b <= len(prompts)} | {min(GenerationConfig().batch_size, len(prompts))})
+    out = {}
+    for b in sizes:
+        rates = [n / dt for n, dt, _ in (run_engine(model, tokenizer, prompts, b, args) for _ in range(args.repeats))]
+        out[b] = statistics.median(rates)
+        print(f"engine at batch {b}: {out[b]:.1f} tok/s", flush=True)
+    return out
+
+
+def _print_sweep(sweep: dict[int, float], vllm: float | None, ceil: dict) -> dict:
+    """The sweep's lines and figures: the best batch, the ratios to vLLM at the default run's batch and at the best."""
+    from sgpo.config import GenerationConfig
+
+    default = min(GenerationConfig().batch_size, max(sweep))
+    best = max(sweep, key=sweep.get)
+    out = {"sweep_tokens_per_s": {str(b): round(r, 1) for b, r in sweep.items()}, "best_batch": best,
+           "best_tokens_per_s": round(sweep[best], 1),
+           "best_matmul_ceiling_fraction": round(sweep[best] / ceil["matmul"], 3)}
+    print(f"engine's best batch: {best} ({sweep[best]:.1f} tok/s, {sweep[best] / ceil['matmul']:.0%} of the matmul "
+          f"ceiling); at the default run's batch {default}: {sweep[default]:.1f} tok/s")
+    if vllm:
+        out.update(engine_vs_vllm_default_batch=round(sweep[default] / vllm, 3),
+                   engine_vs_vllm_best_batch=round(sweep[best] / vllm, 3))
+        print(f"ratio engine / vllm: {sweep[default] / vllm:.2f}x at batch {default}, "
+              f"{sweep[best] / vllm:.2f}x at the engine's best batch {best}")
+    return out
 
 
 def _ceilings(model, args, mean_context: float) -> dict:
@@ -398,6 +436,9 @@ def main(argv=None) -> dict:
         greedy = greedy_check(model, tokenizer, prompts[:4], 8 if args.quick else 48)
     _print_report(args, rates, cpu_rates, tokens, ceil, mean_context, greedy)
     result = _result(args, rates, cpu_rates, ceil, greedy)
+    if args.vllm or args.sweep:
+        vllm = statistics.median(rates["vllm"]) if args.vllm else None
+        result.update(_print_sweep(_sweep(model, tokenizer, prompts, args), vllm, ceil))
     print(json.dumps(result))
     return result
 

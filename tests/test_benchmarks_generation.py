@@ -31,3 +31,8 @@ def test_quick_benchmark_prints_json_last():
     assert result["greedy_identical"] is True
     assert result["vllm_tokens_per_s"] > 0 and result["vllm_start_s"] > 0 and result["ratio_vllm_vs_engine"] > 0
     assert "engine" in proc.stdout and "ceiling" in proc.stdout
+    # the batch sweep: the engine's best batch among those timed, and its ratio to vLLM there and at the default's
+    assert str(result["best_batch"]) in result["sweep_tokens_per_s"]
+    assert result["best_tokens_per_s"] == max(result["sweep_tokens_per_s"].values())
+    assert result["engine_vs_vllm_best_batch"] >= result["engine_vs_vllm_default_batch"] > 0
+    assert 0 < result["best_matmul_ceiling_fraction"]

@@ -118,6 +118,19 @@ def test_sample_does_not_depend_on_batch(tiny):
     assert other.token_ids == again.token_ids != alone[0].token_ids
 
 
+def test_the_cache_holds_only_the_rows_a_call_can_use(tiny, monkeypatch):
+    """Fewer requests than ``batch_size``: the KV cache is reserved for the requests (its memory is touched, zeros),
+    not for the batch size, and the samples are those of a cache with every row."""
+    model, tok = tiny
+    reqs = [Request(p, seed=100 + i) for i, p in enumerate(_prompts(tok))]
+    rows, reserve = [], kv_decoder.KVDecoder.reserve
+    monkeypatch.setattr(kv_decoder.KVDecoder, "reserve", lambda self, r, slots: (rows.append(r), reserve(self, r, slots)))
+    few = generate(model, tok, reqs, Settings(20, 0.9, 1.0, 64))
+    assert rows == [len(reqs)]
+    exact = generate(model, tok, reqs, Settings(20, 0.9, 1.0, len(reqs)))
+    assert [g.token_ids for g in few] == [g.token_ids for g in exact]
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_eos_stops_a_row_and_sets_finished(tiny, temperature):
     model, tok = tiny

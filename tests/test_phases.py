@@ -19,7 +19,30 @@ def test_phases_are_counted_exclusively_and_add_up_with_other(monkeypatch):
     with p.phase("judging"):
         now[0] += 5
     got = p.of("round_1", total=12.0)
+    assert got.pop("memory/round_1/peak_rss_gb") > 0
     assert got == {"time/round_1/training_s": 4.0, "time/round_1/saving_s": 2.0, "time/round_1/generation_s": 4.0,
                    "time/round_1/other_s": 2.0}
-    assert profile.totals({"round_1": got, "test": p.of("test")}) == {"judging": 5.0, "training": 4.0,
+    test = {k: v for k, v in p.of("test").items() if k.startswith("time/")}
+    assert profile.totals({"round_1": got, "test": test}) == {"judging": 5.0, "training": 4.0,
                                                                        "generation": 4.0, "saving": 2.0, "other": 2.0}
+
+
+def test_the_peak_memory_is_put_down_to_the_phase_that_reached_it(monkeypatch):
+    class Usage:
+        ru_maxrss = 0
+
+    monkeypatch.setattr(profile.resource, "getrusage", lambda who: Usage)
+    p = profile.Profile()
+    p.stage = "round_1"
+    Usage.ru_maxrss = 1_000_000  # KiB: reached before any phase
+    with p.phase("generation"):
+        Usage.ru_maxrss = 3_000_000
+    with p.phase("training"):
+        with p.phase("saving"):
+            Usage.ru_maxrss = 2_000_000  # lower than the peak: a process's peak never falls, but no new peak
+        Usage.ru_maxrss = 3_500_000  # reached in training, after the checkpoint
+    p.stage = "test"
+    with p.phase("judging"):
+        pass
+    assert p.peak_at == "round_1/training" and p.peak_bytes == 3_500_000 * 1024
+    assert p.of("test")["memory/test/peak_rss_gb"] == 3.58

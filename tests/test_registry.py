@@ -126,3 +126,22 @@ def test_a_judge_spec_of_no_known_kind_is_refused_when_the_config_loads(key):
     with pytest.raises(config.ConfigError, match=rf"{key}: judge 'hf' needs a model"):
         config.load(None, [f"{key}=hf"])
     assert config.load(None, [f"{key}=lm-pmi:some/model"])
+
+
+def test_a_file_s_hash_is_computed_once_until_the_file_changes(tmp_path, monkeypatch):
+    """The embedded model's cache key hashes a ~100 MB file: once per process, again when the file changes."""
+    import hashlib
+    import os
+
+    from sgpo import models
+
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"one")
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(models.hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    first = models._sha256(f)
+    assert models._sha256(f) == first and len(reads) == 1
+    f.write_bytes(b"two")
+    os.utime(f, ns=(1, 1))  # a new modification time, whatever the clock's resolution
+    assert models._sha256(f) == real(b"two").hexdigest() != first and len(reads) == 2

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -182,6 +182,9 @@ def _run_kv(decoder, model, tokenizer, plan: _KVPlan, deliver: Callable[[list[in
         for i in order:
             complete(i)
         return
+    if width > len(order):  # fewer requests than rows: a cache for the rows that will be used (the same outputs)
+        width = len(order)
+        plan = replace(plan, width=width)
     _reserve_kv(decoder, [requests[i].prompt_ids for i in order], width, s.max_new_tokens)
     queue = deque(order)
     flight = _Flight(rows=[], u_rows=torch.empty((0, s.max_new_tokens), dtype=torch.float64))

@@ -11,10 +11,13 @@ Embedded models (no network needed):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -47,6 +50,13 @@ def _package_dir(name: str) -> Path:
 
 
 def _sha256(path: Path) -> str:
+    """The file's sha256, computed once per (path, size, modification time) in a process."""
+    st = path.stat()
+    return _sha256_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -171,6 +181,34 @@ def free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+MAPPED_THRESHOLD = 1 << 20
+
+
+@contextmanager
+def mapped_buffers(threshold: int = MAPPED_THRESHOLD) -> Iterator[None]:
+    """Training: with glibc, every buffer of ``threshold`` bytes or more is mapped on its own and unmapped when freed,
+    so a step's freed activations go back to the system at once. By default glibc raises its mmap threshold after
+    large frees (up to 32 MiB) and keeps what is freed below it in the heap, where the next step's buffers do not fit
+    into the holes: measured, a training step's peak RSS is 0.7 GB lower at 135M in fp32 this way, for the same
+    weights (``benchmarks/training_memory.py``). Generation, whose every step allocates and frees the same buffers,
+    would pay a page fault per page for it (1.45x slower decode steps): afterwards the threshold is glibc's upper one
+    (32 MiB; trimming at 64 MiB), where the heap serves such buffers again."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    except (OSError, AttributeError):  # not glibc
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -3,11 +3,17 @@ loading (models and judges), saving (checkpoints), converting (an embedded model
 inside another pauses it), so a stage's phases and its ``other`` add up to its wall time. Every stage's metrics get
 ``time/<stage>/<phase>_s``; the run's log ends with the totals (``recipe.finish``).
 
-The hooks (``@phase("generation")`` on a function, or ``with phase(...):``) sit in the parts that do the work (rollouts, judges, the trainer, the
-policy's loads and saves), so a new stage is profiled without doing anything.
+The hooks (``@phase("generation")`` on a function, or ``with phase(...):``) sit in the parts that do the work
+(rollouts, judges, the trainer, the policy's loads and saves), so a new stage is profiled without doing anything.
+
+Memory: the process's peak RSS is read whenever a phase starts or ends; a rise is put down to the phase that was
+running (``other`` between phases). Each stage's metrics get ``memory/<stage>/peak_rss_gb`` (the process's peak so
+far) and the log names the stage and phase where the run's peak was reached.
 """
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -21,9 +27,17 @@ class Profile:
         self.stage = "setup"
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
         self._stack: list[list] = []  # [phase, since] of the phases running, innermost last
+        self.peak_bytes, self.peak_at = 0, ""
+
+    def note_peak(self, running: str) -> None:
+        """Read the process's peak RSS; a rise since the last reading was reached in ``running`` (of this stage)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        if peak > self.peak_bytes:
+            self.peak_bytes, self.peak_at = peak, f"{self.stage}/{running}"
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        self.note_peak(self._stack[-1][0] if self._stack else "other")
         now = time.perf_counter()
         if self._stack:  # the outer phase pauses
             outer = self._stack[-1]
@@ -35,6 +49,7 @@ class Profile:
             now = time.perf_counter()
             _, since = self._stack.pop()
             self.seconds[(self.stage, name)] += now - since
+            self.note_peak(name)
             if self._stack:
                 self._stack[-1][1] = now
 
@@ -43,6 +58,8 @@ class Profile:
         out = {f"time/{stage}/{p}_s": round(s, 2) for (st, p), s in sorted(self.seconds.items()) if st == stage}
         if total is not None:
             out[f"time/{stage}/other_s"] = round(max(0.0, total - sum(out.values())), 2)
+        self.note_peak("other")
+        out[f"memory/{stage}/peak_rss_gb"] = round(self.peak_bytes / 1e9, 2)
         return out
 
 

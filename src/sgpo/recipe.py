@@ -167,9 +167,13 @@ def finish(s: Session, last: dict) -> dict:
     summary = {k: v for k, v in last.items() if k.startswith("eval/") or k.startswith("improver/")}
     spent = phases.totals({st: s.run.metrics(st) for st in s.run.manifest["stages"] if st != "final"})
     summary.update({f"time/total/{p}_s": round(v, 1) for p, v in spent.items()})
-    atomic_write_json(s.run.path("summary.json"), summary)
     if spent:
         log.info("time by phase, all stages: %s", ", ".join(f"{p} {v:.0f}s" for p, v in spent.items()))
+    phases.PROFILE.note_peak("other")
+    summary["memory/peak_rss_gb"] = round(phases.PROFILE.peak_bytes / 1e9, 2)
+    log.info("peak memory (RSS) of this process: %.2f GB, reached in %s", summary["memory/peak_rss_gb"],
+             phases.PROFILE.peak_at)
+    atomic_write_json(s.run.path("summary.json"), summary)
     key = "eval/dev/win_rate_vs_start"
     if key in summary:
         log.info("final vs start, head-to-head on held-out development prompts (judge: %s): %s",

@@ -12,6 +12,7 @@ from .config import Config
 from .data import Record
 from .improver.targets import ImproverExample, nll_example
 from .pairs import Pair
+from .models import mapped_buffers
 from .policy import Policy, save_model
 from .rollout import cut_prompt
 from .phases import phase
@@ -71,7 +72,7 @@ class Trainer:
         examples = [dataclasses.replace(e, prompt_ids=tuple(cut_prompt(e.prompt_ids, limit))) for e in examples]
         job = self.job(desc, seed)
         target = self.policy.model if model is None else model
-        with phase("training"), trainable(target, self.cfg.model, self.dist.sharded, seed) as m:
+        with phase("training"), mapped_buffers(), trainable(target, self.cfg.model, self.dist.sharded, seed) as m:
             metrics = train_nll(m, examples, self.cfg.train, job)
         self._count_steps(desc, metrics["nll/steps"])
         if model is None:
@@ -93,7 +94,7 @@ class Trainer:
         """DPO of the current model on ``pairs`` (their reference log-probs filled by ``reference_pass``)."""
         job = self.job(desc, seed, "dpo/loss")
         target = self.policy.model
-        with phase("training"), trainable(target, self.cfg.model, self.dist.sharded, seed) as model:
+        with phase("training"), mapped_buffers(), trainable(target, self.cfg.model, self.dist.sharded, seed) as model:
             metrics = train_dpo(model, self.token_pairs(pairs, self.cfg.dpo.improver_nll_coef > 0), self.cfg.dpo, job)
         self._count_steps(desc, metrics["dpo/steps"])
         self._after_training(job)

@@ -159,7 +159,8 @@ def test_lm_judge_prefer_interface(lm_judge):
 def test_lm_scorer_matches_full_logits_in_any_chunk(lm_judge):
     scorer = lm_judge.scorer
     context = PROMPT_CONTEXT.replace("{instruction}", PROMPTS[1])
-    total, n = scorer._score(context, A[1])
+    scorer.memo.clear()
+    total, n = scorer.logprob(context, A[1])
     ctx = scorer.tokenizer.encode(context)
     ids = ctx + scorer.tokenizer.encode(A[1], add_special_tokens=False)
     with torch.inference_mode():
@@ -168,9 +169,37 @@ def test_lm_scorer_matches_full_logits_in_any_chunk(lm_judge):
     assert n == len(ids) - len(ctx) and total == pytest.approx(by_hand, abs=1e-3)
     chunk, scorer.chunk = scorer.chunk, 2
     try:
-        assert scorer._score(context, A[1])[0] == pytest.approx(total, abs=1e-3)
+        scorer.memo.clear()
+        assert scorer.logprob(context, A[1])[0] == pytest.approx(total, abs=1e-3)
     finally:
         scorer.chunk = chunk
+
+
+def test_lm_scorer_batches_give_each_item_s_own_score(lm_judge):
+    """Items of different lengths scored together (right padding, batches cut by ``positions``) get the scores
+    they get alone; an empty response is (0, 0); repeated items are scored once."""
+    scorer = lm_judge.scorer
+    items = [(PROMPT_CONTEXT.replace("{instruction}", p), r) for p in PROMPTS for r in A + B + [""]]
+    items += items[:3]
+    positions = scorer.positions
+    try:
+        scorer.memo.clear()
+        scorer.positions = 0  # one item per forward
+        alone = scorer.logprobs(items)
+        encoded = [scorer._encode(*k) for k in dict.fromkeys(items) if k[1]]
+        scorer.positions = 64
+        batches = scorer._batches(encoded)
+        assert any(len(b) > 1 for b in batches)
+        assert all(len(b) * max(sum(map(len, encoded[i])) for i in b) <= 64 for b in batches if len(b) > 1)
+        assert sorted(i for b in batches for i in b) == list(range(len(encoded)))
+        scorer.memo.clear()
+        together = scorer.logprobs(items)
+        assert len(scorer.memo) == len(set(items))
+    finally:
+        scorer.positions = positions
+    assert [n for _, n in together] == [n for _, n in alone]
+    assert [t for t, _ in together] == pytest.approx([t for t, _ in alone], abs=1e-4)
+    assert together[len(A + B)] == (0.0, 0)
 
 
 def test_lm_scores_and_shared_scorer(lm_judge):

@@ -47,9 +47,15 @@ _SCORERS: dict = {}
 
 
 class LMScorer:
-    """A causal LM that returns (sum of log-probabilities, token count) of a response after a context, memoised."""
+    """A causal LM that returns (sum of log-probabilities, token count) of a response after a context, memoised.
 
-    def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", chunk: int = 128):
+    New items are scored together: sorted by length and cut into batches of at most ``positions`` padded positions
+    (right padding, so a row's positions see only its own tokens), and the LM head runs on the response positions
+    only, ``chunk`` at a time (never all positions' full-vocabulary logits at once). ``benchmarks/lm_judge.py``
+    measures this against one item per forward."""
+
+    def __init__(self, path: str, *, device: str = "auto", dtype: str = "auto", chunk: int = 128,
+                 positions: int = 2048):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..models import pick_device, pick_dtype, resolve
@@ -59,7 +65,7 @@ class LMScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(resolved)
         self.model = AutoModelForCausalLM.from_pretrained(
             resolved, dtype=pick_dtype(dtype, self.device)).to(self.device).eval()
-        self.chunk = chunk
+        self.chunk, self.positions = chunk, positions
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.memo: dict[tuple[str, str], tuple[float, int]] = {}
 
@@ -70,33 +76,63 @@ class LMScorer:
             _SCORERS[key] = cls(path, device=device, dtype=dtype)
         return _SCORERS[key]
 
+    def _encode(self, context: str, response: str) -> tuple[list[int], list[int]]:
+        # the context with the tokenizer's BOS, if it adds one; the response without
+        return self.tokenizer.encode(context), self.tokenizer.encode(response, add_special_tokens=False)
+
+    def _batches(self, items: list[tuple[list[int], list[int]]]) -> list[list[int]]:
+        """Indices of ``items`` by decreasing length, cut so that rows x longest row <= ``positions``."""
+        order = sorted(range(len(items)), key=lambda i: -(len(items[i][0]) + len(items[i][1])))
+        out: list[list[int]] = []
+        for i in order:
+            if out and (len(out[-1]) + 1) * sum(map(len, items[out[-1][0]])) <= self.positions:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
     @torch.inference_mode()
-    def _score(self, context: str, response: str) -> tuple[float, int]:
-        ctx = self.tokenizer.encode(context)  # with the tokenizer's BOS, if it adds one
-        resp = self.tokenizer.encode(response, add_special_tokens=False)
-        if not resp:
-            return 0.0, 0
-        ids = torch.tensor([ctx + resp], device=self.device)
-        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
+    def _score_batch(self, items: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
+        lengths = [len(c) + len(r) for c, r in items]
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(items), max(lengths)), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (c, r) in enumerate(items):
+            ids[i, :lengths[i]] = torch.tensor(c + r)
+            mask[i, :lengths[i]] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         # the hidden state at position t predicts token t + 1: keep the positions that predict response tokens
-        hidden = hidden[len(ctx) - 1:-1]
-        targets = ids[0, len(ctx):]
+        rows = torch.cat([torch.full((len(r),), i) for i, (c, r) in enumerate(items)]).to(self.device)
+        cols = torch.cat([torch.arange(len(c) - 1, len(c) + len(r) - 1) for c, r in items]).to(self.device)
+        hidden, targets = hidden[rows, cols], ids[rows, cols + 1]
         head = self.model.get_output_embeddings()
-        total = 0.0
-        for start in range(0, len(resp), self.chunk):  # never all positions' full-vocabulary logits at once
+        picked = []
+        for start in range(0, len(targets), self.chunk):
             logits = head(hidden[start:start + self.chunk]).float()
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             tgt = targets[start:start + self.chunk]
-            picked = logits.gather(-1, tgt[:, None])[:, 0]
-            total += float((picked - torch.logsumexp(logits, dim=-1)).sum())
-        return total, len(resp)
+            picked.append(logits.gather(-1, tgt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+        per_row = torch.cat(picked).double().cpu().split([len(r) for _, r in items])
+        return [(float(x.sum()), len(r)) for x, (_, r) in zip(per_row, items)]
+
+    def logprobs(self, items: Sequence[tuple[str, str]]) -> list[tuple[float, int]]:
+        """(sum of log-probabilities, token count) of each (context, response)."""
+        todo = [k for k in dict.fromkeys(items) if k not in self.memo]
+        encoded = [self._encode(*k) for k in todo]
+        for k, (c, r) in zip(todo, encoded):
+            if not r:
+                self.memo[k] = (0.0, 0)
+        live = [i for i, (c, r) in enumerate(encoded) if r]
+        for batch in self._batches([encoded[i] for i in live]):
+            scored = self._score_batch([encoded[live[j]] for j in batch])
+            for j, v in zip(batch, scored):
+                self.memo[todo[live[j]]] = v
+        return [self.memo[k] for k in items]
 
     def logprob(self, context: str, response: str) -> tuple[float, int]:
-        key = (context, response)
-        if key not in self.memo:
-            self.memo[key] = self._score(context, response)
-        return self.memo[key]
+        return self.logprobs([(context, response)])[0]
 
 
 class LMJudge(Judge):
@@ -124,26 +160,24 @@ class LMJudge(Judge):
         self.scorer = None
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        responses = [r[:self.max_response_chars] for r in responses]
+        contexts = [PROMPT_CONTEXT.replace("{instruction}", p[:self.max_prompt_chars]) for p in prompts]
+        with_prompt = self.scorer.logprobs(list(zip(contexts, responses)))
+        if self.score_name in ("surprisal", "fluency"):  # no pass without the prompt needed
+            return [float("-inf") if n == 0 else (-c / n if self.score_name == "surprisal" else c / n)
+                    for c, n in with_prompt]
+        without = self.scorer.logprobs([(NULL_CONTEXT, r) for r in responses])
         out = []
-        for prompt, response in zip(prompts, responses):
-            response = response[:self.max_response_chars]
-            context = PROMPT_CONTEXT.replace("{instruction}", prompt[:self.max_prompt_chars])
-            c, n = self.scorer.logprob(context, response)
-            if n == 0:
-                out.append(float("-inf"))
-                continue
-            if self.score_name in ("surprisal", "fluency"):  # no pass without the prompt needed
-                out.append(-c / n if self.score_name == "surprisal" else c / n)
-                continue
-            u = self.scorer.logprob(NULL_CONTEXT, response)[0]
-            out.append({"pmi": (c - u) / n, "pmi-sum": c - u, "mix": (2 * c - u) / n}[self.score_name])
+        for (c, n), (u, _) in zip(with_prompt, without):
+            out.append(float("-inf") if n == 0 else
+                       {"pmi": (c - u) / n, "pmi-sum": c - u, "mix": (2 * c - u) / n}[self.score_name])
         return out
 
     def prefer(self, prompts, a, b, references=None) -> list[float]:
         if not (len(prompts) == len(a) == len(b)):
             raise ValueError("prompts, a and b must have the same length")
-        sa = self.scores(prompts, a)
-        sb = self.scores(prompts, b)
+        both = self.scores(list(prompts) * 2, list(a) + list(b))  # one set of batches for both sides
+        sa, sb = both[:len(a)], both[len(a):]
         out = []
         for x, y, u, v in zip(a, b, sa, sb):
             if x == y or u == v or abs(u - v) < TIE_EPS:
