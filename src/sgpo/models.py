@@ -184,7 +184,7 @@ def free_memory() -> None:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-MAPPED_THRESHOLD = 1 << 20
+MAPPED_THRESHOLD = 128 << 10  # glibc's own starting value, which it then raises
 
 
 @contextmanager
@@ -192,10 +192,11 @@ def mapped_buffers(threshold: int = MAPPED_THRESHOLD) -> Iterator[None]:
     """Training: with glibc, every buffer of ``threshold`` bytes or more is mapped on its own and unmapped when freed,
     so a step's freed activations go back to the system at once. By default glibc raises its mmap threshold after
     large frees (up to 32 MiB) and keeps what is freed below it in the heap, where the next step's buffers do not fit
-    into the holes: measured, a training step's peak RSS is 0.7 GB lower at 135M in fp32 this way, for the same
-    weights (``benchmarks/training_memory.py``). Generation, whose every step allocates and frees the same buffers,
-    would pay a page fault per page for it (1.45x slower decode steps): afterwards the threshold is glibc's upper one
-    (32 MiB; trimming at 64 MiB), where the heap serves such buffers again."""
+    into the holes. Measured on one default round (``benchmarks/round.py``): DPO's peak RSS 4.09 → 3.76 GiB for the
+    same pairs and about the same time; ``benchmarks/training_memory.py`` compares the two ways on SFT steps (same
+    weights bit for bit). Generation, whose every step allocates and frees the same buffers, would pay a page fault
+    per page for it (1.45x slower decode steps): afterwards the threshold is glibc's upper one (32 MiB; trimming at
+    64 MiB), where the heap serves such buffers again."""
     try:
         import ctypes
 

@@ -50,7 +50,7 @@ class LMScorer:
     """A causal LM that returns (sum of log-probabilities, token count) of a response after a context, memoised.
 
     New items are scored together: sorted by length and cut into batches of at most ``positions`` padded positions
-    (right padding, so a row's positions see only its own tokens), and the LM head runs on the response positions
+    (right padding: under the causal mask a row's positions see only its own tokens), and the LM head runs on the response positions
     only, ``chunk`` at a time (never all positions' full-vocabulary logits at once). ``benchmarks/lm_judge.py``
     measures this against one item per forward."""
 
@@ -96,12 +96,12 @@ class LMScorer:
         lengths = [len(c) + len(r) for c, r in items]
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((len(items), max(lengths)), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
         for i, (c, r) in enumerate(items):
             ids[i, :lengths[i]] = torch.tensor(c + r)
-            mask[i, :lengths[i]] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        ids = ids.to(self.device)
+        # right padding under the causal mask: a row's positions never see the padding after them, so no padding mask
+        # is needed (and the attention keeps its mask-free causal path)
+        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state
         # the hidden state at position t predicts token t + 1: keep the positions that predict response tokens
         rows = torch.cat([torch.full((len(r),), i) for i, (c, r) in enumerate(items)]).to(self.device)
         cols = torch.cat([torch.arange(len(c) - 1, len(c) + len(r) - 1) for c, r in items]).to(self.device)
