@@ -114,6 +114,7 @@ def eval_alpaca(job: EvalJob) -> dict:
     """AlpacaEval instructions, the final model head-to-head against the start model, judged with the GPT-4 Turbo
     outputs as references (ties half). Not AlpacaEval's own protocol (model vs GPT-4 Turbo): no LC win rate."""
     from .data import load_records
+    from .eval.base import prefer
     from .eval.winrate import win_rate
     from .models import load_tokenizer, resolve
 
@@ -124,8 +125,8 @@ def eval_alpaca(job: EvalJob) -> dict:
     job.out_dir.mkdir(parents=True, exist_ok=True)
     start = _outputs(resolve(cfg.model.name), cfg, tok, records, job.out_dir / "start.jsonl")
     final = _outputs(job.model_path, cfg, tok, records, job.out_dir / f"{job.name}.jsonl")
-    prefs = job.judge.prefer([r.prompt_text for r in records], [final[r.id] for r in records],
-                             [start[r.id] for r in records], [r.reference for r in records])
+    prefs = prefer(job.judge, [r.prompt_text for r in records], [final[r.id] for r in records],
+                   [start[r.id] for r in records], [r.reference for r in records], [r.row() for r in records])
     w = win_rate(prefs)
     return {"score": w["win_rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"], "n": w["n"],
             "length": sum(len(final[r.id].split()) for r in records) / max(1, len(records))}

@@ -13,6 +13,8 @@ import logging
 import math
 from pathlib import Path
 
+from .eval.base import prefer
+
 log = logging.getLogger("sgpo")
 
 
@@ -23,8 +25,8 @@ def run_dir_of(out: Path, method: str, seed: int) -> Path:
 
 def verdicts(judge, test, texts: dict[str, dict[str, str]]) -> list[float]:
     """The judge's per-prompt preference for the run's final answer over the start model's (1 win, 0.5 tie)."""
-    return judge.prefer([r.prompt_text for r in test], [texts["final"][r.id] for r in test],
-                        [texts["start"][r.id] for r in test], [r.reference for r in test])
+    return prefer(judge, [r.prompt_text for r in test], [texts["final"][r.id] for r in test],
+                  [texts["start"][r.id] for r in test], [r.reference for r in test], [r.row() for r in test])
 
 
 def paired_rows(target: str, runs: list[tuple[str, int]]) -> list[tuple[tuple[str, int], tuple[str, int]]]:

@@ -10,6 +10,7 @@ A malformed row raises ``DataError`` naming file, line and field, or is skipped 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -52,6 +53,9 @@ class Record:
     reference: str | None = None
     chosen: str | None = None
     rejected: str | None = None
+    fields: dict = field(default_factory=dict, hash=False)
+    """The row's other columns (JSON values), e.g. a verifiable instruction's constraints: what a judge that reads the
+    row receives (``row()``), beside the reference."""
 
     @property
     def prompt_text(self) -> str:
@@ -60,6 +64,30 @@ class Record:
 
     def messages(self) -> list[dict]:
         return [{"role": r, "content": c} for r, c in self.prompt]
+
+    def row(self) -> dict:
+        """What a judge that reads rows is given: the row's fields, the request (``prompt``) and the ``reference``."""
+        return {**self.fields, "prompt": self.prompt_text, "reference": self.reference}
+
+
+CONSUMED = frozenset({"prompt", "response", "completion", "messages", "instruction", "input", "output", "chosen",
+                      "rejected"})
+"""The columns a record is made of; any other column of a row is kept in ``Record.fields``."""
+
+
+def _fields(row: dict) -> dict:
+    """A row's other columns whose values JSON can hold (what reaches a judge and the stage's input hash)."""
+    return {k: v for k, v in row.items() if isinstance(k, str) and k not in CONSUMED and _is_json(v)}
+
+
+def _is_json(v: Any) -> bool:
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_is_json(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _is_json(x) for k, x in v.items())
+    return False
 
 
 @dataclass
@@ -144,7 +172,14 @@ def _conversation(msgs: Any, where: str, name: str = "messages") -> tuple[tuple[
 
 
 def parse_row(row: Any, where: str) -> Record:
-    """One row of any accepted shape → Record; ``where`` is 'file:line' for error messages."""
+    """One row of any accepted shape → Record (its other columns in ``fields``); ``where`` is 'file:line' for error
+    messages."""
+    rec = _parse_row(row, where)
+    extra = _fields(row)
+    return dataclasses.replace(rec, fields=extra) if extra else rec
+
+
+def _parse_row(row: Any, where: str) -> Record:
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}", "a row is not an object")
     if "chosen" in row and "rejected" in row and "prompt" not in row and isinstance(row["chosen"], list):
@@ -365,8 +400,16 @@ def _iter_embedded(name: str) -> Iterator[tuple[Any, str]]:
             for n, line in enumerate(f, 1):
                 q = json.loads(line)
                 yield {"prompt": q["prompt"], "response": answers.get(q["uid"])}, f"{base / 'question.jsonl'}:{n}"
+    elif name == "sgpo:verifiable-instructions":
+        from .verifiable import iter_rows
+
+        yield from iter_rows()
     else:
-        raise DataError(f"unknown embedded dataset '{name}' (known: sgpo:arena-hard-v2, sgpo:alpaca-eval)")
+        raise DataError(f"unknown embedded dataset '{name}' (known: {', '.join(EMBEDDED)})")
+
+
+EMBEDDED = ("sgpo:alpaca-eval", "sgpo:arena-hard-v2", "sgpo:verifiable-instructions")
+"""The data sources shipped in packages (offline)."""
 
 
 def load_records(source: str, *, split: str = "train", on_error: str = "raise", need: str = "prompt",

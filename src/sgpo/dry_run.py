@@ -172,10 +172,18 @@ class CountingJudge(Judge):
     """A judge that counts its calls (before any cache) and prefers the first candidate."""
 
     def __init__(self, spec: str, tally: Tally):
+        from .registry import SCORERS, parse_judge_spec
+
         self.spec = self.name = spec
         self.tally = tally
+        self.gives_scores = self.reads_rows = parse_judge_spec(spec)[0] in SCORERS
 
-    def prefer(self, prompts, a, b, references=None) -> list[float]:
+    def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:
+        self.tally.add(f"judge:{self.spec}", len(prompts))
+        return [1.0] * len(prompts)
+
+    def score(self, prompts, responses, rows) -> list[float]:
+        """A scorer's calls (one per response), each scoring 1."""
         self.tally.add(f"judge:{self.spec}", len(prompts))
         return [1.0] * len(prompts)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import Record, load_records
+from .eval.base import prefer
 from .eval.judges import make_judge
 from .eval.winrate import format_win_rate, win_rate
 from .config import GenerationConfig
@@ -245,8 +246,8 @@ def head_to_head(model_a: str, model_b: str, prompts: str, spec: EvalSpec) -> di
     b = generate_answers(model_b, items, gen, out, seed)
     refs = [r.reference for r in records]
     judge = make_judge(judge_spec, cache=str(out / "annotations-cache.jsonl"))
-    prefs = judge.prefer([r.prompt_text for r in records], [a[r.id] for r in records], [b[r.id] for r in records],
-                         refs if all(refs) else None)
+    prefs = prefer(judge, [r.prompt_text for r in records], [a[r.id] for r in records], [b[r.id] for r in records],
+                   refs if all(refs) else None, [r.row() for r in records])
     w = win_rate(prefs)
     res = {"model_a": str(model_a), "model_b": str(model_b), "prompts": prompts, "judge": judge_spec,
            "win_rate": w["win_rate"], "ci_low": w["ci_low"], "ci_high": w["ci_high"], "n": w["n"],

@@ -9,6 +9,7 @@ from typing import Callable
 
 from .config import Config
 from .data import Record
+from .eval.base import prefer
 from .eval.judges import cached_judge, judge_for_one_use
 from .files import is_writer, read_jsonl
 from .generation import Generation
@@ -64,8 +65,8 @@ class Evaluator:
         m = {"eval/dev/length": sum(len(out.drafts[r.id].text.split()) for r in recs) / len(recs)}
         if start_dev is not None and e.head_to_head_size:
             h = recs[:e.head_to_head_size]
-            prefs = self.judge.prefer([r.prompt_text for r in h], [out.drafts[r.id].text for r in h],
-                                      [start_dev[r.id] for r in h], [r.reference for r in h])
+            prefs = prefer(self.judge, [r.prompt_text for r in h], [out.drafts[r.id].text for r in h],
+                           [start_dev[r.id] for r in h], [r.reference for r in h], [r.row() for r in h])
             m.update(win_rate_metrics("eval/dev/win_rate_vs_start", prefs))
         if rewrite:
             if self.cfg.improver.sees_reference:  # the improver has seen the references: the second judge decides
@@ -84,14 +85,12 @@ class Evaluator:
         out.parent.mkdir(parents=True, exist_ok=True)
         shard = out
         if cached and self.answer_cache is not None:
-            key = answer_key(model_path, self.sampler, self.cfg.data.max_prompt_tokens, records)
-            shard = self.answer_cache / f"{key[:24]}.jsonl"
-            shard.parent.mkdir(parents=True, exist_ok=True)
-            if shard.exists() and len(read_jsonl(shard)) >= len(records):
+            shard, rows = self._cached(model_path, records)
+            if rows is not None:
                 log.info("test: the %s model's answers come from the cache (%s, %d answers)", label, shard.name,
                          len(records))
                 _copy(shard, out)
-                return {r["id"]: generation_of(r) for r in read_jsonl(shard)}
+                return {r["id"]: generation_of(r) for r in rows}
         model = self.policy.generator_at(model_path)
         gens = self.sampler.rollout(model, records, "test", 0, shard=shard)
         del model  # a start or pre-rounds model loaded for this is freed before the next one loads
@@ -99,6 +98,25 @@ class Evaluator:
         if shard != out:
             _copy(shard, out)
         return gens
+
+
+    def _cached(self, model_path: str, records: list[Record]) -> tuple[Path, list[dict] | None]:
+        """The answer cache's shard of ``model_path``'s answers to ``records``, and its rows when it holds them all.
+        Every machine has a cache of its own, so the main process's decides and every process gets its rows: a
+        process that found answers the others did not would skip the rollout they wait in (only the main process
+        reads or writes the shard)."""
+        dist = self.sampler.dist
+
+        def look() -> tuple[Path, list[dict] | None]:
+            key = answer_key(model_path, self.sampler, self.cfg.data.max_prompt_tokens, records)
+            shard = self.answer_cache / f"{key[:24]}.jsonl"
+            shard.parent.mkdir(parents=True, exist_ok=True)
+            rows = read_jsonl(shard) if shard.exists() else []
+            return shard, rows if len(rows) >= len(records) else None
+
+        if dist is None or not dist.active:
+            return look()
+        return dist.broadcast(look() if dist.is_main else None)
 
 
 def _copy(src: Path, dst: Path) -> None:

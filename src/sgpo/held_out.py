@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from .data import Record
+from .eval.base import prefer
 from .files import content_hash, read_jsonl
 from .generation import Generation
 from .improver.figures import win_rate_metrics
@@ -70,17 +71,32 @@ def judge_name(spec: str) -> str:
 def versus(judge, name: str, records: list[Record], texts: dict[str, dict[str, str]]) -> dict:
     """The final model against the start and pre-rounds models under one judge (``texts``: label → id → text)."""
     m = {}
-    prompts, refs = [r.prompt_text for r in records], [r.reference for r in records]
+    prompts, refs, rows = [r.prompt_text for r in records], [r.reference for r in records], [r.row() for r in records]
     final = [texts["final"][r.id] for r in records]
     for other in ("start", "pre_rounds"):
         if other not in texts:
             continue
         b = [texts[other][r.id] for r in records]
-        prefs = judge.prefer(prompts, final, b, refs)
+        prefs = prefer(judge, prompts, final, b, refs, rows)
         key = f"eval/test/{name}/win_rate_vs_{other}"
         m.update(win_rate_metrics(key, [p for p in prefs if p == p]))
         m.update(win_rate_metrics(key + "_length_matched",
                                   [p for p, x, y in zip(prefs, final, b) if p == p and length_matched(x, y)]))
+    if getattr(judge, "gives_scores", False):
+        m.update(scores(judge, name, records, texts))
+    return m
+
+
+def scores(judge, name: str, records: list[Record], texts: dict[str, dict[str, str]]) -> dict:
+    """A scorer's mean score of every model's test answers, ``eval/test/<judge>/score_<model>``, and the share that
+    scores full marks (1: every constraint met, for ``ifeval``), ``eval/test/<judge>/perfect_<model>``, each with its
+    95% bootstrap CI and n."""
+    prompts, rows = [r.prompt_text for r in records], [r.row() for r in records]
+    m = {}
+    for label, answers in texts.items():
+        got = [x for x in judge.score(prompts, [answers[r.id] for r in records], rows) if x == x]
+        m.update(win_rate_metrics(f"eval/test/{name}/score_{label}", got))
+        m.update(win_rate_metrics(f"eval/test/{name}/perfect_{label}", [float(x >= 1.0) for x in got]))
     return m
 
 
@@ -94,6 +110,11 @@ def summary_line(m: dict, name: str) -> str:
             key = f"eval/test/{name}/win_rate_vs_{other}{suffix}"
             if key in m:
                 parts.append(f"final vs {other.replace('_', '-')}{label} {format_metric(m, key)}")
+    for label in ("start", "pre_rounds", "final"):
+        key = f"eval/test/{name}/score_{label}"
+        if key in m:
+            parts.append(f"mean score of {label.replace('_', '-')} {m[key]:.3f} "
+                         f"[{m[key + '_ci_low']:.3f}–{m[key + '_ci_high']:.3f}, n={m[key + '_n']}]")
     return f"judge {name}: " + "; ".join(parts)
 
 

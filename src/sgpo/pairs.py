@@ -92,26 +92,63 @@ def pair_metrics(kept: list[Pair], dropped: Counter) -> dict:
     return m
 
 
-def judge_agreement(pairs: list[Pair], judge, references: dict[str, str] | None = None) -> dict:
+def judge_agreement(pairs: list[Pair], judge, references: dict[str, str] | None = None,
+                    rows: dict[str, dict] | None = None) -> dict:
     """``pairs/judge_agreement``: how often ``judge`` (never one that selected the pairs) prefers chosen over
-    rejected, ties half, with its bootstrap CI and n. ``references`` by record id for judges that need one."""
+    rejected, ties half, with its bootstrap CI and n. ``references`` and ``rows`` (``Record.row()``) by record id for
+    judges that need them (given when every pair has one)."""
     if not pairs or judge is None:
         return {}
     from .improver.figures import win_rate_metrics
 
-    refs = [references[p.record_id] for p in pairs] if references else None
-    prefs = judge.prefer([p.request for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], refs)
-    return win_rate_metrics("pairs/judge_agreement", [x for x in prefs if x == x])
+    return win_rate_metrics("pairs/judge_agreement", [x for x in _prefer(judge, pairs, references, rows) if x == x])
 
 
-def verify(pairs: list[Pair], judge) -> tuple[list[Pair], int]:
+def _prefer(judge, pairs: list[Pair], references: dict | None, rows: dict | None) -> list[float]:
+    """The judge's preference for each pair's chosen side, with the pairs' references and rows when all have them."""
+    from .eval.base import prefer
+
+    given = getattr(judge, "reads_reference", False) and references
+    refs = [references[p.record_id] for p in pairs] if given and all(references.get(p.record_id) for p in pairs) else None
+    got = [rows[p.record_id] for p in pairs] if rows and all(p.record_id in rows for p in pairs) else None
+    return prefer(judge, [p.request for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], refs, got)
+
+
+def verify(pairs: list[Pair], judge, references: dict[str, str] | None = None,
+           rows: dict[str, dict] | None = None) -> tuple[list[Pair], int]:
     """``pairs.verify``: keep the pairs ``judge`` (None: off) prefers chosen over rejected; returns them and how many
-    it dropped."""
+    it dropped. A dropped pair's ``meta["dropped"]`` says ``not_verified``."""
     if judge is None or not pairs:
         return pairs, 0
-    prefs = judge.prefer([p.request for p in pairs], [p.chosen for p in pairs], [p.rejected for p in pairs], None)
+    prefs = _prefer(judge, pairs, references, rows)
     kept = [p for p, x in zip(pairs, prefs) if x > 0.5]
+    for p, x in zip(pairs, prefs):
+        if not x > 0.5:
+            p.meta["dropped"] = "not_verified"
     return kept, len(pairs) - len(kept)
+
+
+def score_metrics(judge, candidates: list[Pair], rows: dict[str, dict]) -> dict:
+    """With a scorer as the run's judge (``ifeval``, ``python:``, a reward model): how the kept pairs' sides score —
+    ``pairs/score/chosen_better``, ``_tie``, ``_rejected_better`` (shares), ``pairs/score/margin`` (mean chosen minus
+    rejected score) — and the same under ``pairs/score/dropped/`` for the pairs a gate (or ``pairs.verify``) dropped.
+    Nothing for other judges, or when some pair has no row."""
+    if judge is None or not getattr(judge, "gives_scores", False) or not candidates:
+        return {}
+    if not all(p.record_id in rows for p in candidates):
+        return {}
+    got = [rows[p.record_id] for p in candidates]
+    prompts = [p.request for p in candidates]
+    chosen = judge.score(prompts, [p.chosen for p in candidates], got)
+    rejected = judge.score(prompts, [p.rejected for p in candidates], got)
+    from .eval.winrate import score_shares
+
+    m = {}
+    for prefix, keep in (("pairs/score/", True), ("pairs/score/dropped/", False)):
+        part = [(c, r) for p, c, r in zip(candidates, chosen, rejected)
+                if (not p.meta.get("dropped")) == keep and c == c and r == r]
+        m.update(score_shares(prefix, part, ("chosen_better", "tie", "rejected_better")))
+    return m
 
 
 def save_round(folder: Path, pairs: list[Pair], metrics: dict) -> None:

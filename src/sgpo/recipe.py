@@ -18,11 +18,13 @@ import torch
 from . import distributed, held_out, phases, steps
 from .config import Config
 from .data import Record
+from .eval.base import traits
 from .eval.winrate import format_metric
 from .files import atomic_write_json, read_jsonl, set_writer, write_jsonl
 from .gates import Gates, TemplateMarkers
 from .methods import Context, Method, get_method
-from .pairs import Pair, candidate_metrics, filter_pairs, judge_agreement, pair_metrics, save_round, saved_round, verify
+from .pairs import (Pair, candidate_metrics, filter_pairs, judge_agreement, pair_metrics, save_round, saved_round,
+                    score_metrics, verify)
 from .runs import open_run
 from .session import Session, open_session
 from .splits import Splits, prepare_splits
@@ -92,12 +94,13 @@ def round_stage(ctx: Context, method: Method) -> dict:
         candidates = method.make_pairs(ctx)
         gates = Gates(TemplateMarkers.of(s.sampler.instruction), cfg.pairs.require_finished)
         refs = {r.id: r.reference for r in ctx.records if r.reference}
+        rows = {r.id: r.row() for rs in (*ctx.plan, ctx.records) for r in rs}  # SynPO's pairs span rounds
         pairs, dropped = filter_pairs(candidates, gates, refs)
         write_jsonl(ctx.path(ctx.stage, "candidates.jsonl"), [p.to_json() for p in candidates])  # with verdicts
         with s.evaluator.one_use(cfg.pairs.verify) as judge:
-            pairs, dropped["not_verified"] = verify(pairs, judge)
+            pairs, dropped["not_verified"] = verify(pairs, judge, refs, rows)
         m = {**candidate_metrics(candidates, gates.markers, refs), **pair_metrics(pairs, dropped),
-             **pair_agreement(s, pairs, refs)}
+             **pair_agreement(s, pairs, refs, rows), **score_metrics(s.evaluator.judge, candidates, rows)}
         s.trainer.reference_pass(pairs, ctx.initial_path if method.reference(cfg) == "initial" else s.policy.path)
         save_round(ctx.path(ctx.stage), pairs, m)
     log.info("round %d: %d pairs kept, dropped %s", t, len(pairs),
@@ -108,7 +111,7 @@ def round_stage(ctx: Context, method: Method) -> dict:
     return {**m, **s.trainer.train_dpo(pairs, f"round {t}: dpo", cfg.seed + 100 * t)}
 
 
-def pair_agreement(s: Session, pairs: list[Pair], refs: dict[str, str]) -> dict:
+def pair_agreement(s: Session, pairs: list[Pair], refs: dict[str, str], rows: dict[str, dict]) -> dict:
     """How often a judge that did not select the pairs prefers their chosen side: ``pairs/judge_agreement`` (the
     second judge) and, when the improver never saw the references (reading A), ``pairs/judge_agreement_reference``.
     ``refs``: the round's SFT references by record id. At most ``eval.agreement_size`` pairs are judged (a fixed
@@ -117,13 +120,13 @@ def pair_agreement(s: Session, pairs: list[Pair], refs: dict[str, str]) -> dict:
     if len(pairs) > size:
         pairs = sorted(pairs, key=lambda p: hashlib.sha256(p.record_id.encode()).hexdigest())[:size]
     with s.evaluator.second_judge() as judge:
-        m = judge_agreement(pairs, judge)
+        m = judge_agreement(pairs, judge, refs, rows)
     # the reference judge, when the pairs have references (not so for an external preference set) that the improver
     # never saw (reading A), and it did not select the pairs
     if (all(p.record_id in refs for p in pairs) and not s.cfg.improver.sees_reference
-            and s.cfg.pairs.verify != s.cfg.eval.judge):
+            and s.cfg.pairs.verify != s.cfg.eval.judge and not traits(s.evaluator.judge)[1]):
         m.update({k.replace("pairs/judge_agreement", "pairs/judge_agreement_reference"): v
-                  for k, v in judge_agreement(pairs, s.evaluator.judge, refs).items()})
+                  for k, v in judge_agreement(pairs, s.evaluator.judge, refs, rows).items()})
     return m
 
 

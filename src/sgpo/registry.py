@@ -59,8 +59,17 @@ JUDGES = Registry("judge", "sgpo.eval", {
     "hf": "judge_hf:HFJudge",
     "reward": "judge_hf:RewardJudge",
     "lm": "judge_lm:LMJudge",
+    "ifeval": "judge_exact:IFEvalJudge",
+    "ifeval-loose": "judge_exact:ifeval_loose",
+    "python": "judge_exact:PythonScorer",
 })
 """Judge kinds (a spec's part before ``:``): ``factory(arg, **kwargs) -> Judge`` (``eval.judges.make_judge``)."""
+
+
+NO_ARGUMENT = ("reference", "ifeval", "ifeval-loose")
+"""Judge kinds that need no model or argument."""
+SCORERS = ("ifeval", "ifeval-loose", "python")
+"""Judge kinds that are programs scoring each response (``eval.base.Scorer``)."""
 
 
 def parse_judge_spec(spec: str) -> tuple[str, str, dict]:
@@ -72,9 +81,11 @@ def parse_judge_spec(spec: str) -> tuple[str, str, dict]:
         kind, options = "lm", {"score": kind[3:]}
     if kind not in JUDGES:
         raise ValueError(f"unknown judge '{kind}' (known: {', '.join(JUDGES.names())}) in '{spec}'; a judge is "
-                         "reference, openai:MODEL[@BASE_URL], hf:PATH, reward:PATH or lm[-SCORE]:PATH")
-    if not arg and kind != "reference":
-        raise ValueError(f"judge '{spec}' needs a model: {kind}:MODEL")
+                         "reference, openai:MODEL[@BASE_URL], hf:PATH, reward:PATH, lm[-SCORE]:PATH, "
+                         "ifeval[-loose] or python:MODULE:FUNCTION")
+    if not arg and kind not in NO_ARGUMENT:
+        raise ValueError(f"judge '{spec}' needs " + ("a module and a function: python:MODULE:FUNCTION"
+                                                      if kind == "python" else f"a model: {kind}:MODEL"))
     return kind, arg, options
 
 BENCHMARKS = Registry("benchmark", "sgpo", {

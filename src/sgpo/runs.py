@@ -161,7 +161,7 @@ class Stages:
         """``fn()`` as stage ``name`` unless done; its metrics (with ``time/<name>_s``) are written before the stage is
         marked done, so a kill never loses them. With ``model``, the stage ends by saving it (and a skipped stage
         makes its checkpoint the current model)."""
-        self.chain.append(content_hash([self.chain[-1], name, [(x.id, x.prompt, x.reference) for x in inputs]]))
+        self.chain.append(content_hash([self.chain[-1], name, [_identity(x) for x in inputs]]))
         self.dist.barrier()
         self.run.check_inputs(name, self.chain[-1])
         if self.run.done(name):
@@ -185,6 +185,14 @@ class Stages:
         self.dist.barrier()
         log.info("%s: done in %.0fs %s", name, m[f"time/{name}_s"], headline(m))
         return m
+
+
+def _identity(record) -> tuple:
+    """What of a stage's input record decides its outputs: id, prompt, reference, and the row's fields when it has
+    any (a judge may read them); records without fields hash as they always have."""
+    if not getattr(record, "fields", None):
+        return (record.id, record.prompt, record.reference)
+    return (record.id, record.prompt, record.reference, sorted(record.fields.items()))
 
 
 def headline(m: dict) -> str:

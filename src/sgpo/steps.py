@@ -9,7 +9,7 @@ from pathlib import Path
 from .config import ImproverConfig
 from .data import Record
 from .files import write_jsonl
-from .improver.targets import examples_from_draft
+from .improver.targets import ImproverExample, examples_from_draft
 
 
 def improver_drafts(ctx, records: list[Record], drafts_per_prompt: int) -> list[tuple[Record, str]]:
@@ -32,6 +32,7 @@ def train_improver(ctx, records: list[Record], cfg: ImproverConfig, into: Path |
     for r, draft in improver_drafts(ctx, records, cfg.experimental.drafts_per_prompt):
         examples += examples_from_draft(r.id, draft, r.reference, cfg)
     write_jsonl(ctx.path(ctx.stage, "examples.jsonl"), [e.__dict__ for e in examples])
+    scored = target_scores(s.evaluator.judge, examples, records)
     nll = s.trainer.improver_examples(examples, records)
     rng = random.Random(ctx.cfg.seed)
     policy = [records[rng.randrange(len(records))] for _ in range(round(cfg.mix_policy * len(nll)))] if records else []
@@ -40,7 +41,24 @@ def train_improver(ctx, records: list[Record], cfg: ImproverConfig, into: Path |
         m = s.trainer.train_nll(nll, "improver training", ctx.cfg.seed + 1)
     else:
         m = s.trainer.train_separate(nll, "separate improver", ctx.cfg.seed + 1, into)
-    return {**m, "improver/train_examples": len(examples), "improver/policy_examples": len(policy)}
+    return {**m, **scored, "improver/train_examples": len(examples), "improver/policy_examples": len(policy)}
+
+
+def target_scores(judge, examples: list[ImproverExample], records: list[Record]) -> dict:
+    """With a scorer as the run's judge: how often an improver training target scores above the response it improves
+    (``improver/score/targets/better``, ``_tie``, ``_worse``, ``_margin``, ``_n``). An interpolated step applies only
+    the first edits of a script, so an end phrase or a whole-text change may be missed or half made: this counts it."""
+    from .eval.winrate import score_shares
+
+    if judge is None or not getattr(judge, "gives_scores", False) or not examples:
+        return {}
+    by_id = {r.id: r for r in records}
+    prompts = [by_id[e.record_id].prompt_text for e in examples]
+    rows = [by_id[e.record_id].row() for e in examples]
+    target = judge.score(prompts, [e.target for e in examples], rows)
+    source = judge.score(prompts, [e.source for e in examples], rows)
+    return score_shares("improver/score/targets/", [(a, b) for a, b in zip(target, source) if a == a and b == b],
+                        ("better", "tie", "worse"))
 
 
 def sft(session, records: list[Record]) -> dict:

@@ -1,8 +1,14 @@
 """The judge interface every judge implements (``eval.judges`` builds them from spec strings)."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Mapping, Sequence
+
+
+class JudgeError(RuntimeError):
+    """A judge cannot give its verdicts (a server refused, a scorer failed, a row lacks what the judge reads); the
+    message names the judge and what to do."""
 
 
 class Judge(ABC):
@@ -18,6 +24,9 @@ class Judge(ABC):
     cache_id: str = ""
     template_name: str | None = None
     gives_verdicts: bool = False
+    reads_rows: bool = False
+    gives_scores: bool = False
+    reads_reference: bool = False
 
     @abstractmethod
     def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
@@ -36,3 +45,45 @@ class Judge(ABC):
 
     def close(self) -> None:
         """Free what the judge holds (its model); it cannot judge afterwards. Nothing to free by default."""
+
+
+class Scorer(Judge):
+    """A judge that is a program: it gives each response a number (larger better) from the response and its row, and
+    prefers the response that scores higher (equal scores tie). ``score`` may return NaN for a failed item."""
+
+    reads_rows = True
+    gives_scores = True
+
+    @abstractmethod
+    def score(self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[Mapping]) -> list[float]:
+        """One number per response, larger better."""
+
+    def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:
+        rows = needs_rows(self, rows, len(prompts))
+        return compare_scores(self.score(prompts, a, rows), self.score(prompts, b, rows))
+
+
+def compare_scores(sa: Sequence[float], sb: Sequence[float]) -> list[float]:
+    """Preferences from scores: 1 when A scores higher, 0 when lower, 0.5 when equal, NaN when either failed."""
+    return [math.nan if (x != x or y != y) else 1.0 if x > y else 0.0 if x < y else 0.5 for x, y in zip(sa, sb)]
+
+
+def needs_rows(judge: Judge, rows: Sequence[Mapping] | None, n: int) -> Sequence[Mapping]:
+    """``rows`` checked for a judge that reads them: one per item."""
+    if rows is None or len(rows) != n:
+        raise JudgeError(f"judge '{judge.spec or judge.name}' reads each prompt's row (its fields and reference) and "
+                         f"was given {'none' if rows is None else len(rows)} for {n} prompts")
+    return rows
+
+
+def traits(judge) -> tuple[bool, bool, bool]:
+    """(``reads_rows``, ``gives_scores``, ``reads_reference``) of any judge-like object (False where not set)."""
+    return tuple(bool(getattr(judge, k, False)) for k in ("reads_rows", "gives_scores", "reads_reference"))
+
+
+def prefer(judge: Judge, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
+           references: Sequence[str] | None = None, rows: Sequence[Mapping] | None = None) -> list[float]:
+    """``judge.prefer``, given ``rows`` only when the judge reads them (the other judges take four arguments)."""
+    if getattr(judge, "reads_rows", False):
+        return judge.prefer(prompts, a, b, references, rows=rows)
+    return judge.prefer(prompts, a, b, references)

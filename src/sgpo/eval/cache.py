@@ -13,15 +13,21 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ..phases import phase
-from .base import Judge
+from .base import Judge, compare_scores, needs_rows, traits
 
 
-def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer") -> str:
+def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer",
+                row: Mapping | None = None) -> str:
+    """The cache key of one annotation: the judge, the prompt, both texts, the reference (hashed) and, for a judge
+    that reads rows, the whole row (hashed; a row-less key is what it has always been)."""
     ref = None if reference is None else hashlib.sha256(reference.encode("utf-8")).hexdigest()
-    payload = json.dumps([kind, judge_id, prompt, a, b, ref], ensure_ascii=False)
+    parts = [kind, judge_id, prompt, a, b, ref]
+    if row is not None:
+        parts.append(hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest())
+    payload = json.dumps(parts, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -118,6 +124,7 @@ class CachedJudge(Judge):
         self.spec = judge.spec
         self.template_name = judge.template_name
         self.gives_verdicts = judge.gives_verdicts
+        self.reads_rows, self.gives_scores, self.reads_reference = traits(judge)
         self.hits = 0
         self.misses = 0
 
@@ -129,12 +136,16 @@ class CachedJudge(Judge):
         self.cache.close()
 
     @phase("judging")
-    def prefer(self, prompts, a, b, references=None) -> list[float]:
+    def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:
         n = len(prompts)
         if not (len(a) == len(b) == n) or (references is not None and len(references) != n):
             raise ValueError("prompts, a, b (and references) must have the same length")
+        if self.gives_scores:  # a scorer's scores are cached one response at a time, and compared
+            rows = needs_rows(self, rows, n)
+            return compare_scores(self.score(prompts, a, rows), self.score(prompts, b, rows))
         refs = list(references) if references is not None else [None] * n
-        keys = [content_key(self.judge_id, p, x, y, r) for p, x, y, r in zip(prompts, a, b, refs)]
+        rows = needs_rows(self, rows, n) if self.reads_rows else [None] * n
+        keys = [content_key(self.judge_id, p, x, y, r, row=w) for p, x, y, r, w in zip(prompts, a, b, refs, rows)]
         out: list[float] = [float("nan")] * n
         todo = []
         for i, k in enumerate(keys):
@@ -153,7 +164,8 @@ class CachedJudge(Judge):
         for start in range(0, len(unique), self.chunk_size):
             idx = unique[start:start + self.chunk_size]
             prefs = self.judge.prefer([prompts[i] for i in idx], [a[i] for i in idx], [b[i] for i in idx],
-                                      None if references is None else [refs[i] for i in idx])
+                                      None if references is None else [refs[i] for i in idx],
+                                      **({"rows": [rows[i] for i in idx]} if self.reads_rows else {}))
             self.misses += len(idx)
             records = []
             for i, v in zip(idx, prefs):
@@ -165,6 +177,29 @@ class CachedJudge(Judge):
         for i in todo:
             out[i] = out[first_of[keys[i]]]
         return out
+
+    @phase("judging")
+    def score(self, prompts, responses, rows) -> list[float]:
+        """A scorer's cached scores: one annotation per (prompt, response, row)."""
+        keys = [content_key(self.judge_id, p, x, "", kind="score", row=w) for p, x, w in zip(prompts, responses, rows)]
+        out = [float("nan")] * len(keys)
+        todo, asked = [], set()
+        for i, k in enumerate(keys):
+            if k in self.cache:
+                out[i] = float(self.cache.get(k))
+                self.hits += 1
+            elif k not in asked:  # identical items within one call are scored once
+                todo.append(i)
+                asked.add(k)
+        for start in range(0, len(todo), self.chunk_size):
+            idx = todo[start:start + self.chunk_size]
+            got = self.judge.score([prompts[i] for i in idx], [responses[i] for i in idx], [rows[i] for i in idx])
+            self.misses += len(idx)
+            for i, v in zip(idx, got):
+                out[i] = float(v)
+            self.cache.put_many([(keys[i], out[i], {"judge": self.judge_id}) for i in idx if out[i] == out[i]])
+        first = {k: out[i] for i, k in reversed(list(enumerate(keys)))}
+        return [v if v == v else first[k] for k, v in zip(keys, out)]
 
     @phase("judging")
     def verdicts(self, questions, answers_a, answers_b, references=None) -> list[str | None]:

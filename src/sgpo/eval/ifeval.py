@@ -15,11 +15,13 @@ is ever downloaded. ``langdetect`` (the language checker) is seeded so scores ar
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -161,16 +163,34 @@ def evaluate_ifeval(prompts_rows: Sequence[Mapping], responses: Mapping[str, str
     if missing:
         raise KeyError(f"{len(missing)} IFEval prompt(s) have no response, e.g. {missing[0][:80]!r}")
     ifeval = ifeval_module(cache_dir)
-    results = []
-    for row in prompts_rows:
-        example = ifeval.InputExample(key=row.get("key"), instruction_id_list=list(row["instruction_id_list"]),
-                                      prompt=row["prompt"], kwargs=list(row["kwargs"]))
-        prompt_to_response = {row["prompt"]: responses[row["prompt"]] or ""}
+    return [followed(ifeval, row, responses[row["prompt"]]) for row in prompts_rows]
+
+
+def followed(ifeval, row: Mapping, response: str | None) -> IFEvalResult:
+    """Which of ``row``'s instructions ``response`` follows, strictly and loosely, by the official checkers
+    (``ifeval``: ``ifeval_module()``), under ``seeded_random``."""
+    example = ifeval.InputExample(key=row.get("key"), instruction_id_list=list(row["instruction_id_list"]),
+                                  prompt=row["prompt"], kwargs=[dict(k or {}) for k in row["kwargs"]])
+    prompt_to_response = {row["prompt"]: response or ""}
+    with seeded_random():
         strict = ifeval.test_instruction_following_strict(example, prompt_to_response)
+    with seeded_random():
         loose = ifeval.test_instruction_following_loose(example, prompt_to_response)
-        results.append(IFEvalResult(row.get("key"), row["prompt"], list(row["instruction_id_list"]),
-                                    list(strict.follow_instruction_list), list(loose.follow_instruction_list)))
-    return results
+    return IFEvalResult(row.get("key"), row["prompt"], list(row["instruction_id_list"]),
+                        list(strict.follow_instruction_list), list(loose.follow_instruction_list))
+
+
+@contextlib.contextmanager
+def seeded_random(seed: int = 0):
+    """Python's global ``random`` seeded for one check, and given back as it was. An official checker draws from it
+    when a row's argument is out of its range (``keywords:letter_frequency`` with the letter '#', one of IFEval's
+    541 rows, checks a random letter instead): unseeded, that row's score changes from call to call."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
 
 
 def aggregate_ifeval(results: Sequence[IFEvalResult]) -> dict:

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .base import Judge
+from .base import Judge, JudgeError
 from .judge_templates import ARENA_TEMPLATE_NAME, arena_verdict_messages, pairwise_template, parse_verdict
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUS = {408, 409, 425, 429} | set(range(500, 600))
 FATAL_STATUS = {401, 403, 404}
-
-
-class JudgeError(RuntimeError):
-    """A judge cannot work at all (bad credentials, unknown model or endpoint)."""
 
 
 def parse_openai_spec(arg: str) -> tuple[str, str | None]:
@@ -92,7 +88,7 @@ class OpenAISettings:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     timeout: float = 120.0        # seconds per request
-    concurrency: int = 4          # requests in flight at once
+    concurrency: int = 32         # requests in flight at once (why 32: ``eval.judge_concurrency`` in sgpo.config)
     verdict_max_tokens: int = 4096  # Arena-Hard verdicts: the judgment's length
     extra_body: dict = field(default_factory=dict)  # more fields for every request body
 

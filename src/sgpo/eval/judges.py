@@ -17,7 +17,7 @@ from ..files import is_writer
 from ..models import cache_dir, free_memory
 from ..phases import phase
 from ..registry import JUDGES, parse_judge_spec
-from .base import Judge
+from .base import Judge, traits
 from .cache import CachedJudge
 
 TIE_EPS = 1e-6
@@ -32,6 +32,7 @@ class ReferenceJudge(Judge):
     """
 
     name = "reference"
+    reads_reference = True
 
     def __init__(self, model_path: str | None = None, batch_size: int = 64, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
@@ -144,15 +145,26 @@ class MainProcessJudge(Judge):
         self.spec, self.dist = spec, dist
         self.inner = make(spec) if dist.is_main else None
         self.name = self.inner.name if self.inner is not None else spec
+        inner = self.inner
+        kind = traits(inner) if inner is not None else None
+        self.reads_rows, self.gives_scores, self.reads_reference = self.dist.broadcast(kind)
 
-    def prefer(self, prompts, a, b, references=None) -> list[float]:
-        verdicts, error = None, None
+    def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:
+        extra = {"rows": rows} if self.reads_rows else {}
+        return self._on_main(lambda j: j.prefer(prompts, a, b, references, **extra))
+
+    def score(self, prompts, responses, rows) -> list[float]:
+        """A scorer's scores, computed on the main process, on every process."""
+        return self._on_main(lambda j: j.score(prompts, responses, rows))
+
+    def _on_main(self, ask: Callable) -> list:
+        answer, error = None, None
         if self.inner is not None:
             try:
-                verdicts = self.inner.prefer(prompts, a, b, references)
+                answer = ask(self.inner)
             except Exception as e:  # every process raises, none waits for verdicts that never come
                 error = e
-        shared = self.dist.broadcast((verdicts, None if error is None else f"{type(error).__name__}: {error}"))
+        shared = self.dist.broadcast((answer, None if error is None else f"{type(error).__name__}: {error}"))
         if error is not None:
             raise error
         if shared[1] is not None:

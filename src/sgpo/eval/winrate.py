@@ -51,3 +51,15 @@ def format_win_rate(w: dict) -> str:
     if not w.get("n"):
         return "none (n=0)"
     return f"{100 * w['win_rate']:.1f}% [95% CI {100 * w['ci_low']:.1f}–{100 * w['ci_high']:.1f}, n={w['n']}]"
+
+
+def score_shares(prefix: str, scored: list[tuple[float, float]], names: tuple[str, str, str]) -> dict:
+    """Shares of (a, b) score pairs where a is higher, equal, lower (``names``), the mean margin a − b, and n."""
+    n = len(scored)
+    m = {f"{prefix}n": n}
+    if n:
+        m[prefix + names[0]] = sum(a > b for a, b in scored) / n
+        m[prefix + names[1]] = sum(a == b for a, b in scored) / n
+        m[prefix + names[2]] = sum(a < b for a, b in scored) / n
+        m[prefix + "margin"] = sum(a - b for a, b in scored) / n
+    return m

@@ -16,6 +16,7 @@ are cached under the output directory, keyed by everything that decides them, so
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from typing import Sequence
 from .. import config as config_mod
 from ..config import Config
 from ..data import Record, cut_reference, load_records, split_dev
-from ..eval.winrate import win_rate
+from ..eval.base import prefer
+from ..eval.winrate import score_shares, win_rate
 from ..generation import Generation
 from ..rollout import Sampler
 from ..files import atomic_write_json, content_hash, write_jsonl
@@ -42,7 +44,7 @@ FIGURES = [  # (key suffix, label, format)
 
 
 def improver_figures(judge, prompts: Sequence[str], drafts: Sequence[str], rewrites: Sequence[str],
-                     references: Sequence[str] | None, prefix: str = "improver/") -> dict:
+                     references: Sequence[str] | None, prefix: str = "improver/", rows: Sequence | None = None) -> dict:
     n = len(drafts)
     if n == 0:
         return {}
@@ -55,12 +57,21 @@ def improver_figures(judge, prompts: Sequence[str], drafts: Sequence[str], rewri
     }
     if judge is None:
         return out
+    if getattr(judge, "gives_scores", False):  # a program: how often the rewrite scores above its draft
+        out.update(rewrite_scores(judge, prompts, drafts, rewrites, rows, prefix))
     # a rewrite that only changes whitespace is the draft: a tie, whatever the judge makes of it
-    prefs = [0.5 if not c else p for c, p in zip(changed, judge.prefer(prompts, rewrites, drafts, references))]
+    prefs = [0.5 if not c else p for c, p in zip(changed, prefer(judge, prompts, rewrites, drafts, references, rows))]
     out.update(win_rate_metrics(prefix + "win_rate", prefs))
     out.update(win_rate_metrics(prefix + "win_rate_changed", [p for p, c in zip(prefs, changed) if c]))
     out.update(win_rate_metrics(prefix + "win_rate_len20", [p for p, r in zip(prefs, rel) if abs(r) <= 0.2]))
     return out
+
+
+def rewrite_scores(judge, prompts, drafts, rewrites, rows, prefix: str) -> dict:
+    """``<prefix>score/rewrites/better``, ``_tie``, ``_worse``, ``_margin``, ``_n``: a scorer's rewrite against draft."""
+    new, old = judge.score(prompts, rewrites, rows), judge.score(prompts, drafts, rows)
+    return score_shares(f"{prefix}score/rewrites/", [(a, b) for a, b in zip(new, old) if a == a and b == b],
+                        ("better", "tie", "worse"))
 
 
 def win_rate_metrics(name: str, prefs: list[float]) -> dict:
@@ -91,7 +102,8 @@ def draft_and_rewrite(sampler: Sampler, model, records: Sequence[Record], shard_
 def figures(judge, records: Sequence[Record], out: Outputs) -> dict:
     """The improver figures of ``out`` on ``records`` (which must all have been rewritten)."""
     return improver_figures(judge, [r.prompt_text for r in records], [out.drafts[r.id].text for r in records],
-                            [out.rewrites[r.id].text for r in records], [r.reference for r in records])
+                            [out.rewrites[r.id].text for r in records], [r.reference for r in records],
+                            rows=[r.row() for r in records])
 
 
 # -- sgpo improver-eval ------------------------------------------------------------------------------------------
@@ -121,8 +133,11 @@ def load_prompts(source: str, cfg: Config, tokenizer, *, dev_slice: bool = False
         _, records, *_ = split_dev(records, cfg.data.dev_size, cfg.data.split_seed, cfg.data.test_size)
     if limit:
         records = records[:limit]
-    return [Record(r.id, r.prompt, cut_reference(r.reference, tokenizer, cfg.data.max_reference_tokens))
-            for r in records]
+    from ..splits import verifiable_references
+
+    cut = [dataclasses.replace(r, reference=cut_reference(r.reference, tokenizer, cfg.data.max_reference_tokens))
+           for r in records]
+    return verifiable_references(cut, records, tokenizer, cfg.data.max_reference_tokens)
 
 
 def config_for(model: str, config_path: str | None, overrides: Sequence[str] = ()) -> Config:
