@@ -209,3 +209,112 @@ def test_lora_under_sharding_exports_the_merged_full_model(tmp_path, launcher):
     model, tok = load_model(str(export), device="cpu", dtype="float32"), load_tokenizer(str(export))
     gens = generate(model, tok, [Request(tuple(tok.encode("Hi")), seed=1)], Settings(6, 0.0, 1.0, 1))
     assert len(gens[0].token_ids) > 0
+
+
+EXPORT = '''
+import json, os, sys, torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from sgpo import distributed, files
+from sgpo.config import TrainConfig
+from sgpo.models import load_model, load_tokenizer, tiny_random_path
+from sgpo.training import loop, sft
+from sgpo.training.loop import Job
+
+COPIES = {torch.ops.aten.clone.default, torch.ops.aten._to_copy.default}
+
+
+class CopiedBytes(TorchDispatchMode):  # the bytes of every tensor copy made while the export runs
+    bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in COPIES and isinstance(out, torch.Tensor):
+            CopiedBytes.bytes += out.numel() * out.element_size()
+        return out
+
+
+real = loop._export
+
+
+def counted(*args, **kwargs):
+    with CopiedBytes():
+        return real(*args, **kwargs)
+
+
+loop._export = counted
+dist = distributed.setup("cpu")
+files.set_writer(dist.is_main)
+path = str(tiny_random_path())
+model = load_model(path, device="cpu", dtype=sys.argv[2])
+size = sum(p.numel() * p.element_size() for p in model.parameters())
+examples = [sft.NLLExample(tuple(range(10 + i, 14 + 2 * i)), tuple(range(30, 32 + i))) for i in range(8)]
+sft.train_nll(model, examples, TrainConfig(lr=1e-2, batch_size=4), Job(
+    pad_id=0, seed=5, accelerator=dist.accelerator, show_progress=False, checkpoint_dir=sys.argv[1],
+    tokenizer=load_tokenizer(path)))
+with open(os.path.join(sys.argv[1], f"rank{dist.rank}.json"), "w") as f:
+    json.dump({"copied": CopiedBytes.bytes, "model_bytes": size}, f)
+dist.barrier()
+'''
+
+
+def export_dtypes(folder: Path) -> set[str]:
+    """The dtypes of the tensors in a saved model folder, read from the safetensors header."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def test_an_fsdp_export_is_in_the_model_s_dtype(tmp_path):
+    """bf16 weights trained by FSDP2 under mixed precision bf16 (accelerate upcasts the shards to fp32, and gathers
+    them so) are exported in bf16: the dtype the model was loaded in, what every later load and vLLM read. (DeepSpeed's
+    bf16 mode is not run on CPU processes: sgpo sets it up there without mixed precision.)"""
+    script = tmp_path / "export.py"
+    script.write_text(EXPORT)
+    run([sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS["fsdp"], "--num_processes", "2",
+         "--mixed_precision", "bf16", str(script), str(tmp_path / "out"), "bfloat16"])
+    assert export_dtypes(tmp_path / "out" / "weights") == {"BF16"}
+
+
+def test_a_zero2_export_is_copied_on_the_main_process_only(tmp_path):
+    """Under ZeRO-2 every process holds the whole weights: only the main process, which saves them, copies them
+    (the others would each hold a CPU copy of the model for nothing: 16 GB per process at 8B)."""
+    script = tmp_path / "export.py"
+    script.write_text(EXPORT)
+    run([sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS["zero2"], "--num_processes", "2",
+         "--mixed_precision", "no", str(script), str(tmp_path / "out"), "float32"])
+    main, other = (json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert main["copied"] >= main["model_bytes"] > 0  # the main process copied the weights it saved
+    assert other["copied"] == 0
+    assert export_dtypes(tmp_path / "out" / "weights") == {"F32"}
+
+
+LOADS = '''
+import json, os, sys
+from sgpo import cli, policy
+
+loaded = []
+real = policy.Policy.load
+policy.Policy.load = lambda self, path: loaded.append(str(path)) or real(self, path)
+code = cli.main(sys.argv[2:])
+with open(os.path.join(sys.argv[1], f"loads{os.environ.get('RANK', '0')}.json"), "w") as f:
+    json.dump(loaded, f)
+sys.exit(code)
+'''
+
+
+def test_synpo_s_sharded_improver_export_is_saved_without_a_load_on_any_process(tmp_path):
+    """SynPO's separate improver, trained by two FSDP processes: its export is the saved improver model, put in place
+    by the main process; no process loads the export to save it (every process did, for the main one to save it)."""
+    data = write_data(tmp_path / "train.jsonl")
+    script = tmp_path / "loads.py"
+    script.write_text(LOADS)
+    out = tmp_path / "synpo"
+    p = run([sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS["fsdp"], "--num_processes", "2",
+             "--mixed_precision", "no", str(script), str(tmp_path), *command(out, data)[2:], "--method", "synpo"])
+    assert "training with FSDP on CPU processes" in p.stderr
+    loads = [json.loads((tmp_path / f"loads{r}.json").read_text()) for r in (0, 1)]
+    assert all(loads) and not [x for ranks in loads for x in ranks if "separate_improver" in x], loads
+    improver = out / "prepare" / "improver_model"
+    assert (improver / "model.safetensors").exists() and (improver / "tokenizer_config.json").exists()
+    assert json.loads((out / "manifest.json").read_text())["stages"]["round_1"]["status"] == "done"

@@ -99,7 +99,6 @@ class Evaluator:
             _copy(shard, out)
         return gens
 
-
     def _cached(self, model_path: str, records: list[Record]) -> tuple[Path, list[dict] | None]:
         """The answer cache's shard of ``model_path``'s answers to ``records``, and its rows when it holds them all.
         Every machine has a cache of its own, so the main process's decides and every process gets its rows: a

@@ -13,7 +13,8 @@ from .data import Record
 from .improver.targets import ImproverExample, nll_example
 from .pairs import Pair
 from .models import mapped_buffers
-from .policy import Policy, save_model
+from .files import is_writer
+from .policy import Policy, place_folder, save_model
 from .rollout import cut_prompt
 from .phases import phase
 from .training.adapters import trainable
@@ -84,9 +85,11 @@ class Trainer:
         touched."""
         model = self.policy.load(self.policy.path)
         metrics = self.train_nll(examples, desc, seed, model=model)
-        if self.dist.sharded:  # the trained weights are split across ranks: their export is the model
-            model = self.policy.load(str(exported_weights(self.job(desc, seed).checkpoint_dir)))
-        save_model(model, self.tokenizer, out)
+        if self.dist.sharded:  # the trained weights are split across ranks: their export (a model folder) is the model,
+            if is_writer():    # moved into place by the main process, not loaded by every process for one to save it
+                place_folder(exported_weights(self.job(desc, seed).checkpoint_dir), out, move=True)
+        else:
+            save_model(model, self.tokenizer, out)
         self.dist.barrier()
         return metrics
 

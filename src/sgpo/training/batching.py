@@ -16,6 +16,7 @@ Log-probabilities are ``logit[target] - logsumexp(logits)`` over the contiguous 
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 
@@ -242,21 +243,46 @@ def default_max_positions(model, training: bool = True) -> int | None:
 
 
 class SliceBackward:
-    """Back-propagates a micro-batch that is not the last of a process's slice of the batch: scaled like that slice's
-    loss (``run_steps`` sets ``scale`` every step: the slice's share of the batch times the number of processes) and,
-    under several processes, without synchronising gradients (``no_sync``): the last micro-batch's backward
-    synchronises their sum once. ``model``: the prepared (wrapped) model, set by ``run_steps``."""
+    """Back-propagates a micro-batch that is not the last of a process's slice of the batch, scaled like that slice's
+    loss (``run_steps`` sets ``scale`` every step: the slice's share of the batch times the number of processes).
+    Under several processes ``run_steps`` also sets ``peers``, every rank's slice of the step's batch (each rank holds
+    the whole batch), from which ``micro_passes`` gives every rank the same number of passes; the step function runs
+    each pass in ``pass_context``. ``model``: the prepared (wrapped) model, set by ``run_steps``."""
 
     def __init__(self, accelerator=None):
-        self.accelerator, self.model, self.scale = accelerator, None, 1.0
+        self.accelerator, self.model, self.scale, self.peers = accelerator, None, 1.0, []
 
     def __call__(self, loss: torch.Tensor) -> None:
         loss = loss * self.scale if self.scale != 1.0 else loss
         if self.accelerator is None:
             loss.backward()
-            return
-        with self.accelerator.no_sync(self.model):
+        else:
             self.accelerator.backward(loss)
+
+
+def micro_passes(items: list, split, backward) -> list[tuple[list, bool, bool]]:
+    """``(micro-batch, pad, last)`` for every forward/backward pass a step function makes over ``items``, a process's
+    slice of a batch: the micro-batches ``split(items)`` (all of ``items`` at once without ``backward``). Under several
+    processes every rank makes as many passes as the rank whose slice ``split`` cuts the most (``backward.peers``):
+    each forward and backward is a collective under FSDP2 (and the last one's under DDP), and ranks making different
+    numbers would wait on each other's collectives or sum gradients across the wrong passes. The extra passes are
+    pads: ``items``' first row, whose loss the step function multiplies by 0 (a zero gradient for every parameter,
+    the same collectives). ``backward``: a ``SliceBackward``, or any callable back-propagating a loss (one process)."""
+    if backward is None:
+        return [(items, False, True)]
+    parts = split(items)
+    n = max([len(parts)] + [len(split(s)) for s in getattr(backward, "peers", ())])
+    return [(parts[k] if k < len(parts) else items[:1], k >= len(parts), k == n - 1) for k in range(n)]
+
+
+def pass_context(backward, last: bool):
+    """Where a step function runs a micro-batch's forward and backward: every pass but the step's last without gradient
+    synchronisation (``no_sync``); the last one's backward (in ``run_steps``) synchronises the sum once. The forward
+    is inside too: DDP decides when the forward runs whether its backward all-reduces."""
+    accelerator = getattr(backward, "accelerator", None)
+    if last or accelerator is None:
+        return contextlib.nullcontext()
+    return accelerator.no_sync(backward.model)
 
 
 def micro_batching(model, max_positions: int | None | str, accelerator=None):

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from .batching import (PairBatch, collate, collate_pairs, default_max_positions, length_buckets, micro_batching,
-                       packing_supported, pair_length, pair_logps, position_slices, token_logps)
+                       micro_passes, packing_supported, pair_length, pair_logps, pass_context, position_slices,
+                       token_logps)
 from ..config import DPOConfig
 from .losses import LogRatios, preference_loss
 from .loop import Job, Optim, mean_metrics, run_steps
@@ -125,33 +126,37 @@ def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions:
     """The step function of ``run_steps``: (loss, metrics) of a batch of pairs.
 
     With ``max_positions`` and ``backward``, a batch whose rows exceed ``max_positions`` positions is cut into
-    micro-batches: every slice but the last is back-propagated here (``backward(loss)``) and the returned loss carries
-    the gradient of the last slice plus the value of the others. Every preference loss is a mean of per-pair terms (the
-    NLL term a mean over tokens), so the accumulated gradient is exactly the whole batch's; peak activation memory is a
-    slice's. Metrics are computed over the whole batch.
+    micro-batches (``batching.micro_passes``: under several processes, as many passes as the rank that needs the most,
+    padded with zero-weight passes): every pass but the last is back-propagated here (``backward(loss)``, without
+    gradient sync) and the returned loss carries the gradient of the last plus the value of the others. Every
+    preference loss is a mean of per-pair terms (the NLL term a mean over tokens), so the accumulated gradient is
+    exactly the whole batch's; peak activation memory is a slice's. Metrics are computed over the whole batch.
     """
     def step(model, pairs: list[TokenPair]):
         device = next(model.parameters()).device
         n = len(pairs)
-        parts = micro_batches(pairs, layout, max_positions) if backward is not None else [pairs]
         with_nll = cfg.improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs)
         nll_tokens = sum(len(p.chosen_ids) for p in pairs)
-        done, nll_sum, chosen_sum, ratios, loss = 0.0, 0.0, 0.0, [], None   # done: the slices already back-propagated
-        for k, part in enumerate(parts):
-            logp = pair_logps(model, pair_batch(part, pad_id, layout).to(device))
-            r = _log_ratios(logp, part)
-            part_loss = preference_loss(cfg.loss, r, cfg.beta)[0] * (len(part) / n)
-            ratios.append(r.detached())
-            chosen_sum += float(logp[:len(part)].detach().sum())   # the chosen sides' log-prob (policy role)
-            if with_nll:
-                b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in part], pad_id).to(device)
-                tl = (token_logps(model, b) * b.target_mask).sum()
-                nll_sum += float(tl.detach())
-                part_loss = part_loss - cfg.improver_nll_coef * tl / max(nll_tokens, 1)
-            if k < len(parts) - 1:
-                backward(part_loss)
-                done += float(part_loss.detach())
-            else:
+        done, nll_sum, chosen_sum, ratios, loss = 0.0, 0.0, 0.0, [], None   # done: the passes already back-propagated
+        for part, pad, last in micro_passes(pairs, lambda ps: micro_batches(ps, layout, max_positions), backward):
+            with pass_context(backward, last):
+                logp = pair_logps(model, pair_batch(part, pad_id, layout).to(device))
+                r = _log_ratios(logp, part)
+                part_loss = preference_loss(cfg.loss, r, cfg.beta)[0] * (len(part) / n)
+                if with_nll:
+                    b = collate([(p.improver_prompt_ids, p.chosen_ids) for p in part], pad_id).to(device)
+                    tl = (token_logps(model, b) * b.target_mask).sum()
+                    part_loss = part_loss - cfg.improver_nll_coef * tl / max(nll_tokens, 1)
+                if pad:  # the same forwards and backward as a real pass, a zero gradient
+                    part_loss = part_loss * 0.0
+                else:
+                    ratios.append(r.detached())
+                    chosen_sum += float(logp[:len(part)].detach().sum())   # the chosen sides' log-prob (policy role)
+                    nll_sum += float(tl.detach()) if with_nll else 0.0
+                if not last:
+                    backward(part_loss)
+                    done += 0.0 if pad else float(part_loss.detach())
+            if last:
                 loss = part_loss + done
         _, metrics = preference_loss(cfg.loss, LogRatios.cat(ratios), cfg.beta)
         metrics["nll/chosen"] = torch.tensor(-chosen_sum / max(nll_tokens, 1))

@@ -270,7 +270,8 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
               weight_fn: Callable[[list], float] = len, backward=None) -> list[dict]:
     """Run one optimizer step per global batch. ``step_fn(model, batch) -> (loss, metrics dict)``, the loss being a
     mean over ``batch`` weighted as ``weight_fn`` counts it (examples by default). ``backward``: the step function's
-    ``SliceBackward`` when it back-propagates micro-batches itself (told the wrapped model and each step's scale).
+    ``SliceBackward`` when it back-propagates micro-batches itself (told the wrapped model, each step's scale and every
+    rank's slice of the step's batch, so that all ranks make the same number of passes).
 
     Returns the per-step metrics, already averaged across processes (weighted by each rank's share).
     With sharded training (FSDP/DeepSpeed) and a ``checkpoint_dir``, the trained weights are also exported as an
@@ -288,8 +289,9 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
     try:
         for i in range(state.start, len(batches)):
             part, share = _split(batches[i], weight_fn, state.rank, world)
-            if backward is not None:
+            if backward is not None:  # every rank's slice too: each makes as many passes as the rank needing most
                 backward.scale = share * world if world > 1 else 1.0
+                backward.peers = [_split(batches[i], weight_fn, r, world)[0] for r in range(world)] if world > 1 else []
             loss, metrics = step_fn(state.pmodel, part)
             state.update(loss * (share * world) if world > 1 else loss, opt.max_grad_norm, acc)
             metrics = {k: float(v) for k, v in metrics.items()}
@@ -306,7 +308,7 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
     finally:
         bar.close()
     if state.sharded and job.checkpoint_dir is not None:
-        _export(acc, state.pmodel, exported_weights(job.checkpoint_dir), job.tokenizer)
+        _export(acc, state.pmodel, exported_weights(job.checkpoint_dir), job.tokenizer, state.dtype)
     if acc is not None:
         acc.free_memory()
     model.eval()
@@ -327,6 +329,7 @@ class _TrainState:
     start: int = 0
     history: list = field(default_factory=list)
     saved_at: float = field(default_factory=time.monotonic)  # when the last checkpoint was written (or training began)
+    dtype: Any = None  # the weights' dtype before ``prepare`` (FSDP upcasts what it shards): the export's
 
     def checkpoint_due(self, done: int, total: int, opt: Optim, accelerator) -> bool:
         """After the last step, every ``checkpoint_every`` steps, and when ``checkpoint_minutes`` have passed since the
@@ -357,7 +360,7 @@ class _TrainState:
         latest = ckpt.latest() if ckpt else None
         if latest is not None and not sharded:  # restore before wrapping: every rank reads the same files
             start, history = ckpt.load(latest, model, optimizer, scheduler, fingerprint, rank)
-        pmodel, popt = model, optimizer
+        pmodel, popt, dtype = model, optimizer, weights_dtype(model)
         if acc is not None:
             acc.free_memory()
             _deepspeed_batch_sizes(acc, batches, acc.num_processes)
@@ -365,7 +368,7 @@ class _TrainState:
             if latest is not None and sharded:
                 start, history = ckpt.load(latest, pmodel, popt, scheduler, fingerprint, rank)
         pmodel.train()
-        return cls(pmodel, optimizer, popt, scheduler, ckpt, fingerprint, rank, sharded, start, history)
+        return cls(pmodel, optimizer, popt, scheduler, ckpt, fingerprint, rank, sharded, start, history, dtype=dtype)
 
     def update(self, loss, max_grad_norm: float, accelerator) -> None:
         """Backward, clip, optimizer and scheduler step."""
@@ -414,15 +417,49 @@ def exported_weights(checkpoint_dir: str | Path) -> Path:
     return Path(checkpoint_dir) / "weights"
 
 
-def _export(accelerator, pmodel, out: Path, tokenizer=None) -> None:
-    """The full weights of a sharded model (and ``tokenizer``) as an HF model folder in ``out``."""
-    state = accelerator.get_state_dict(pmodel)  # gathers the shards (a collective)
+def weights_dtype(model) -> torch.dtype:
+    """The dtype of a model's weights (its first floating-point parameter's, as transformers reports it)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _full_state(accelerator, pmodel) -> dict | None:
+    """The full weights of a sharded model on the main process, None on the others. ZeRO-1/2 replicate the weights:
+    only the main process, which saves them, copies them to the CPU (not one copy per process). ZeRO-3 and FSDP2 gather
+    them with every process taking part (a collective); accelerate leaves the result on the main process only."""
+    from ..distributed import is_deepspeed
+
+    conf = accelerator.deepspeed_config if is_deepspeed(accelerator) else None
+    if conf is not None and conf["zero_optimization"]["stage"] < 3 and conf.get("tensor_parallel", {}).get(
+            "autotp_size", 0) <= 1:
+        if not accelerator.is_main_process:
+            return None
+        from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+
+        return clone_tensors_for_torch_save(accelerator.unwrap_model(pmodel).state_dict())
+    state = accelerator.get_state_dict(pmodel)
+    return state if accelerator.is_main_process else None
+
+
+def _in_dtype(state: dict, dtype) -> dict:
+    """``state``'s floating-point tensors in ``dtype`` (converted one at a time: the peak is one tensor more)."""
+    for k, v in state.items():
+        if dtype is not None and v.is_floating_point() and v.dtype != dtype:
+            state[k] = v.to(dtype)
+    return state
+
+
+def _export(accelerator, pmodel, out: Path, tokenizer=None, dtype=None) -> None:
+    """The full weights of a sharded model (and ``tokenizer``) as an HF model folder in ``out``, in ``dtype``: the
+    dtype the model was loaded in (under mixed precision FSDP2 keeps, and gathers, its shards in fp32; an fp32 export
+    of a bf16 model would double every later load and make vLLM serve fp32)."""
+    state = _full_state(accelerator, pmodel)
     if accelerator.is_main_process:
         from ..files import atomic_dir
         from .adapters import merged_state
 
         model = accelerator.unwrap_model(pmodel)
         state = merged_state(model, state)  # LoRA: merged on the gathered weights, a full model for vLLM and the run
+        state = _in_dtype(state, dtype)
         model = getattr(model, "get_base_model", lambda: model)()
         # a tied weight (lm_head = embed_tokens) comes back gathered as a copy of its own: saved once, as a plain save
         first: dict[int, str] = {}

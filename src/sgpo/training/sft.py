@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import TrainConfig
-from .batching import collate, length_buckets, micro_batching, position_slices, token_logps
+from .batching import (collate, length_buckets, micro_batching, micro_passes, pass_context, position_slices,
+                       token_logps)
 from .loop import Job, Optim, mean_metrics, run_steps
 
 
@@ -22,22 +23,28 @@ def nll_step(pad_id: int, max_positions: int | None = None, backward=None):
     """The step function of ``run_steps``: the mean NLL over the completion tokens of a batch.
 
     With ``max_positions`` and ``backward``, the batch is cut into micro-batches of at most ``max_positions`` padded
-    positions; every slice but the last is back-propagated here and the returned loss carries the gradient of the last
-    slice plus the value of the others: the accumulated gradient is exactly the whole batch's."""
+    positions (``batching.micro_passes``: under several processes, as many passes as the rank that needs the most,
+    padded with zero-weight passes); every pass but the last is back-propagated here, without gradient sync, and the
+    returned loss carries the gradient of the last plus the value of the others: the accumulated gradient is exactly
+    the whole batch's."""
+    def split(examples: list[NLLExample]) -> list[list[NLLExample]]:
+        lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
+        return [examples[s] for s in position_slices(lengths, max_positions)]
+
     def step(model, examples: list[NLLExample]):
         device = next(model.parameters()).device
-        lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
-        parts = position_slices(lengths, max_positions) if backward is not None else [slice(0, len(examples))]
         total = max(_completion_tokens(examples), 1)
         done, loss = 0.0, None
-        for k, part in enumerate(parts):
-            chunk = examples[part]
-            batch = collate([(list(e.prompt_ids), list(e.completion_ids)) for e in chunk], pad_id).to(device)
-            part_loss = -(token_logps(model, batch) * batch.target_mask).sum() / total
-            if k < len(parts) - 1:
-                backward(part_loss)
-                done += float(part_loss.detach())
-            else:
+        for chunk, pad, last in micro_passes(examples, split, backward):
+            with pass_context(backward, last):
+                batch = collate([(list(e.prompt_ids), list(e.completion_ids)) for e in chunk], pad_id).to(device)
+                part_loss = -(token_logps(model, batch) * batch.target_mask).sum() / total
+                if pad:
+                    part_loss = part_loss * 0.0
+                if not last:
+                    backward(part_loss)
+                    done += 0.0 if pad else float(part_loss.detach())
+            if last:
                 loss = part_loss + done
         return loss, {"loss": loss.detach()}
     return step
