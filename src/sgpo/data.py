@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .text import cut_reference  # noqa: F401  (the cut of references: imported from here by the run's parts)
+
 
 class DataError(Exception):
     """A data problem; the message names the file, line and field (one line). ``reason``: the kind, for counts."""
@@ -403,7 +405,7 @@ def _iter_embedded(name: str) -> Iterator[tuple[Any, str]]:
     elif name == "sgpo:verifiable-instructions":
         from .verifiable import iter_rows
 
-        yield from iter_rows()
+        yield from iter_rows(tasks / "alpaca_eval" / "data" / "alpaca_eval_gpt4_baseline.json")
     else:
         raise DataError(f"unknown embedded dataset '{name}' (known: {', '.join(EMBEDDED)})")
 
@@ -471,24 +473,3 @@ def split_dev(records: list[Record], dev_size: int, seed: int, test_size: int = 
     dev = [records[i] for i in order[test_size:test_size + dev_size]]
     train = [records[i] for i in order[test_size + dev_size:]]
     return (train, dev, test) if test_size else (train, dev)
-
-
-_SENTENCE_END = (".", "!", "?", "。", ":", "\n")
-
-
-def cut_reference(text: str, tokenizer, max_tokens: int) -> str:
-    """Cut ``text`` at the last sentence boundary that fits in ``max_tokens`` tokens (whole text if it fits).
-
-    Falls back to the last whole word under the limit when no sentence boundary fits.
-    """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) <= max_tokens:
-        return text.strip()
-    head = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
-    best = -1
-    for i, ch in enumerate(head):
-        if ch in _SENTENCE_END and (i + 1 == len(head) or head[i + 1].isspace()) and i > len(head) // 4:
-            best = i
-    if best >= 0:
-        return head[:best + 1].strip()
-    return head.rsplit(" ", 1)[0].strip() if " " in head else head.strip()
