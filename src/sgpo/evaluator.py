@@ -33,6 +33,14 @@ class Evaluator:
         self._judge = None
 
     @property
+    def scorer(self):
+        """The run's judge when it is a program scoring each response (``eval.base.Scorer``), else None — decided from
+        its spec, so that a pairwise judge is not loaded for it."""
+        from .registry import SCORERS, parse_judge_spec
+
+        return self.judge if parse_judge_spec(self.cfg.eval.judge)[0] in SCORERS else None
+
+    @property
     def judge(self):
         """The run's judge (``eval.judge``), kept loaded."""
         if self._judge is None:

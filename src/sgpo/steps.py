@@ -32,7 +32,7 @@ def train_improver(ctx, records: list[Record], cfg: ImproverConfig, into: Path |
     for r, draft in improver_drafts(ctx, records, cfg.experimental.drafts_per_prompt):
         examples += examples_from_draft(r.id, draft, r.reference, cfg)
     write_jsonl(ctx.path(ctx.stage, "examples.jsonl"), [e.__dict__ for e in examples])
-    scored = target_scores(s.evaluator.judge, examples, records)
+    scored = target_scores(s.evaluator.scorer, examples, records)
     nll = s.trainer.improver_examples(examples, records)
     rng = random.Random(ctx.cfg.seed)
     policy = [records[rng.randrange(len(records))] for _ in range(round(cfg.mix_policy * len(nll)))] if records else []
