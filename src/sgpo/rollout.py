@@ -7,11 +7,13 @@ Results are appended to a shard (JSONL: id, text, finished) after every batch; a
 Several processes (``dist``): the batches of the fixed plan still to do are dealt out whole, batch k of the plan to
 rank k mod world size; after each group of ``world`` batches the results are gathered on every rank and the main
 process appends them to the shard in plan order. Every batch is exactly the batch a single process would have run,
-so the responses are the same. With vLLM every process runs an engine of its own and the unit dealt out is a vLLM
-call (consecutive whole batches), since vLLM's samples depend on the requests generated together.
+so the responses are the same. With vLLM every process runs an engine of its own, kept for the whole run, and the
+unit dealt out is a vLLM call (consecutive whole batches, a fixed plan: ``vllm_backend.plan_calls``), since vLLM's
+samples may depend on the requests generated together.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import tempfile
@@ -50,8 +52,9 @@ class Sampler:
     cut, the improver instruction, the process group, the backend. ``rollout`` is the one way the recipe generates.
 
     ``backend`` is ``engine`` (``generation.generate`` on the model object) or ``vllm`` (``vllm_backend.generate`` on
-    a checkpoint directory: pass its path; a model object is saved to a temporary directory first). ``vllm_options``
-    are passed to the vLLM worker (dtype, device, GPU memory share)."""
+    a checkpoint directory: pass its path; a model object is saved to a temporary directory first). ``engine``: the
+    run's ``vllm_backend.Engine``, kept across rollouts (``close`` ends it); without one every rollout starts an
+    engine of its own with ``vllm_options`` (dtype, device, GPU memory share) and shuts it down."""
     tokenizer: Any
     gen: GenerationConfig
     seed: int
@@ -60,6 +63,20 @@ class Sampler:
     dist: Any = None
     backend: str = "engine"
     vllm_options: dict | None = None
+    engine: Any = None
+
+    def close(self) -> None:
+        """Shut the run's vLLM engine down (its worker and vLLM's processes); nothing to do without one."""
+        if self.engine is not None:
+            self.engine.close()
+
+    def _engine(self, **extra):
+        """A context with the engine a rollout uses: the run's (left running), else one for this rollout only."""
+        from . import vllm_backend
+
+        if self.engine is not None:
+            return contextlib.nullcontext(self.engine)
+        return vllm_backend.Engine({**(self.vllm_options or {}), **extra})
 
     def identity(self) -> list:
         """What decides this sampler's samples, for cache keys: the settings, the seed and, when not the engine, the
@@ -126,34 +143,36 @@ class Sampler:
         """vLLM on ``model``: a checkpoint path, or a model object saved to a temporary directory for the call."""
         from . import vllm_backend
 
-        opts = self.vllm_options or {}
-        if isinstance(model, (str, Path)):
-            return vllm_backend.generate(model, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip,
-                                         options=opts)
-        with tempfile.TemporaryDirectory(prefix="sgpo-snapshot-") as tmp:
-            model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            return vllm_backend.generate(tmp, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip,
-                                         options=opts)
+        with self._engine() as engine:
+            if isinstance(model, (str, Path)):
+                return vllm_backend.generate(model, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip,
+                                             engine=engine)
+            with tempfile.TemporaryDirectory(prefix="sgpo-snapshot-") as tmp:
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                return vllm_backend.generate(tmp, self.tokenizer, reqs, self.settings(), on_batch=save, skip=skip,
+                                             engine=engine)
 
     def _vllm_shared(self, checkpoint, records, reqs: list[Request], skip: set[int], store) -> list:
         """One vLLM engine per process, on its own GPU or its own share of the cores: the rollout's calls
         (``vllm_backend.plan_calls``) dealt out, call k to rank k mod world size. After each group of ``world`` calls
-        the answers are gathered on every rank and the main process appends them to the shard; a process that fails
-        says so in the next gather and every process raises there (none waits for answers that will never come)."""
+        the answers are gathered on every rank and the main process appends them to the shard (those of a partly saved
+        call that it has already are left out); a process that fails says so in the next gather and every process
+        raises there (none waits for answers that will never come)."""
         from . import vllm_backend
 
         if not isinstance(checkpoint, (str, Path)):
             raise TypeError("under several processes vLLM generates from a checkpoint folder, not a model object")
         dist, s = self.dist, self.settings()
-        opts = {**(self.vllm_options or {}), "slot": dist.slot, "progress": dist.is_main}
+        opts = self.vllm_options or {}
         calls = vllm_backend.plan_calls(reqs, s, skip, int(opts.get("min_call", vllm_backend.MIN_CALL)))
         results: list = [None] * len(reqs)
         gathered = []
 
         def group(done: list, error: str | None = None) -> None:
             gathered.append(len(done))
-            rows = dist.gather([(error, [(i, g) for batch, gens in done for i, g in zip(batch, gens)])])
+            mine = [(i, g) for batch, gens in done for i, g in zip(batch, gens) if i not in skip]
+            rows = dist.gather([(error, mine)])
             failed = [e for e, _ in rows if e]
             if failed:
                 raise PeerFailed(failed[0])
@@ -162,8 +181,9 @@ class Sampler:
 
         error = None
         try:
-            vllm_backend.generate_calls(checkpoint, self.tokenizer, reqs, s, calls[dist.rank::dist.world],
-                                        on_call=group, options=opts)
+            with self._engine(slot=dist.slot, progress=dist.is_main) as engine:
+                vllm_backend.generate_calls(checkpoint, self.tokenizer, reqs, s, calls[dist.rank::dist.world],
+                                            on_call=group, engine=engine)
         except PeerFailed:
             raise
         except Exception as e:  # noqa: BLE001 - told to every process at the next gather, then raised here

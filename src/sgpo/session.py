@@ -20,7 +20,7 @@ from .rollout import Sampler
 from .runs import RunDir, Stages
 from .trackers import Trackers
 from .trainer import Trainer
-from .vllm_backend import resolve_backend, worker_options
+from .vllm_backend import Engine, resolve_backend, worker_options
 
 
 @dataclass
@@ -56,8 +56,14 @@ class Session:
         return text.strip() if self.tokenizer is None else cut_reference(text, self.tokenizer, max_tokens)
 
     def close(self) -> None:
-        if self.trackers is not None:
-            self.trackers.close()
+        """The end of the run (finished, failed or interrupted): the vLLM engine shut down, the trackers closed."""
+        try:
+            close = getattr(self.sampler, "close", None)
+            if close is not None:
+                close()
+        finally:
+            if self.trackers is not None:
+                self.trackers.close()
 
 
 def open_session(cfg: Config, run: RunDir, dist: distributed.Dist) -> Session:
@@ -68,8 +74,11 @@ def open_session(cfg: Config, run: RunDir, dist: distributed.Dist) -> Session:
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.chat_template)
     backend = resolve_backend(cfg.generation.backend, device)
     instruction = improver_instruction(cfg.improver)
+    options = worker_options(cfg, device)
+    # one vLLM engine per process for the whole run (started by the first rollout, its weights swapped after)
+    engine = Engine({**options, "slot": dist.slot, "progress": dist.is_main}) if backend == "vllm" else None
     sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens, instruction, dist, backend,
-                      worker_options(cfg, device))
+                      options, engine)
     run.record("generation_backend", backend)
     trackers = Trackers(cfg.report_to, run.root, to_dict(cfg), dist.is_main)
     policy = Policy(cfg.model, tokenizer, device, run, stages, dist, backend)

@@ -23,6 +23,10 @@ def chat_reply(content, top=None):
     return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
+class Listener(ThreadingHTTPServer):
+    request_queue_size = 128  # connections waiting to be accepted (5 by default: a judge opens 32 at once)
+
+
 class ChatServer:
     """A chat-completions endpoint whose answers come from ``behave(body, n) -> (status, payload, headers)``.
 
@@ -61,7 +65,7 @@ class ChatServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up waiting (the timeout test)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = Listener(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -349,3 +353,25 @@ def test_a_run_s_eval_section_sets_an_api_judge_s_concurrency_and_retries():
     settings = getattr(judge, "judge", judge).settings
     assert (settings.concurrency, settings.max_retries) == (16, 2)
     assert api_settings("reference", e) == {} and api_settings("lm:sgpo:gemma-3-270m", e) == {}
+
+
+def test_a_run_s_api_judge_keeps_32_requests_in_flight_by_default(serve):
+    """An API judge judges about a thousand pairs a round while every GPU waits: by default a run's eval section
+    keeps 32 requests in flight (each request here is answered only once 32 are waiting together)."""
+    from sgpo.config import load
+    from sgpo.eval.judges import api_settings
+
+    together = threading.Barrier(32, timeout=20)
+
+    def behave(body, n):
+        try:
+            together.wait()
+        except threading.BrokenBarrierError:
+            return 500, {"error": "fewer than 32 requests were in flight"}, {}
+        return 200, chat_reply("A"), {}
+
+    server = serve(behave)
+    settings = api_settings("openai:judge-model", load(None).eval)
+    judge = judge_for(server, **{**settings, "max_retries": 0, "timeout": 60})
+    prefs = judge.prefer([f"q{i}" for i in range(64)], ["a"] * 64, ["b"] * 64)
+    assert judge.stats()["failed"] == 0 and len(prefs) == 64 and len(server.requests) == 64

@@ -45,6 +45,20 @@ class LLM:
         self.visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype, "auto")).to(self.device)
 
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:
+        """sgpo's weight swap (``sgpo_load_weights``, its worker extension's method): the folder's weights, loaded in
+        place of the current ones."""
+        if method != "sgpo_load_weights":
+            raise NotImplementedError(f"the stand-in knows only sgpo_load_weights, not {method}")
+        from transformers import AutoModelForCausalLM
+
+        dtype = next(self.model.parameters()).dtype
+        self.model = AutoModelForCausalLM.from_pretrained(args[0], dtype=dtype).to(self.device)
+        return [[]]
+
+    def reset_prefix_cache(self) -> bool:
+        return True  # no prefix cache here
+
     def generate(self, prompts: list, params: list, use_tqdm: bool = False) -> list:
         out = []
         for i in range(0, len(prompts), 16):
