@@ -110,8 +110,10 @@ def test_a_sharded_export_is_a_whole_model_folder(tmp_path, tiny_model, tiny_tok
 
     from sgpo.training.loop import _export
 
+    from accelerate.utils import DistributedType
+
     acc = SimpleNamespace(get_state_dict=lambda m: m.state_dict(), is_main_process=True, unwrap_model=lambda m: m,
-                          wait_for_everyone=lambda: None)
+                          wait_for_everyone=lambda: None, distributed_type=DistributedType.FSDP)
     _export(acc, tiny_model, tmp_path / "weights", tiny_tokenizer)
     tok = AutoTokenizer.from_pretrained(tmp_path / "weights")
     assert tok("hello").input_ids == tiny_tokenizer("hello").input_ids
