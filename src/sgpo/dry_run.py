@@ -173,11 +173,11 @@ class CountingJudge(Judge):
     """A judge that counts its calls (before any cache) and prefers the first candidate."""
 
     def __init__(self, spec: str, tally: Tally):
-        from .registry import SCORERS, parse_judge_spec
+        from .registry import is_scorer
 
         self.spec = self.name = spec
         self.tally = tally
-        self.gives_scores = self.reads_rows = parse_judge_spec(spec)[0] in SCORERS
+        self.gives_scores = self.reads_rows = is_scorer(spec)
 
     def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:
         self.tally.add(f"judge:{self.spec}", len(prompts))

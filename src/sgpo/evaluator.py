@@ -36,9 +36,9 @@ class Evaluator:
     def scorer(self):
         """The run's judge when it is a program scoring each response (``eval.base.Scorer``), else None — decided from
         its spec, so that a pairwise judge is not loaded for it."""
-        from .registry import SCORERS, parse_judge_spec
+        from .registry import is_scorer
 
-        return self.judge if parse_judge_spec(self.cfg.eval.judge)[0] in SCORERS else None
+        return self.judge if is_scorer(self.cfg.eval.judge) else None
 
     @property
     def judge(self):

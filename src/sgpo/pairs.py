@@ -145,9 +145,9 @@ def score_metrics(judge, candidates: list[Pair], rows: dict[str, dict]) -> dict:
 
     m = {}
     for prefix, keep in (("pairs/score/", True), ("pairs/score/dropped/", False)):
-        part = [(c, r) for p, c, r in zip(candidates, chosen, rejected)
-                if (not p.meta.get("dropped")) == keep and c == c and r == r]
-        m.update(score_shares(prefix, part, ("chosen_better", "tie", "rejected_better")))
+        part = [i for i, p in enumerate(candidates) if (not p.meta.get("dropped")) == keep]
+        m.update(score_shares(prefix, [chosen[i] for i in part], [rejected[i] for i in part],
+                              ("chosen_better", "tie", "rejected_better")))
     return m
 
 

@@ -72,6 +72,11 @@ SCORERS = ("ifeval", "ifeval-loose", "python")
 """Judge kinds that are programs scoring each response (``eval.base.Scorer``)."""
 
 
+def is_scorer(spec: str) -> bool:
+    """Whether the judge of ``spec`` is a scorer (known from the spec, without building the judge)."""
+    return bool(spec) and parse_judge_spec(spec)[0] in SCORERS
+
+
 def parse_judge_spec(spec: str) -> tuple[str, str, dict]:
     """``KIND[:ARG]`` → (kind, arg, options): ``lm-SCORE:PATH`` is kind ``lm`` with ``score=SCORE``. An unknown kind,
     or a kind other than ``reference`` without its model, is a ``ValueError`` naming the spec."""

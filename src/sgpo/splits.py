@@ -55,9 +55,7 @@ def prepare_splits(cfg: Config, tokenizer, load: Callable = load_records) -> Spl
 def fit_to_budget(records: list[Record], tokenizer, d) -> list[Record]:
     """References cut at a sentence boundary under ``data.max_reference_tokens``; prompts longer than
     ``data.max_prompt_tokens`` skipped or kept (the rollouts cut their start), counted either way."""
-    cut = [dataclasses.replace(r, reference=cut_reference(r.reference, tokenizer, d.max_reference_tokens))
-           for r in records]
-    cut = verifiable_references(cut, records, tokenizer, d.max_reference_tokens)
+    cut = cut_references(records, tokenizer, d.max_reference_tokens)
     over = [(r, len(templates.policy_ids(tokenizer, r.prompt)) - d.max_prompt_tokens) for r in cut]
     over = [(r, n) for r, n in over if n > 0]
     if over and d.on_long_prompt == "skip":
@@ -73,24 +71,24 @@ def fit_to_budget(records: list[Record], tokenizer, d) -> list[Record]:
     return cut
 
 
-def verifiable_references(cut: list[Record], records: list[Record], tokenizer, max_tokens: int) -> list[Record]:
-    """Records with verifiable constraints (``fields``: ``instruction_id_list`` and the uncut ``base_response``) get
-    their reference made after the cut, so that what is trained satisfies its constraints (``verifiable.py``); one
-    that cannot is dropped, and the counts per constraint type are logged."""
-    if not any("instruction_id_list" in r.fields and "base_response" in r.fields for r in records):
-        return cut
+def cut_references(records: list[Record], tokenizer, max_tokens: int) -> list[Record]:
+    """References as trained: cut at a sentence boundary under ``max_tokens`` tokens. Records with verifiable
+    constraints (``fields``: ``instruction_id_list`` and the uncut ``base_response``) get theirs made after the cut
+    instead, so that what is trained satisfies its constraints (``verifiable.py``); one that cannot is dropped, and
+    the counts per constraint type are logged."""
     from .verifiable import fit_reference, summary_line
 
     out, outcomes = [], []
-    for r in cut:
+    for r in records:
         if "instruction_id_list" not in r.fields or "base_response" not in r.fields:
-            out.append(r)
+            out.append(dataclasses.replace(r, reference=cut_reference(r.reference, tokenizer, max_tokens)))
             continue
         text, why = fit_reference(r.fields, tokenizer, max_tokens)
         outcomes.append((r.fields, why))
         if text is not None:
             out.append(dataclasses.replace(r, reference=text))
-    log.info("data: verifiable references under %d tokens: %s", max_tokens, summary_line(outcomes))
+    if outcomes:
+        log.info("data: verifiable references under %d tokens: %s", max_tokens, summary_line(outcomes))
     return out
 
 

@@ -55,10 +55,8 @@ def target_scores(judge, examples: list[ImproverExample], records: list[Record])
     by_id = {r.id: r for r in records}
     prompts = [by_id[e.record_id].prompt_text for e in examples]
     rows = [by_id[e.record_id].row() for e in examples]
-    target = judge.score(prompts, [e.target for e in examples], rows)
-    source = judge.score(prompts, [e.source for e in examples], rows)
-    return score_shares("improver/score/targets/", [(a, b) for a, b in zip(target, source) if a == a and b == b],
-                        ("better", "tie", "worse"))
+    return score_shares("improver/score/targets/", judge.score(prompts, [e.target for e in examples], rows),
+                        judge.score(prompts, [e.source for e in examples], rows), ("better", "tie", "worse"))
 
 
 def sft(session, records: list[Record]) -> dict:

@@ -146,60 +146,38 @@ class CachedJudge(Judge):
         refs = list(references) if references is not None else [None] * n
         rows = needs_rows(self, rows, n) if self.reads_rows else [None] * n
         keys = [content_key(self.judge_id, p, x, y, r, row=w) for p, x, y, r, w in zip(prompts, a, b, refs, rows)]
-        out: list[float] = [float("nan")] * n
-        todo = []
-        for i, k in enumerate(keys):
-            if k in self.cache:
-                out[i] = float(self.cache.get(k))
-                self.hits += 1
-            else:
-                todo.append(i)
-        # identical items within one call are annotated once
-        first_of: dict[str, int] = {}
-        unique = []
-        for i in todo:
-            if keys[i] not in first_of:
-                first_of[keys[i]] = i
-                unique.append(i)
-        for start in range(0, len(unique), self.chunk_size):
-            idx = unique[start:start + self.chunk_size]
-            prefs = self.judge.prefer([prompts[i] for i in idx], [a[i] for i in idx], [b[i] for i in idx],
-                                      None if references is None else [refs[i] for i in idx],
-                                      **({"rows": [rows[i] for i in idx]} if self.reads_rows else {}))
-            self.misses += len(idx)
-            records = []
-            for i, v in zip(idx, prefs):
-                v = float(v)
-                out[i] = v
-                if not math.isnan(v):
-                    records.append((keys[i], v, {"judge": self.judge_id}))
-            self.cache.put_many(records)
-        for i in todo:
-            out[i] = out[first_of[keys[i]]]
-        return out
+        return self._annotate(keys, lambda idx: self.judge.prefer(
+            [prompts[i] for i in idx], [a[i] for i in idx], [b[i] for i in idx],
+            None if references is None else [refs[i] for i in idx],
+            **({"rows": [rows[i] for i in idx]} if self.reads_rows else {})))
 
     @phase("judging")
     def score(self, prompts, responses, rows) -> list[float]:
         """A scorer's cached scores: one annotation per (prompt, response, row)."""
         keys = [content_key(self.judge_id, p, x, "", kind="score", row=w) for p, x, w in zip(prompts, responses, rows)]
-        out = [float("nan")] * len(keys)
-        todo, asked = [], set()
+        return self._annotate(keys, lambda idx: self.judge.score(
+            [prompts[i] for i in idx], [responses[i] for i in idx], [rows[i] for i in idx]))
+
+    def _annotate(self, keys: list[str], ask) -> list[float]:
+        """The value of every key: from the cache, else ``ask(indices)`` for the first item of each missing key (an
+        identical item within one call is annotated once), in chunks of ``chunk_size``, each written as it is done;
+        failed annotations (NaN) are not stored."""
+        out: list[float] = [float("nan")] * len(keys)
+        first_of: dict[str, int] = {}
         for i, k in enumerate(keys):
             if k in self.cache:
                 out[i] = float(self.cache.get(k))
                 self.hits += 1
-            elif k not in asked:  # identical items within one call are scored once
-                todo.append(i)
-                asked.add(k)
-        for start in range(0, len(todo), self.chunk_size):
-            idx = todo[start:start + self.chunk_size]
-            got = self.judge.score([prompts[i] for i in idx], [responses[i] for i in idx], [rows[i] for i in idx])
-            self.misses += len(idx)
-            for i, v in zip(idx, got):
+            else:
+                first_of.setdefault(k, i)
+        unique = list(first_of.values())
+        for start in range(0, len(unique), self.chunk_size):
+            idx = unique[start:start + self.chunk_size]
+            for i, v in zip(idx, ask(idx)):
                 out[i] = float(v)
-            self.cache.put_many([(keys[i], out[i], {"judge": self.judge_id}) for i in idx if out[i] == out[i]])
-        first = {k: out[i] for i, k in reversed(list(enumerate(keys)))}
-        return [v if v == v else first[k] for k, v in zip(keys, out)]
+            self.misses += len(idx)
+            self.cache.put_many([(keys[i], out[i], {"judge": self.judge_id}) for i in idx if not math.isnan(out[i])])
+        return [out[first_of[k]] if k in first_of else v for k, v in zip(keys, out)]
 
     @phase("judging")
     def verdicts(self, questions, answers_a, answers_b, references=None) -> list[str | None]:

@@ -145,8 +145,7 @@ class MainProcessJudge(Judge):
         self.spec, self.dist = spec, dist
         self.inner = make(spec) if dist.is_main else None
         self.name = self.inner.name if self.inner is not None else spec
-        inner = self.inner
-        kind = traits(inner) if inner is not None else None
+        kind = traits(self.inner) if self.inner is not None else None
         self.reads_rows, self.gives_scores, self.reads_reference = self.dist.broadcast(kind)
 
     def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:

@@ -53,8 +53,10 @@ def format_win_rate(w: dict) -> str:
     return f"{100 * w['win_rate']:.1f}% [95% CI {100 * w['ci_low']:.1f}–{100 * w['ci_high']:.1f}, n={w['n']}]"
 
 
-def score_shares(prefix: str, scored: list[tuple[float, float]], names: tuple[str, str, str]) -> dict:
-    """Shares of (a, b) score pairs where a is higher, equal, lower (``names``), the mean margin a − b, and n."""
+def score_shares(prefix: str, a: Sequence[float], b: Sequence[float], names: tuple[str, str, str]) -> dict:
+    """Over the items both scores of which are known (not NaN): the shares where ``a`` scores higher, equal, lower
+    than ``b`` (``names``), the mean margin a − b, and n."""
+    scored = [(x, y) for x, y in zip(a, b) if x == x and y == y]
     n = len(scored)
     m = {f"{prefix}n": n}
     if n:

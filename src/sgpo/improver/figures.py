@@ -16,7 +16,6 @@ are cached under the output directory, keyed by everything that decides them, so
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Sequence
 
 from .. import config as config_mod
 from ..config import Config
-from ..data import Record, cut_reference, load_records, split_dev
+from ..data import Record, load_records, split_dev
 from ..eval.base import prefer
 from ..eval.winrate import score_shares, win_rate
 from ..generation import Generation
@@ -69,9 +68,8 @@ def improver_figures(judge, prompts: Sequence[str], drafts: Sequence[str], rewri
 
 def rewrite_scores(judge, prompts, drafts, rewrites, rows, prefix: str) -> dict:
     """``<prefix>score/rewrites/better``, ``_tie``, ``_worse``, ``_margin``, ``_n``: a scorer's rewrite against draft."""
-    new, old = judge.score(prompts, rewrites, rows), judge.score(prompts, drafts, rows)
-    return score_shares(f"{prefix}score/rewrites/", [(a, b) for a, b in zip(new, old) if a == a and b == b],
-                        ("better", "tie", "worse"))
+    return score_shares(f"{prefix}score/rewrites/", judge.score(prompts, rewrites, rows),
+                        judge.score(prompts, drafts, rows), ("better", "tie", "worse"))
 
 
 def win_rate_metrics(name: str, prefs: list[float]) -> dict:
@@ -133,11 +131,9 @@ def load_prompts(source: str, cfg: Config, tokenizer, *, dev_slice: bool = False
         _, records, *_ = split_dev(records, cfg.data.dev_size, cfg.data.split_seed, cfg.data.test_size)
     if limit:
         records = records[:limit]
-    from ..splits import verifiable_references
+    from ..splits import cut_references
 
-    cut = [dataclasses.replace(r, reference=cut_reference(r.reference, tokenizer, cfg.data.max_reference_tokens))
-           for r in records]
-    return verifiable_references(cut, records, tokenizer, cfg.data.max_reference_tokens)
+    return cut_references(records, tokenizer, cfg.data.max_reference_tokens)
 
 
 def config_for(model: str, config_path: str | None, overrides: Sequence[str] = ()) -> Config:
