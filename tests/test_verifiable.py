@@ -27,6 +27,10 @@ def test_the_rows_are_the_same_every_time_and_one_per_instruction(rows):
     assert len({r["base_prompt"] for r in rows}) == len({r["prompt"] for r in rows}) == 805
     assert {k for r in rows for k in r["instruction_id_list"]} == set(TYPES)  # every type is drawn
     assert all(1 <= len(r["instruction_id_list"]) <= 2 for r in rows)
+    # case changes and highlights only where the answer holds no code (a highlight once wrapped a ``` fence)
+    touchy = {"change_case:english_lowercase", "change_case:english_capital",
+              "detectable_format:number_highlighted_sections"}
+    assert not [r for r in rows if touchy & set(r["instruction_id_list"]) and "`" in r["base_response"]]
 
 
 def test_constraints_are_compatible_by_ifeval_s_conflict_table(rows):

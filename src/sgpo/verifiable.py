@@ -4,7 +4,7 @@ in IFEval's own wording, and GPT-4 Turbo's answer made by a program to satisfy t
 Only constraints a transformation can satisfy honestly are drawn: a case change (not where the answer holds code),
 double quotes around the whole answer, an end phrase, the request repeated first, the whole answer as JSON, a title in
 double angular brackets, highlighted sections (the first sentences of the first paragraphs, where the answer has no
-``*`` of its own), a postscript, and word or sentence counts with bounds the answer meets. Never a response language,
+``*`` and no code of its own), a postscript, and word or sentence counts with bounds the answer meets. Never a response language,
 two responses, placeholders or anything that would have to be faked. Constraints are drawn per instruction with a
 fixed data seed (the same data for every run seed), compatible by IFEval's conflict table read both ways.
 
@@ -51,7 +51,7 @@ def _applicable(instruction: str, answer: str) -> list[str]:
     out = [QUOTE, END, JSON, TITLE, PS, WORDS, SENTENCES]
     if not code:
         out += [LOWER, UPPER]
-    if "*" not in answer:
+    if "*" not in answer and not code:  # a highlight must not wrap a code fence or a line of code
         out.append(HIGHLIGHT)
     if len(instruction) <= 240:
         out.append(REPEAT)
