@@ -40,7 +40,29 @@ def test_every_round_has_exact_pair_figures(exact_run):
             shares = m["pairs/score/chosen_better"] + m["pairs/score/tie"] + m["pairs/score/rejected_better"]
             assert shares == pytest.approx(1.0) and -1 <= m["pairs/score/margin"] <= 1
     improver = json.loads((out / "improver" / "metrics.json").read_text())
-    assert improver["improver/score/targets/n"] > 0 and "improver/score/rewrites/n" in improver
+    assert improver["improver/score/targets/n"] > 0
+    # the rewrites are scored by the run's judge (ifeval) even under reading B: a program is not swayed by the
+    # reference, so the second judge (here the python scorer) need not stand in for it
+    assert improver["improver/score/rewrites/n"] == 4  # eval.improver_size of the smoke config
+    assert {k: improver[f"improver/score/rewrites/{k}"] for k in ("better", "tie", "worse", "margin")} == \
+        _ifeval_rewrite_shares(out / "improver")
+
+
+def _ifeval_rewrite_shares(folder):
+    """The improver's development rewrites against their drafts, scored here by IFEval's checkers."""
+    from sgpo.data import load_records
+    from sgpo.eval.judges import make_judge
+    from sgpo.eval.winrate import score_shares
+
+    read = lambda name: {r["id"]: r["text"] for r in map(json.loads, (folder / name).read_text().splitlines())}  # noqa
+    rewrites, drafts = read("dev_improver.jsonl"), read("dev_policy.jsonl")
+    records = {r.id: r for r in load_records("sgpo:verifiable-instructions", need="reference")[0]}
+    ids = list(rewrites)
+    judge, rows = make_judge("ifeval"), [records[i].row() for i in ids]
+    prompts = [records[i].prompt_text for i in ids]
+    m = score_shares("", judge.score(prompts, [rewrites[i] for i in ids], rows),
+                     judge.score(prompts, [drafts[i] for i in ids], rows), ("better", "tie", "worse"))
+    return {k: m[k] for k in ("better", "tie", "worse", "margin")}
 
 
 def test_the_summary_has_every_model_s_constraint_accuracy_and_the_python_judge_s(exact_run):

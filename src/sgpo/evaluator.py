@@ -77,7 +77,9 @@ class Evaluator:
                            [start_dev[r.id] for r in h], [r.reference for r in h], [r.row() for r in h])
             m.update(win_rate_metrics("eval/dev/win_rate_vs_start", prefs))
         if rewrite:
-            if self.cfg.improver.sees_reference:  # the improver has seen the references: the second judge decides
+            # the improver has seen the references: the second judge decides, unless the run's judge is a program
+            # (a constraint checker is not swayed by a rewrite's closeness to the reference)
+            if self.cfg.improver.sees_reference and self.scorer is None:
                 with self.second_judge() as judge:
                     m.update(figures(judge, recs[:rewrite], out))
             else:
