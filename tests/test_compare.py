@@ -1,6 +1,7 @@
 """``sgpo compare``: one table for several methods, failures recorded without stopping the others, re-runs skip
 what is finished; paper-scale configs validate and dry-run."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -167,7 +168,7 @@ def test_unknown_benchmark_or_method_fails_before_anything_runs(tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
+def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch, caplog):
     """Real runs on the tiny model: dpo fails on a malformed preference file, spin finishes; after the file is
     fixed, a re-run resumes dpo only and evaluates it on the same prompts with the same judges; the start model's
     IFEval answers are generated once for both."""
@@ -203,8 +204,12 @@ def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
     pref.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}) + "\n"
                     + json.dumps({"prompt": "Bye?", "chosen": "Goodbye.", "rejected": "No."}) + "\n")
     ran.clear()
-    assert main(args) == 0
+    with caplog.at_level(logging.INFO, logger="sgpo"):
+        assert main(args) == 0
     assert ran == ["dpo"]
+    # dpo's SFT is spin's (same data, seed and settings): its pre-rounds test answers come from the answer cache
+    cached = [r.getMessage() for r in caplog.records if "answers come from the cache" in r.getMessage()]
+    assert any("pre_rounds model" in m for m in cached) and any("start model" in m for m in cached), cached
     state = json.loads((out / "compare.json").read_text())
     assert all(state["runs"][k]["status"] == "done" for k in ("spin@0", "dpo@0"))
     assert state["runs"]["dpo@0"]["pairs"] == 2 and state["runs"]["dpo@0"]["dpo_steps"] == 1

@@ -23,8 +23,8 @@ log = logging.getLogger("sgpo")
 
 
 class Evaluator:
-    """``make_judge``: spec → judge (cached verdicts by default); ``answer_cache``: the folder the start model's test
-    answers are cached in by its hash (None: no cache)."""
+    """``make_judge``: spec → judge (cached verdicts by default); ``answer_cache``: the folder the start and pre-rounds
+    models' test answers are cached in by the model's hash (None: no cache)."""
 
     def __init__(self, cfg: Config, sampler, policy: Policy, stages, make_judge: Callable = cached_judge,
                  answer_cache: Path | None = None):

@@ -130,14 +130,15 @@ def pair_agreement(s: Session, pairs: list[Pair], refs: dict[str, str], rows: di
 
 
 def test_stage(s: Session, test: list[Record], pre_rounds_path: str | None) -> dict:
-    """The start model (answers cached by its hash), the pre-rounds model and the final model answer the test
-    prompts with the same seeds; the run's judge compares final with the other two (``held_out.py``). One model is
-    in memory at a time."""
+    """The start model, the pre-rounds model and the final model answer the test prompts with the same seeds; the
+    run's judge compares final with the other two (``held_out.py``). The first two are cached by the model's hash: the
+    methods of a comparison share a start model, and those whose SFT came out the same a pre-rounds model. One model
+    is in memory at a time."""
     s.policy.unload()
     ev = s.evaluator
     gens = {"start": ev.answers(test, "start", s.policy.start_path, cached=True)}
     if pre_rounds_path is not None:
-        gens["pre_rounds"] = ev.answers(test, "pre_rounds", pre_rounds_path)
+        gens["pre_rounds"] = ev.answers(test, "pre_rounds", pre_rounds_path, cached=True)
     gens["final"] = ev.answers(test, "final", s.policy.path)
     texts = {label: {i: g.text for i, g in x.items()} for label, x in gens.items()}
     name = held_out.judge_name(s.cfg.eval.judge)
