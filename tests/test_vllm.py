@@ -55,11 +55,25 @@ def one_engine(vllm_installed) -> dict:
     return {k: list(g.token_ids) for k, g in got.items()}
 
 
+@pytest.fixture(scope="module")
+def kept(vllm_installed):
+    """One engine kept across the tests that swap weights (a start costs more than the tests' rollouts together);
+    closing it ends its worker."""
+    engine = vllm_backend.Engine({"dtype": "float32", "seed": 3, "device": "cpu", "min_call": 2, "progress": False,
+                                  "max_model_len": 512})
+    yield engine
+    pid = engine.pid
+    engine.close()
+    assert engine.pid is None and not _alive(pid)
+
+
 @pytest.mark.slow
-def test_vllm_repeats_stops_at_eos_and_resumes(one_engine, tmp_path, monkeypatch):
+def test_vllm_repeats_stops_at_eos_and_resumes(one_engine, kept, tmp_path, monkeypatch):
+    """Through the kept engine: the fresh engine's samples; a checkpoint with another end-of-sequence token (same
+    weights, another folder) is honoured by the running engine; a killed rollout resumes without repeats."""
     path = str(tiny_random_path())
     tok = load_tokenizer(path)
-    sampler, records = _sampler(tok), _records()
+    sampler, records = dataclasses.replace(_sampler(tok), engine=kept), _records()
     first = sampler.rollout(path, records, "policy", 1, shard=tmp_path / "a.jsonl")
     assert all(len(g.token_ids) == 12 and not g.finished for g in first.values())  # a random model never ends
     assert all(g.text == tok.decode(g.token_ids, skip_special_tokens=True) for g in first.values())
@@ -353,23 +367,17 @@ def test_calls_are_a_fixed_plan_that_reaches_every_process():
 
 
 @pytest.mark.slow
-def test_one_vllm_engine_swaps_weights_and_gives_fresh_engines_samples(one_engine, tmp_path):
+def test_one_vllm_engine_swaps_weights_and_gives_fresh_engines_samples(one_engine, kept, tmp_path):
     a = str(tiny_random_path())
     b = _perturbed(a, tmp_path / "b")
     tok, records = load_tokenizer(a), _records()
     fresh_b = _tokens(_sampler(tok).rollout(b, records, "policy", 1))  # an engine of its own
-    engine = vllm_backend.Engine({"dtype": "float32", "seed": 3, "device": "cpu", "min_call": 2, "progress": False,
-                                  "max_model_len": 512})
-    sampler = dataclasses.replace(_sampler(tok), engine=engine)
-    try:
-        first = _tokens(sampler.rollout(a, records, "policy", 1))
-        pid = engine.pid
-        second = _tokens(sampler.rollout(b, records, "policy", 1))
-        back = _tokens(sampler.rollout(a, records, "policy", 1))
-        assert (engine.starts, engine.loads, engine.pid) == (1, 2, pid)
-    finally:
-        sampler.close()
-    assert not _alive(pid)
+    sampler = dataclasses.replace(_sampler(tok), engine=kept)
+    first = _tokens(sampler.rollout(a, records, "policy", 1))
+    pid, starts, loads = kept.pid, kept.starts, kept.loads
+    second = _tokens(sampler.rollout(b, records, "policy", 1))
+    back = _tokens(sampler.rollout(a, records, "policy", 1))
+    assert (kept.starts, kept.loads, kept.pid) == (starts, loads + 2, pid) and _alive(pid)  # two loads, no start
     assert first == one_engine == back and second == fresh_b and second != first
 
 
