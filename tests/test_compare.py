@@ -54,6 +54,16 @@ def fake_run(calls, fail):
     return run
 
 
+def private_cache(tmp_path, monkeypatch) -> None:
+    """A cache of the test's own (answers, verdicts) that shares the converted models (a conversion takes a minute)."""
+    from sgpo.models import cache_dir
+
+    models = cache_dir() / "models"
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(models)
+    monkeypatch.setenv("SGPO_CACHE", str(tmp_path / "cache"))
+
+
 def rows_of(md: Path) -> dict:
     return {tuple(c.strip() for c in line.split("|")[1:3]): line for line in md.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| method")}
@@ -127,7 +137,7 @@ def test_sgpo_is_paired_with_each_method_of_its_seed_over_the_same_start_answers
     from sgpo.models import load_tokenizer, resolve
     from sgpo.splits import prepare_splits
 
-    monkeypatch.setenv("SGPO_CACHE", str(tmp_path / "cache"))
+    private_cache(tmp_path, monkeypatch)
     cfg = config.load(str(SMOKE))
     test = prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name))).test
     calls, plain = [], fake_run([], fail=set())
@@ -154,6 +164,47 @@ def test_sgpo_is_paired_with_each_method_of_its_seed_over_the_same_start_answers
     answers = out / "spin" / "seed_0" / "test" / "answers_start.jsonl"
     answers.write_text(answers.read_text().replace("start 0", "another start"))
     assert paired_figures(out, [("spin", 0), ("sgpo", 0)], cfg) == {}
+
+
+def test_a_scorer_judge_s_own_scores_are_tabled_and_paired(tmp_path, monkeypatch):
+    """Under a judge that is a program (a scorer: ifeval, python:...) each run's row shows its final model's mean
+    score, and SGPO − spin is also paired on the final answers' own scores: here the scorer gives 1 to an answer that
+    is the reference, SGPO answers with the references and spin with a fixed sentence but for one prompt, so the
+    paired score difference is (n − 1)/n."""
+    from sgpo.held_out import judge_name
+    from sgpo.models import load_tokenizer, resolve
+    from sgpo.splits import prepare_splits
+
+    (tmp_path / "exact_scorer.py").write_text(
+        "def is_reference(prompt, response, row):\n    return float(response == row['reference'])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    private_cache(tmp_path, monkeypatch)
+    sets = ["eval.judge=python:exact_scorer:is_reference", "eval.second_judge="]
+    cfg = config.load(str(SMOKE), sets)
+    test, name = prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name))).test, judge_name(cfg.eval.judge)
+    plain = fake_run([], fail=set())
+
+    def run(cfg, out, **kw):
+        plain(cfg, out)
+        summary, k = json.loads((Path(out) / "summary.json").read_text()), f"eval/test/{name}/"
+        for key, x in (("win_rate_vs_start", 0.5), ("score_final", 0.25), ("perfect_final", 0.0625)):
+            summary.update({k + key: x, k + key + "_ci_low": x / 2, k + key + "_ci_high": x * 1.5,
+                            k + key + "_n": len(test)})
+        (Path(out) / "summary.json").write_text(json.dumps(summary))
+        (Path(out) / "test").mkdir(exist_ok=True)
+        for label in ("start", "final"):
+            rows = [{"id": r.id, "text": r.reference if (label, cfg.method) == ("final", "sgpo") or i == 0
+                     else "A sentence."} for i, r in enumerate(test)]
+            (Path(out) / "test" / f"answers_{label}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+        return {}
+
+    monkeypatch.setattr(recipe, "run", run)
+    out = tmp_path / "cmp"
+    md = compare_mod.compare(plan_of(["spin", "sgpo"], overrides=sets), out).read_text()
+    d = json.loads((out / "compare.json").read_text())["paired"]["spin@0"][f"{name} score"]
+    assert d["n"] == len(test) > 1 and d["diff"] == pytest.approx((len(test) - 1) / len(test))
+    assert f"{name}: mean score" in md and "25.0% [12.5–37.5]" in md and f"{name}: all met" in md
+    assert f"sgpo − spin, seed 0: {name} +" in md and f"{name} score {100 * d['diff']:+.1f}" in md
 
 
 def test_unknown_benchmark_or_method_fails_before_anything_runs(tmp_path, monkeypatch):

@@ -68,7 +68,9 @@ def _summary(run_dir: Path) -> dict:
 
 def eval_test(job: EvalJob) -> dict:
     """The run's test-split figures, final vs start, for each judge: ``{"judges": {name: {score, ci_low, ci_high, n,
-    lc, lc_ci_low, lc_ci_high, lc_n}}, "length", "finished"}`` (lc: among length-matched answer pairs)."""
+    lc, lc_ci_low, lc_ci_high, lc_n}}, "length", "finished"}`` (lc: among length-matched answer pairs); a scorer
+    judge's also ``score_final``/``perfect_final`` (and ``_start``): the mean score and the share scored 1, each
+    ``{score, ci_low, ci_high, n}``."""
     s = _summary(job.run_dir)
     judges = {}
     for k in s:
@@ -79,6 +81,13 @@ def eval_test(job: EvalJob) -> dict:
                             "lc_n": s.get(lm + "_n")}
     if not judges:
         raise ValueError(f"{job.run_dir / 'summary.json'} has no eval/test figures (is data.test_size 0?)")
+    for name, j in judges.items():  # a scorer judge (ifeval, python:...) also gives each model's own score
+        for what in ("score", "perfect"):
+            for model in ("final", "start"):
+                k = f"eval/test/{name}/{what}_{model}"
+                if k in s:
+                    j[f"{what}_{model}"] = {x: s[k + y] for x, y in
+                                            (("score", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"), ("n", "_n"))}
     return {"judges": judges, "length": s.get("eval/test/length_final"), "finished": s.get("eval/test/finished_final"),
             "start_length": s.get("eval/test/length_start"), "start_finished": s.get("eval/test/finished_start")}
 

@@ -36,10 +36,11 @@ def paired_rows(target: str, runs: list[tuple[str, int]]) -> list[tuple[tuple[st
 
 def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") -> dict:
     """``{"<method>@<seed>": {judge name: {diff, ci_low, ci_high, n}}}``: ``target``'s win rate vs start minus the
-    method's, paired over the test prompts (``runs``: the finished runs)."""
-    from .eval.winrate import paired_difference
+    method's, paired over the test prompts (``runs``: the finished runs); for a scorer judge also ``"<name> score"``:
+    ``target``'s final score minus the method's final score, paired over the same prompts."""
     from .eval.judges import judge_for_one_use
     from .held_out import judge_name, saved_answers
+    from .registry import is_scorer
     from .models import load_tokenizer, resolve
     from .splits import prepare_splits
 
@@ -56,11 +57,26 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
             stats = judge.stats()
             log.info("compare: paired figures under %s (%d verdicts from the cache, %d judged now)", spec,
                      stats.get("hits", 0), stats.get("misses", 0))
+            scores = {r: final_scores(judge, test, texts[r]) for row in rows for r in row} if is_scorer(spec) else {}
         for a, b in rows:
-            both = [(x, y) for x, y in zip(seen[a], seen[b]) if not (math.isnan(x) or math.isnan(y))]
-            figures.setdefault(f"{b[0]}@{b[1]}", {})[judge_name(spec)] = paired_difference(
-                [x for x, _ in both], [y for _, y in both])
+            row = figures.setdefault(f"{b[0]}@{b[1]}", {})
+            row[judge_name(spec)] = _paired(seen[a], seen[b])
+            if scores:  # the final models' own scores, paired: the direct comparison a program can make
+                row[judge_name(spec) + " score"] = _paired(scores[a], scores[b])
     return figures
+
+
+def final_scores(judge, test, texts: dict[str, dict[str, str]]) -> list[float]:
+    """A scorer judge's per-prompt score of the run's final answers."""
+    return judge.score([r.prompt_text for r in test], [texts["final"][r.id] for r in test], [r.row() for r in test])
+
+
+def _paired(a: list[float], b: list[float]) -> dict:
+    """``paired_difference`` over the prompts where both values are known."""
+    from .eval.winrate import paired_difference
+
+    both = [(x, y) for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))]
+    return paired_difference([x for x, _ in both], [y for _, y in both])
 
 
 def _same_start(x: dict, y: dict, a, b) -> bool:
@@ -75,7 +91,8 @@ def paired_lines(paired: dict, target: str, judges: list[str]) -> list[str]:
     """comparison.md's lines: per other run, the difference under each judge in points with its CI."""
     lines = []
     for key, by_judge in paired.items():
-        found = [(j, by_judge[j]) for j in judges if by_judge.get(j, {}).get("n")]
+        found = [(j, by_judge[j]) for j in (x for name in judges for x in (name, name + " score"))
+                 if by_judge.get(j, {}).get("n")]
         if found:
             m, s = key.split("@")
             cells = [f"{j} {100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"

@@ -43,6 +43,7 @@ def bench_cells(bench: str, r: dict | None, judges: list[str]) -> list[tuple[str
             out += [(f"{j}: vs start", rate_cell(f["score"], f["ci_low"], f["ci_high"]) if f else "–"),
                     (f"{j}: length-matched", rate_cell(f["lc"], f["lc_ci_low"], f["lc_ci_high"], f["lc_n"])
                      if f and f.get("lc") is not None else "–")]
+            out += scorer_cells(j, f)
         return out + [("length (words)", f"{r['length']:.0f}" if r and r.get("length") is not None else "–"),
                       ("finished", f"{pct(r.get('finished'), 0)}%" if r else "–")]
     if bench == "ifeval":
@@ -56,6 +57,15 @@ def bench_cells(bench: str, r: dict | None, judges: list[str]) -> list[tuple[str
                                                         f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}])"))
         return out
     return [(f"{bench}: vs start", rate_cell(r["score"], r["ci_low"], r["ci_high"], r["n"]) if r else "–")]
+
+
+def scorer_cells(judge: str, f: dict | None) -> list[tuple[str, str]]:
+    """A scorer judge's own figures of the final model: its mean score and the share of answers scored 1 (for
+    ``ifeval``: the share of constraints met, and of answers that meet all theirs)."""
+    if not f or "score_final" not in f:
+        return []
+    cell = lambda x: rate_cell(x["score"], x["ci_low"], x["ci_high"]) if x else "–"  # noqa: E731
+    return [(f"{judge}: mean score", cell(f["score_final"])), (f"{judge}: all met", cell(f.get("perfect_final")))]
 
 
 def run_row(entry: dict, benches, judges) -> tuple[list[str], list[str]]:

@@ -16,6 +16,7 @@ is ever downloaded. ``langdetect`` (the language checker) is seeded so scores ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -91,6 +92,14 @@ def _punkt_tables(english) -> dict[str, str]:
     }
 
 
+@functools.lru_cache(maxsize=1)
+def _punkt_model() -> tuple[dict[str, str], str]:
+    """The tables and their digest, built once per process (every checker call asks for them: rebuilding them took
+    most of the time of checking a reference)."""
+    tables = _punkt_tables(_punkt_english())
+    return tables, hashlib.sha256(json.dumps(tables, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+
+
 def _default_cache_dir() -> Path:
     from ..models import cache_dir
 
@@ -102,8 +111,7 @@ def prepare_punkt(cache_dir: str | os.PathLike | None = None) -> Path:
     and put it first on ``nltk.data.path``. Returns the NLTK data root. No download happens."""
     import nltk
 
-    tables = _punkt_tables(_punkt_english())
-    digest = hashlib.sha256(json.dumps(tables, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    tables, digest = _punkt_model()
     root = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
     data_root = root / f"punkt-english-{digest}"
     lang_dir = data_root / "tokenizers" / "punkt_tab" / "english"
