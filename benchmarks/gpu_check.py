@@ -1,16 +1,29 @@
-"""The GPU check: one prepared script, one GPU, no network, about 5 minutes on an H200; prints one JSON line.
+"""The GPU check: one prepared script, one GPU, no network; prints one JSON line. Meant to stay under 8 minutes on one
+H100 (the memory step under one by arithmetic: an 8B forward of 8,192 positions is ~1.3e14 FLOPs); not yet run on a
+GPU in this form. An earlier version (SmolLM2-135M's architecture, engine and DPO only) ran once, on an H100 on
+2026-11-27 (docs/performance.md).
 
-A randomly initialised model of Llama-3.2-1B's shape (built from a config: nothing downloaded), bf16:
+Randomly initialised models (built from a config: nothing downloaded), bf16:
 
-1. ``sgpo run`` (SGPO, one round, engine generation): SFT, improver training, a DPO round; for each training
-   stage the share of weights it changed at bf16 resolution (fp32 masters: DPO at 5e-7 must still move them);
+1. ``run``: ``sgpo run`` (SGPO, one round) with ``generation.backend=engine``, the built-in engine (the manifest's
+   ``generation_backend`` is checked): SFT, improver training, a DPO round, Llama-3.2-1B's shape; for each training
+   stage the share of weights it changed, compared in the export's own dtype, and that dtype (bf16 on a GPU: fp32
+   masters, DPO at 5e-7 must still move bf16 weights);
 2. the reference pass at the paper's shapes (32 pairs of a 2,560-token prompt and two 1,024-token responses, a
    128k vocabulary) with the GPU position budget, and without it: peak memory, seconds;
 3. the engine against ``model.generate`` (sampling, padded batches): tokens/s and their ratio;
-4. the sharded branch: ``accelerate launch`` with the FSDP config and one process, generation through sgpo's vLLM
-   worker with a stand-in for vLLM (``benchmarks/vllm_standin``: the worker, its job and process boundary are real;
-   vLLM itself is not installed on the GPU machine); the export is reloaded, with its tokenizer, for the next rollout;
-5. LoRA (one process): the stage checkpoints are full models with the adapter merged.
+4. ``fsdp_vllm_worker``: ``accelerate launch`` with the FSDP config, one process, ``--mixed_precision bf16``, with
+   ``generation.backend=vllm`` through sgpo's vLLM worker and a stand-in for vLLM (``benchmarks/vllm_standin``: the
+   worker, its job and process boundary are real; vLLM itself is not installed on the GPU machine). Only this step
+   has the stand-in on its path. Its exports must be bf16 (FSDP2 under mixed precision gathers fp32 shards);
+5. ``lora`` (one process, the built-in engine): the stage checkpoints are full bf16 models with the adapter merged;
+6. ``memory``: on the device, a random model of Llama-3-8B's shape: the reference pass of one forward of 8,192
+   positions and two LoRA steps of 8,192 positions; of Llama-3.2-1B's shape, two full fine-tuning steps (MasterAdamW):
+   each peak beside ``sgpo.sizes``' estimate (``--shape tiny``: all three at the tiny shape, 512 positions).
+
+The runs and the memory step record ``ok``: what they claim held (the backend the manifest names and the vLLM engines
+started, the dtype of every export, every training stage moved the weights; the estimates within 0.9–1.5× of the
+measured peaks). A failing step does not stop the others.
 
     python benchmarks/gpu_prepare.py                       # where sgpo is installed: the carried folder
     python benchmarks/gpu_check.py --carry .gpu_carry --out OUT
@@ -27,21 +40,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from sgpo import sizes  # noqa: E402
 from sgpo.generation import Request, Settings, generate  # noqa: E402
 from sgpo.models import load_model, load_tokenizer  # noqa: E402
 from sgpo.training.batching import default_max_positions  # noqa: E402
 from sgpo.training import dpo  # noqa: E402
 from sgpo.training.dpo import TokenPair, reference_logps  # noqa: E402
 
-SHAPES = {  # Llama-3.2-1B's shape (its 128k vocabulary only where no tokenizer reads the ids), and a tiny one
+SHAPES = {  # Llama-3.2-1B's and Llama-3-8B's shapes (their 128k vocabulary only where no tokenizer reads the ids)
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False, rope_theta=500000.0),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -67,38 +84,94 @@ def build_model(carry: Path, shape: str, out: Path, vocab: int | None = None) ->
 
 
 def changed(a: Path, b: Path) -> float:
-    """The share of weights of checkpoint ``b`` that differ from ``a`` at bf16 resolution."""
+    """The share of weights of checkpoint ``b`` that differ from ``a``, compared in ``b``'s dtype: ``a`` is cast to it
+    only when it is the start model in bf16 and ``b`` an fp32 run's (exact); ``b`` is never rounded, so an export in
+    another dtype than the run's shows in ``export_dtypes`` and is not hidden here."""
     from safetensors.torch import load_file
 
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    moved = sum((wa[k].to(torch.bfloat16) != wb[k].to(torch.bfloat16)).sum().item() for k in wa)
+    moved = sum((wa[k].to(wb[k].dtype) != wb[k]).sum().item() for k in wa)
     return moved / sum(v.numel() for v in wa.values())
 
 
-def sgpo_run(model: Path, carry: Path, out: Path, launcher: list[str] = (), extra: list[str] = ()) -> dict:
-    """``sgpo run`` SGPO for one round on ``model`` with small sizes; its stage times and changed weights."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks" / "vllm_standin"),
-                                                       os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", SGPO_VLLM_PYTHON=sys.executable)
+def export_dtypes(folder: Path) -> list[str]:
+    """The dtypes of a checkpoint's floating-point tensors, read from its header (``bfloat16``, ``float32``)."""
+    from safetensors import safe_open
+
+    names = {"BF16": "bfloat16", "F32": "float32", "F16": "float16", "F64": "float64"}
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        found = {f.get_slice(k).get_dtype() for k in f.keys()}
+    return sorted(names[d] for d in found if d in names)
+
+
+def sgpo_run(model: Path, carry: Path, out: Path, expect: dict, launcher: list[str] = (),
+             extra: list[str] = ()) -> dict:
+    """``sgpo run`` SGPO for one round on ``model`` with small sizes; its stage times, changed weights and export
+    dtypes, checked against ``expect``: ``backend`` (the manifest's ``generation_backend``, set with
+    ``generation.backend``; ``vllm`` puts the stand-in on the path, nothing else does), ``dtype`` (every stage's
+    export, and the vLLM engine's) and, with vLLM, ``share`` (the GPU share its one engine was built with)."""
+    standin = expect["backend"] == "vllm"
+    path = [str(ROOT / "src")] + ([str(ROOT / "benchmarks" / "vllm_standin")] if standin else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("SGPO_VLLM_PYTHON", None)
+    engines = out.parent / f"{out.name}.engines.jsonl"  # what the stand-in's engines were built with
+    if standin:
+        env.update(SGPO_VLLM_PYTHON=sys.executable, SGPO_VLLM_STANDIN_LOG=str(engines))
     sets = [f"model.name={model}", f"data.sft={carry / 'prompts.jsonl'}", "rounds=1", "data.sft_size=64",
             "data.dev_size=8", "data.improver_size=32", "data.round_size=48", "eval.improver_size=0",
             "eval.head_to_head_size=0", "eval.second_judge=", "data.test_size=0", "generation.max_new_tokens=64",
             "generation.batch_size=16", "train.batch_size=16", "dpo.batch_size=16", "pairs.require_finished=none",
-            *extra]
+            f"generation.backend={expect['backend']}", *extra]
     cmd = [sys.executable, *(["-m", "accelerate.commands.launch", *launcher] if launcher else []), "-m", "sgpo",
            "run", "-o", str(out)] + [x for s in sets for x in ("--set", s)]
     t = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     (out.parent / f"{out.name}.log").write_text(p.stdout + p.stderr)
-    res = {"rc": p.returncode, "s": round(time.perf_counter() - t, 1)}
+    res = {"rc": p.returncode, "s": round(time.perf_counter() - t, 1), "ok": False}
     if p.returncode:
         res["error"] = (p.stderr.strip().splitlines() or ["?"])[-1][:300]
         return res
+    res.update(run_figures(model, out))
+    if standin:  # the engine's share of the GPU as sgpo set it (the launch strategy's default) and its dtype
+        res["engines"] = [json.loads(line) for line in engines.read_text().splitlines()] if engines.exists() else []
+    res["ok"] = run_ok(res, expect)
+    return res
+
+
+def run_ok(res: dict, expect: dict) -> bool:
+    """Whether a run did what its step claims: generated with ``expect["backend"]`` (one vLLM engine, of the expected
+    share and dtype, or none), exported every stage in ``expect["dtype"]``, moved the weights in every training stage,
+    and saved the tokenizer with the model."""
+    vllm = expect["backend"] == "vllm"
+    engines = res.get("engines", [])
+    return (res["generation_backend"] == expect["backend"] and res["vllm_engine_starts"] == int(vllm)
+            and len(engines) == int(vllm)
+            and all(e["gpu_memory_utilization"] == expect["share"] and e["dtype"] == expect["dtype"] for e in engines)
+            and all(res[f"dtype/{st}"] == [expect["dtype"]] for st in STAGES)
+            and all(res[f"changed/{st}"] > 0 for st in STAGES) and res["tokenizer_with_model"])
+
+
+STAGES = ("sft", "improver", "round_1")
+# the runs on a CPU (this script's own check): every stage still trains and the round keeps pairs, on a quarter of the
+# prompts and short texts (the tiny model's 49k-word LM head in fp32 is most of a CPU run's time)
+CPU_SIZES = ["data.sft_size=16", "data.improver_size=16", "data.round_size=16", "data.dev_size=4",
+             "data.max_prompt_tokens=128", "data.max_reference_tokens=32", "generation.max_new_tokens=16",
+             "train.batch_size=8", "dpo.batch_size=8"]
+
+
+def run_figures(model: Path, out: Path) -> dict:
+    """What a finished run says: stage times, the backend and vLLM engines it used, per training stage the share of
+    weights changed and the export's dtypes, the round's DPO figures."""
     manifest = json.loads((out / "manifest.json").read_text())
-    res["stage_s"] = {k: v.get("seconds") for k, v in manifest["stages"].items()}
+    summary = json.loads((out / "summary.json").read_text())
+    res = {"stage_s": {k: v.get("seconds") for k, v in manifest["stages"].items()},
+           "generation_backend": manifest.get("generation_backend"),
+           "vllm_engine_starts": summary.get("generation/vllm_engine_starts")}
     before = model
-    for stage in ("sft", "improver", "round_1"):
+    for stage in STAGES:
         res[f"changed/{stage}"] = round(changed(before, out / stage / "model"), 4)
+        res[f"dtype/{stage}"] = export_dtypes(out / stage / "model")
         before = out / stage / "model"
     metrics = json.loads((out / "round_1" / "metrics.json").read_text())
     res.update({k: metrics[k] for k in ("pairs/kept", "dpo/loss", "dpo/steps") if k in metrics})
@@ -121,6 +194,7 @@ def reference_memory(shape: str, device: str, scale: float) -> dict:
     pairs = [TokenPair(ids(lp), ids(lr), ids(lr)) for _ in range(n)]
     res = {"pairs": n, "prompt_tokens": lp, "response_tokens": lr, "vocab": vocab,
            "budget": default_max_positions(model, training=False)}
+    budgeted = dpo.default_max_positions
     for name in ("budget", "uncut"):
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -133,9 +207,62 @@ def reference_memory(shape: str, device: str, scale: float) -> dict:
             res[f"{name}_s"] = round(time.perf_counter() - t, 2)
         except torch.OutOfMemoryError:
             res[f"{name}_s"] = "out of memory"
+        finally:
+            dpo.default_max_positions = budgeted
         if device == "cuda":
             res[f"{name}_peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return res
+
+
+def random_model(shape: str, device: str, vocab: int):
+    """A random Llama of ``shape`` in bf16, made on ``device`` directly (8B is never built on the host)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, max_position_embeddings=8192, **SHAPES[shape]))
+    finally:
+        torch.set_default_dtype(default)
+
+
+def measured(peak: Callable[[], int], estimate: float) -> dict:
+    """A measured peak beside its estimate (GB, 1e9 bytes), or the out-of-memory it ran into."""
+    try:
+        got = peak()
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory", "estimate_gb": round(estimate / 1e9, 4)}
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return {"peak_gb": round(got / 1e9, 4), "estimate_gb": round(estimate / 1e9, 4), "ratio": round(estimate / got, 3)}
+
+
+def memory_check(device: str, big: str, small: str, positions: int, vocab: int) -> dict:
+    """Peak memory beside ``sgpo.sizes``' estimate: the reference pass of one forward of ``positions`` and two LoRA
+    steps on a random model of shape ``big``, two full fine-tuning steps (one micro-batch of ``positions`` each,
+    MasterAdamW, gradient checkpointing) on one of shape ``small``."""
+    res = {"positions": positions, "shapes": {"reference_pass": big, "lora_step": big, "full_step": small}}
+    model = random_model(big, device, vocab)
+    shape = shape_of(model)
+    res["reference_pass"] = measured(lambda: sizes.reference_peak(model, positions),
+                                     sizes.reference_pass_bytes(shape, positions, kept=positions // 2))
+    res["lora_step"] = measured(lambda: sizes.training_peak(model, positions, lora_r=16),
+                                sizes.per_gpu_bytes(shape, "LoRA (single GPU / DDP)", 1, positions))
+    del model
+    model = random_model(small, device, vocab)
+    res["full_step"] = measured(lambda: sizes.training_peak(model, positions),
+                                sizes.per_gpu_bytes(shape_of(model), "single GPU", 1, positions))
+    res["ok"] = all(0.9 <= res[k].get("ratio", 0) <= 1.5 for k in ("reference_pass", "lora_step", "full_step"))
+    return res
+
+
+def shape_of(model) -> sizes.Shape:
+    c = model.config
+    return sizes.Shape(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size,
+                       c.intermediate_size, c.vocab_size, bool(c.tie_word_embeddings))
 
 
 def generation_speed(path: Path, carry: Path, device: str, n: int, new_tokens: int) -> dict:
@@ -168,7 +295,8 @@ def main() -> None:
     ap.add_argument("--carry", default=".gpu_carry")
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="1b", choices=("1b", "tiny"), help="the runs' model (the memory step: 8B and "
+                    "1B, or tiny)")
     ap.add_argument("--work", help="where the models and runs go (default: a temporary folder; OUT gets the logs)")
     args = ap.parse_args()
     carry, out = Path(args.carry), Path(args.out)
@@ -180,13 +308,20 @@ def main() -> None:
     model = build_model(carry, args.shape, work / "start")
     fsdp = ["--config_file", str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
             "--mixed_precision", "bf16" if cuda else "no"]
+    dtype = "bfloat16" if cuda else "float32"  # model.dtype auto: bf16 on a GPU, fp32 on a CPU (FSDP there: fp32)
+    engine = {"backend": "engine", "dtype": dtype}
+    vllm = {"backend": "vllm", "dtype": dtype, "share": sizes.VLLM_SHARES["FSDP"]}  # launched with fsdp.yaml
+    memory = ("8b", "1b", 8192, PAPER["vocab"]) if args.shape != "tiny" else ("tiny", "tiny", 512, 1000)
+    small = [] if cuda else CPU_SIZES
     steps = {
-        "run": lambda: sgpo_run(model, carry, work / "run"),
+        "run": lambda: sgpo_run(model, carry, work / "run", engine, extra=small),
         "reference_pass": lambda: reference_memory(args.shape, args.device, 1.0 if cuda else 0.05),
         "generation": lambda: generation_speed(model, carry, args.device, 64 if cuda else 8, 128 if cuda else 8),
-        "fsdp_vllm_worker": lambda: sgpo_run(model, carry, work / "fsdp", fsdp, ["generation.backend=vllm"]
-                                             + ([] if cuda else ["model.dtype=float32"])),
-        "lora": lambda: sgpo_run(model, carry, work / "lora", extra=["model.lora_r=16", "model.lora_alpha=32"]),
+        "fsdp_vllm_worker": lambda: sgpo_run(model, carry, work / "fsdp", vllm, fsdp,
+                                             small + ([] if cuda else ["model.dtype=float32"])),
+        "lora": lambda: sgpo_run(model, carry, work / "lora", engine,
+                                 extra=small + ["model.lora_r=16", "model.lora_alpha=32"]),
+        "memory": lambda: memory_check(args.device, *memory),
     }
     for name, fn in steps.items():
         log(f"{name} ...")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check, in one call on a GPU machine without internet (see benchmarks/gpu_check.py); about 5 minutes on one
-# H200. Prepare the carried folder first on a machine with the package installed:  python benchmarks/gpu_prepare.py
+# The GPU check, in one call on a GPU machine without internet (see benchmarks/gpu_check.py); meant to stay under 8
+# minutes on one H100, not yet timed on a GPU in its present form. Prepare the carried folder first on a machine
+# with the package installed:  python benchmarks/gpu_prepare.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=${CARRY:-.gpu_carry}

@@ -77,3 +77,68 @@ def test_sgpo_config_prints_a_section_and_names_the_sections_when_wrong(capsys):
     assert "dpo." not in out
     assert main(["config", "nope"]) == 2
     assert "sections: model, data" in capsys.readouterr().err
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("rounds: 2\neval:\n  judge: openai: gpt-4o-mini\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(p)
+    assert str(e.value).startswith(f"{p}:3:16: not valid YAML: mapping values are not allowed here"), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, closest", [
+    ("data:\n  round_sise: 3\n", "data.round_size"),   # a typo in its section
+    ("round_size: 3\n", "data.round_size"),            # the right name in the wrong section
+    ("modle:\n  name: x\n", "model"),                  # a section
+    ("eval:\n  judge_concurency: 4\n", "eval.judge_concurrency"),
+])
+def test_a_mistyped_key_suggests_the_closest_known_one(tmp_path, text, closest):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=rf": did you mean {closest}\? \(known under") as e:
+        config.load(p)
+    assert "unknown config key" in str(e.value)
+
+
+def test_a_key_like_no_other_suggests_nothing():
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["zzzzqqqq=1"])
+    assert "did you mean" not in str(e.value) and "unknown config key 'zzzzqqqq'" in str(e.value)
+
+
+def test_a_string_override_takes_the_text_given_yaml_or_not():
+    # `openai:` is a mapping to YAML; for a string key it is the text, refused for what it says, not for its type
+    with pytest.raises(ConfigError) as e:
+        config.load(None, ["eval.judge=openai:"])
+    assert "expected str" not in str(e.value) and str(e.value).startswith("eval.judge: judge 'openai:' needs a model")
+    cfg = config.load(None, ["data.subset=2023", "data.split=yes", "model.chat_template=a: b", "report_to=[tensorboard]"])
+    assert (cfg.data.subset, cfg.data.split, cfg.model.chat_template) == ("2023", "yes", "a: b")
+    assert cfg.report_to == "tensorboard"  # a YAML list of trackers still reads as one
+    assert config.load(None, ["eval.judge=openai:gpt-4o-mini@http://h:8000/v1"]).eval.judge.endswith("@http://h:8000/v1")
+    with pytest.raises(ConfigError, match=r"override 'rounds=\[': the value is not valid YAML"):
+        config.load(None, ["rounds=["])  # not a YAMLError traceback
+
+
+def test_a_mapping_where_a_string_goes_says_to_quote_it(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("eval:\n  judge:\n    openai: gpt-4o-mini\n")
+    with pytest.raises(ConfigError, match=r"eval.judge: expected a string, got a mapping .*quote the value"):
+        config.load(p)
+
+
+@pytest.mark.parametrize("value, ok", [("1.5", False), ("0", True), ("-0.1", False), ("1.0", True), ("0.9", True)])
+def test_vllm_gpu_memory_is_a_fraction(value, ok):
+    """A fraction of the GPU, or 0: the launch strategy's default (``sizes.VLLM_SHARES``)."""
+    if ok:
+        assert config.load(None, [f"generation.vllm_gpu_memory={value}"]).generation.vllm_gpu_memory == float(value)
+    else:
+        with pytest.raises(ConfigError, match=rf"generation.vllm_gpu_memory: must be in \(0, 1\], got {value}"):
+            config.load(None, [f"generation.vllm_gpu_memory={value}"])
+
+
+def test_judge_prices_are_not_negative():
+    assert config.load(None, ["eval.judge_price_input=0.15"]).eval.judge_price_input == 0.15
+    with pytest.raises(ConfigError, match="eval.judge_price_output: must be ≥ 0.0, got -1.0"):
+        config.load(None, ["eval.judge_price_output=-1"])

@@ -125,3 +125,76 @@ def test_the_second_judge_judges_at_most_agreement_size_pairs_a_round(nothing_lo
     assert all(r["judges"]["lm:sgpo:gemma-3-270m"] == cfg.eval.agreement_size == 500 for r in rounds)  # … 500 judged
     small = dry_run(config.load(REPO / "configs" / "paper" / "sgpo-llama-3-8b.yaml", ["eval.agreement_size=20"]))
     assert small["stages"][3]["judges"]["lm:sgpo:gemma-3-270m"] == 20
+
+
+def test_a_data_path_or_model_a_run_would_refuse_is_refused_naming_it(tmp_path, nothing_loads, capsys, monkeypatch):
+    """The run's own rule (``data.source_kind``): a path that is not on disk and not shaped as a hub dataset id was
+    meant as a file; a model that is not an embedded one, a folder or a hub id cannot load. Refused in one line."""
+    from sgpo.data import DataError, load_records
+    from sgpo.models import ModelError
+
+    monkeypatch.chdir(tmp_path)
+    data = write_pool(tmp_path / "my_sft.jsonl", 30)
+    looked = f"no such file (looked for as a local file, from {tmp_path}; not a hub dataset id"
+    assert main(["run", "--set", "data.sft=data/my_sfts.jsonl", "--dry-run"]) == 2  # the issue's typo
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sgpo: error: data.sft: data/my_sfts.jsonl: {looked}"), err
+    with pytest.raises(DataError, match=r"^data/my_sfts.jsonl: no such file \(looked for as a local file"):
+        load_records("data/my_sfts.jsonl")  # the real run says the same of it
+    for key in ("data.prompts", "data.preference"):  # the preference data is read by method dpo only
+        with pytest.raises(DataError, match=rf"^{key}: /no/such/dir/x: no such file \(looked for as a local file"):
+            dry_run(tiny(data, f"{key}=/no/such/dir/x", "method=dpo"))
+    assert dry_run(tiny(data, "data.preference=/no/such/dir/x", "method=spin"))["method"] == "spin"
+    hub = tiny(data, "data.sft=data/my_sfts")  # shaped as a hub id: planned as one, and said so
+    assert "Not downloaded: data/my_sfts (looked for as hub datasets: no local file or folder of that name" in \
+        format_dry_run(dry_run(hub), hub)
+    assert main(["run", "--set", "model.name=/nonexistent/model", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sgpo: error: model.name: /nonexistent/model: no such folder (looked for as a local folder, from "
+                   f"{tmp_path}; not a hub model id, which is 'name' or 'owner/name')"], err
+    with pytest.raises(ModelError, match=r"model.name: unknown embedded model 'sgpo:nope'"):
+        dry_run(tiny(data, "model.name=sgpo:nope"))
+    with pytest.raises(ModelError, match=r"^model.chat_template: \./templates/chat: no such folder"):
+        dry_run(tiny(data, "model.chat_template=./templates/chat"))
+    with pytest.raises(ModelError, match=r"^model.chat_template: templates/chat.jinja: no such file \(looked for as a "
+                                         r"Jinja file"):
+        dry_run(tiny(data, "model.chat_template=templates/chat.jinja"))
+    (tmp_path / "local-model").mkdir()
+    assert dry_run(tiny(data, f"model.name={tmp_path / 'local-model'}"))["model"].endswith("local-model")
+
+
+def test_a_tracker_that_is_not_installed_is_refused_by_the_dry_run(nothing_loads, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert main(["run", "--set", "report_to=tensorboard,wandb", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "sgpo: error: report_to: wandb is not installed (pip install wandb)"]
+
+
+def test_an_api_judge_gets_estimates_of_its_tokens_cost_and_wall_time(tmp_path, nothing_loads):
+    from sgpo.dry_run import template_tokens
+
+    data = tmp_path / "pool.jsonl"  # every prompt 12 characters: what the judge is sent is known
+    data.write_text("".join(json.dumps({"prompt": f"Question {i:02d}?", "response": f"Answer {i}."}) + "\n"
+                            for i in range(30)))
+    spec = "openai:gpt-4o-mini@http://127.0.0.1:9/v1"
+    cfg = tiny(data, f"eval.judge={spec}", "eval.judge_price_input=1000", "eval.judge_price_output=2000",
+               "eval.judge_concurrency=2", "generation.max_new_tokens=50")
+    d = dry_run(cfg)
+    n = sum(r["judges"].get(spec, 0) for r in d["stages"])
+    assert n > 0 and d["judge_prompt_chars"][spec] == 12 * n
+    frame = template_tokens()
+    assert 50 < frame < 2000  # the pairwise template is a few hundred tokens
+    sent = n * 12 / 4 + n * (frame + 2 * 50)
+    text = format_dry_run(d, cfg)
+    assert f"API judge {spec}: estimates for the {n:,} calls counted" in text
+    assert f"sent ≤ {sent / 1e3:,.1f}k tokens: prompts {n * 3} (~4 characters a token)" in text, text
+    assert f"received ≤ {n} tokens (one label token a call)" in text
+    assert f"cost ≤ ${(sent * 1000 + n * 2000) / 1e6:,.2f} at $1000 / $2000 per million tokens" in text
+    assert f"wall time {n * 3 / 2:.0f} s – {n * 8 / 2:.0f} s at 2 requests in flight (eval.judge_concurrency)" in text
+    unpriced = tiny(data, f"eval.judge={spec}")
+    assert "cost: set eval.judge_price_input and eval.judge_price_output" in format_dry_run(dry_run(unpriced), unpriced)
+    local = tiny(data)  # the offline judges cost nothing: no such lines
+    assert "API judge" not in format_dry_run(dry_run(local), local)

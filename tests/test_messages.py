@@ -1,5 +1,6 @@
 """Error messages for malformed user files: each names the file, the line (or record) and what is wrong."""
 import json
+import re
 
 import pytest
 
@@ -171,3 +172,20 @@ def test_cli_metrics_prints_the_named_error(tmp_path, capsys):
     assert main(["metrics", "alpaca-eval", str(p)]) == 2
     err = capsys.readouterr().err
     assert f"sgpo: error: {p}: invalid JSON in the annotations file at line 1" in err
+
+
+def test_a_missing_data_source_says_whether_it_was_looked_for_as_a_file_or_a_hub_dataset(monkeypatch):
+    import datasets
+
+    for path in ("data/my_sfts.jsonl", "/nodata", "./data/sft"):  # a suffix, or not shaped as 'owner/name'
+        with pytest.raises(DataError, match=rf"^{re.escape(path)}: no such file \(looked for as a local file, from "):
+            load_records(path)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("the hub is offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError) as e:
+        load_records("someone/nothing")
+    assert str(e.value) == ("someone/nothing: no local file or folder of that name, and as a hub dataset it cannot be "
+                            "loaded (ConnectionError: the hub is offline)")

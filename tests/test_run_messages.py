@@ -68,8 +68,9 @@ def test_a_small_pool_is_reused_and_says_so(caplog):
     assert [[r.id for r in x] for x in s.rounds] == [["2", "3", "4"], ["0", "1", "2"]]
     msg = [r.getMessage() for r in caplog.records]
     assert [r.id for r in s.sft] == ["3", "4"]  # the SFT slice comes after the rounds
-    assert any("has 5 prompts but the improver slice (2), 2 rounds of 3 and the SFT slice (2) ask for 10: 5 prompts "
-               "are used more than once" in m for m in msg), msg
+    assert any("has 5 prompts but its slices take 10 (asked → got: the improver slice (data.improver_size) 2 → 2, "
+               "2 rounds (data.round_size) 3 → 3 each, the SFT slice (data.sft_size) 2 → 2; a slice is at most the "
+               "whole pool): 5 prompts are used more than once" in m for m in msg), msg
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sgpo"):
         deal(Splits([Record(str(i), (("user", f"q{i}"),), "r") for i in range(10)], []), cfg)
@@ -83,3 +84,45 @@ def test_no_development_prompts_warns_that_no_figures_follow(tmp_path, tiny_toke
     assert s.dev == []
     assert any("no development prompts" in r.getMessage() and "no head-to-head" in r.getMessage()
                for r in caplog.records)
+
+
+def test_the_reuse_warning_says_what_each_slice_asked_for_and_got(caplog):
+    pool = [Record(str(i), (("user", f"q{i}"),), "r") for i in range(5)]
+    cfg = config.load(None, ["data.improver_size=48", "data.round_size=7", "rounds=2", "data.sft_size=128"])
+    with caplog.at_level(logging.WARNING, logger="sgpo"):
+        deal(Splits(pool, []), cfg)
+    assert ("its slices take 20 (asked → got: the improver slice (data.improver_size) 48 → 5, 2 rounds "
+            "(data.round_size) 7 → 5 each, the SFT slice (data.sft_size) 128 → 5; a slice is at most the whole pool): "
+            "15 prompts are used more than once") in caplog.text, caplog.text
+
+
+def test_held_out_splits_that_take_most_of_the_data_warn_naming_the_keys(tmp_path, caplog):
+    rows = tmp_path / "ten.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(10)))
+    with caplog.at_level(logging.WARNING, logger="sgpo"):
+        s = prepare_splits(config.load(None, [f"data.sft={rows}"]), None)  # the defaults: test 200, dev 48
+    assert (len(s.train), len(s.dev), len(s.test)) == (1, 0, 9)
+    warned = [r.getMessage() for r in caplog.records if "take 9 of the 10 records" in r.getMessage()]
+    assert warned and "data.test_size=200, got 9" in warned[0] and "data.dev_size=48, got 0" in warned[0], caplog.text
+    assert "leaving 1 for training where the run's slices ask for 272 prompts" in warned[0]  # 48 + 2 × 48 + 128
+    assert "--set data.test_size=1 --set data.dev_size=1" in warned[0]
+    caplog.clear()
+    small = ["data.improver_size=1", "data.round_size=1", "data.sft_size=1"]
+    with caplog.at_level(logging.WARNING, logger="sgpo"):
+        prepare_splits(config.load(None, [f"data.sft={rows}", "data.test_size=1", "data.dev_size=1"]), None)
+        prepare_splits(config.load(None, [f"data.sft={rows}", "data.test_size=3", "data.dev_size=2"]), None)
+        # most of it held out by choice, the rest enough for the slices (configs/verifiable.yaml): no warning either
+        prepare_splits(config.load(None, [f"data.sft={rows}", "data.test_size=5", "data.dev_size=1", *small]), None)
+    assert "records (test:" not in caplog.text
+
+
+def test_the_readme_quick_start_names_the_held_out_sizes():
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    data = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])["data"]
+    assert {"test_size", "dev_size"} <= set(data)
+    assert config.load(None, [f"data.{k}={v}" for k, v in data.items() if k.endswith("_size")])  # valid keys

@@ -20,8 +20,12 @@ def _expected_errors():
     from .model_card import PushError
     from .trackers import TrackerError
     from .vllm_backend import BackendError
+    from .eval.base import JudgeError
+    from .eval.ifeval import IFEvalError
+    from .rollout import PeerFailed
 
-    return (ConfigError, DataError, ModelError, RunError, PushError, TrackerError, BackendError, FileNotFoundError, PermissionError, ValueError)
+    return (ConfigError, DataError, ModelError, RunError, PushError, TrackerError, BackendError, JudgeError,
+            IFEvalError, PeerFailed, FileNotFoundError, PermissionError, ValueError)
 
 
 def _setup_logging(debug: bool) -> None:
@@ -43,6 +47,11 @@ def cmd_run(args) -> int:
     if args.method:
         cfg = config.load(args.config, (args.set or []) + [f"method={args.method}"])
     out = args.output or os.path.join("runs", datetime.now().strftime("%Y%m%d-%H%M%S") + f"-{cfg.method}")
+    if args.show_prompts is not None:
+        from .show_prompts import show_prompts
+
+        print(show_prompts(cfg, args.show_prompts), end="")
+        return 0
     if args.dry_run:
         from .dry_run import dry_run, format_dry_run
 
@@ -166,18 +175,28 @@ def _add_run_parser(sub) -> None:
     r.add_argument("--method", help="sgpo, spin, synpo, dpo or sft (same as --set method=...)")
     r.add_argument("--force-restart", action="store_true", help="discard an unfinished run in --output")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
+    r.add_argument("--show-prompts", nargs="?", type=int, const=3, metavar="N",
+                   help="print the first N rows (default 3) as the model sees them: the policy input and the improver "
+                        "input in the chat template, the reference as trained, token counts and what was cut; loads "
+                        "only the tokenizer and runs nothing")
     r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     r.set_defaults(func=cmd_run)
 
 
 def _add_eval_parser(sub) -> None:
-    e = sub.add_parser("eval", help="evaluate a model on a benchmark, or head-to-head against another model")
+    from .registry import BENCHMARKS, JUDGES
+
+    e = sub.add_parser("eval", help="evaluate a model on a benchmark, or head-to-head against another model "
+                                    "(docs/eval.md)")
     e.add_argument("--model", required=True, help="hub name, local path, run's final/ or embedded model")
-    e.add_argument("--benchmark", help="alpaca_eval, arena_hard_v0.1, arena_hard_v2.0, ifeval")
+    e.add_argument("--benchmark", help=", ".join(BENCHMARKS.names()))
     e.add_argument("--versus", help="head-to-head: the other model (with --benchmark ifeval: both models' IFEval and "
                                     "the paired bootstrap CI of the difference)")
     e.add_argument("--prompts", help="head-to-head prompt set (file, HF dataset, sgpo:alpaca-eval)")
-    e.add_argument("--judge", default="reference", help="reference | openai:MODEL[@URL] | hf:PATH | reward:PATH")
+    e.add_argument("--judge", default="reference",
+                   help="judge spec KIND[:ARG], KIND one of: " + ", ".join(JUDGES.names()) + " (docs/judges.md; "
+                        "AlpacaEval 2.0 and Arena-Hard v0.1 as their leaderboards judge: openai:gpt-4-1106-preview; "
+                        "checked before any answer is generated); default reference, which judges head-to-heads only")
     e.add_argument("--limit", type=int, help="first N prompts only (AlpacaEval LC needs all 805)")
     e.add_argument("--output", "-o", help="evaluation directory (cached generations and annotations are reused)")
     e.add_argument("--data-dir", help="benchmark inputs: Arena-Hard v0.1 folder, AlpacaEval LC tables folder")

@@ -5,6 +5,7 @@ Unknown keys and wrong types are errors that name the key (``ConfigError``).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +72,7 @@ class DataConfig:
     max_reference_tokens: int = 96
     "References are cut at a sentence boundary under this many tokens (then EOS is trained after them)."
     preference: str = ""
-    "Preference data for method dpo (prompt/chosen/rejected, plain or conversational; a file or an HF dataset name, e.g. HuggingFaceH4/ultrafeedback_binarized). Empty = built offline: each SFT reference (chosen) against the start model's own answer (rejected)."
+    "Preference data for method dpo (prompt/chosen/rejected, plain or conversational; a file or an HF dataset name, e.g. HuggingFaceH4/ultrafeedback_binarized). Empty = built offline: each SFT reference (chosen) against the pre-rounds model's own answer (rejected), the pre-rounds model being the model entering round 1 (after SFT)."
     preference_split: str = "train"
     "Split of `preference` for HF datasets (ultrafeedback_binarized: train_prefs)."
     on_error: str = "raise"
@@ -96,8 +97,8 @@ class GenerationConfig:
     "Sequences decoded together (per process): larger is faster, on CPU too, and costs KV-cache memory."
     backend: str = "auto"
     "Generation backend: engine (built in), vllm (vLLM's offline LLM.generate in a process of its own, one engine per process for the whole run: ~25 s to start on CPU, then each new model's weights loaded into it), auto (vllm on CUDA when installed, else engine: on CPU the two measured alike)."
-    vllm_gpu_memory: float = 0.5
-    "vllm backend on a GPU: the fraction of GPU memory vLLM may take. Its engine stays up for the whole run and keeps this share while training runs (it is not put to sleep): leave training the rest."
+    vllm_gpu_memory: float = 0.0
+    "vllm backend on a GPU: the fraction of GPU memory vLLM may take; 0 = the launch strategy's default (0.3 with one GPU or DDP, 0.35 ZeRO-2, 0.5 ZeRO-3, FSDP and LoRA: sizes.VLLM_SHARES; the dry run prints what each leaves to training). Its engine stays up for the whole run and keeps this share while training runs (it is not put to sleep): leave training the rest."
 
 
 @dataclass
@@ -120,7 +121,7 @@ class ImproverConfig:
     mix_policy: float = 0.5
     "Policy SFT examples (prompt → reference) per improver example, to keep the policy role."
     sees_reference: bool = True
-    "Reading B of 'referencing SFT outputs' (SGPO.md): the improver's input holds the SFT reference too, I(x, y, y*), in improver training and in the rounds. False = reading A: the reference only shapes the training targets."
+    "Reading B of the paper's 'referencing SFT outputs' (arXiv 2507.20181; measured against reading A in docs/results-cpu.md): the improver's input holds the SFT reference too, I(x, y, y*), in improver training and in the rounds. False = reading A: the reference only shapes the training targets."
     instruction: str = ""
     "The improver instruction; {prompt}, {draft} and (reading B only) {reference} are filled in. Empty = the built-in one of the reading (sgpo/templates.py). Rendered in the model's chat template."
     experimental: ImproverExperimentalConfig = field(default_factory=ImproverExperimentalConfig)
@@ -144,7 +145,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
     checkpoint_minutes: float = 0.0
-    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~100 GB)."
+    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~96 GB: fp32 masters and moments, 12 bytes a parameter)."
 
 
 @dataclass
@@ -160,7 +161,7 @@ class DPOConfig:
     loss: str = "sigmoid"
     "Preference loss: a name of sgpo.registry.LOSSES, described in sgpo/training/losses.py (sigmoid is DPO's)."
     reference: str = "round_start"
-    "Reference model: round_start (the model at the start of each round) or initial (the start model)."
+    "Reference model: round_start (the model at the start of each round) or initial (the pre-rounds model π0, the model entering round 1: after SFT and the method's stages before the rounds)."
     improver_nll_coef: float = 0.0
     "Weight of an improver NLL term (draft → chosen in improver mode) added to the DPO loss."
     max_grad_norm: float = 1.0
@@ -168,7 +169,7 @@ class DPOConfig:
     checkpoint_every: int = 50
     "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
     checkpoint_minutes: float = 0.0
-    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~100 GB)."
+    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~96 GB: fp32 masters and moments, 12 bytes a parameter)."
 
 
 @dataclass
@@ -184,7 +185,7 @@ class EvalConfig:
     judge: str = "reference"
     "Judge for the figures of a run (improver win rate, final-vs-start head-to-head)."
     second_judge: str = "lm:sgpo:gemma-3-270m"
-    "A judge independent of the policy and of the references (empty = off): pairs/judge_agreement every round and the test-split figures beside `judge`. Validated against GPT-4 Turbo in the README."
+    "A judge independent of the policy and of the references (empty = off): pairs/judge_agreement every round and the test-split figures beside `judge`. Validated against GPT-4 Turbo's annotations in docs/judges.md."
     improver_size: int = 32
     "Development prompts on which the improver's figures are measured: zero-shot (round_0) and after improver training; each round measures it on its own candidates (0 = off). Costs one rewrite rollout and its judging per measurement."
     head_to_head_size: int = 32
@@ -195,6 +196,10 @@ class EvalConfig:
     "API judges (openai:): requests in flight at once. At 3-8 s a request, 32 in flight ask 240-640 a minute: a round's ~1,000 calls in 2-4 minutes instead of 12-35 at 4, while every GPU waits. That is about the 500 requests a minute OpenAI publishes for gpt-4o-mini-class models at usage tier 1 (5,000 from tier 2); its token limit (200k a minute at tier 1, about 2k tokens a request) or a lower quota answers HTTP 429, retried with back-off (judge_retries, Retry-After honoured). Lower it for a small quota or a local server."
     judge_retries: int = 6
     "API judges (openai:): tries per request after a failure (rate limit, server error), with exponential back-off up to a minute."
+    judge_price_input: float = 0.0
+    "API judges (openai:): USD per million tokens sent, from the provider's price list, for the dry run's cost estimate (0 = not set: the dry run gives the tokens and wall time only). Read by nothing else."
+    judge_price_output: float = 0.0
+    "API judges (openai:): USD per million tokens received (a pairwise verdict is one token), for the dry run's cost estimate, like judge_price_input."
 
 
 @dataclass
@@ -245,10 +250,11 @@ AT_LEAST = {
     "train.checkpoint_minutes": 0.0, "dpo.batch_size": 1, "dpo.epochs": 0, "dpo.improver_nll_coef": 0.0,
     "dpo.checkpoint_every": 0, "dpo.checkpoint_minutes": 0.0,
     "eval.improver_size": 0, "eval.head_to_head_size": 0, "eval.agreement_size": 1, "eval.judge_concurrency": 1,
-    "eval.judge_retries": 0,
+    "eval.judge_retries": 0, "eval.judge_price_input": 0.0, "eval.judge_price_output": 0.0,
 }
 IN_RANGE = {"collective_timeout_minutes": (0, float("inf")), "improver.step": (0, 1), "generation.top_p": (0, 1), "dpo.beta": (0, float("inf")),
-            "train.lr": (0, float("inf")), "dpo.lr": (0, float("inf"))}
+            "train.lr": (0, float("inf")), "dpo.lr": (0, float("inf")), "generation.vllm_gpu_memory": (0, 1)}
+ZERO_IS_DEFAULT = {"generation.vllm_gpu_memory"}  # 0 = a default decided at run time (IN_RANGE otherwise)
 
 
 def _coerce(key: str, typ: Any, value: Any) -> Any:
@@ -270,6 +276,9 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a mapping of names to column names, got {value!r}")
         return dict(value)
     if typ in (int, float, str, bool):
+        if typ is str and isinstance(value, dict):  # `judge: openai:` or `a: b: c` unquoted
+            raise ConfigError(f"{key}: expected a string, got a mapping ({value!r}): YAML reads a value with ': ' "
+                              "in it or ending in ':' as a key and its value; quote the value")
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{key}: expected {typ.__name__}, got {type(value).__name__} ({value!r})")
         return value
@@ -281,12 +290,51 @@ def _build(cls, values: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known under '{prefix or '.'}': "
-                          f"{', '.join(sorted(names))})")
+        closest = closest_key(prefix + str(unknown[0]))
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'"
+                          + (f": did you mean {closest}?" if closest else "") + f" (known under '{prefix or '.'}': {', '.join(sorted(names))})")
     obj = cls()
     for k, v in values.items():
         setattr(obj, k, _coerce(prefix + k, hints[k], v))
     return obj
+
+
+def dotted_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every key of ``cls`` (default ``Config``) as a dotted name, sections included (``data``, ``data.sft``, …)."""
+    out = []
+    for f in dataclasses.fields(cls or Config):
+        typ = typing.get_type_hints(cls or Config)[f.name]
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(typ):
+            out += dotted_keys(typ, prefix + f.name + ".")
+    return out
+
+
+def closest_key(key: str) -> str | None:
+    """The known key a mistyped one most likely meant: one of the same name in another section (``round_size`` →
+    ``data.round_size``), else the closest dotted name or last part by ``difflib``; None when nothing is close."""
+    known = dotted_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf and k != key]
+    if same_leaf:
+        return same_leaf[0]
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+    if near:
+        return near[0]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(known)}
+    near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return leaves[near[0]] if near else None
+
+
+def key_type(dotted: str):
+    """The type of the config key ``dotted`` (None when there is no such key)."""
+    cls = Config
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
 
 
 def validate(cfg: Config) -> Config:
@@ -307,7 +355,7 @@ def validate(cfg: Config) -> Config:
         if get(cfg, key) < lo:
             raise ConfigError(f"{key}: must be ≥ {lo}, got {get(cfg, key)}")
     for key, (lo, hi) in IN_RANGE.items():
-        if not lo < get(cfg, key) <= hi:
+        if not (lo < get(cfg, key) <= hi or (key in ZERO_IS_DEFAULT and get(cfg, key) == 0)):
             raise ConfigError(f"{key}: must be in ({lo}, {hi}], got {get(cfg, key)}")
     if cfg.improver.instruction and ("{reference}" in cfg.improver.instruction) != cfg.improver.sees_reference:
         raise ConfigError("improver.instruction: " + ("improver.sees_reference needs a {reference} placeholder in it"
@@ -361,21 +409,48 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         try:
             values = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(yaml_error(str(p), e)) from None
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of keys")
     for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"override '{item}' must look like key=value")
-        node = values
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{key}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        apply_override(values, item)
     return from_dict(values)
+
+
+def yaml_error(where: str, e: "yaml.YAMLError") -> str:
+    """A YAML syntax error in one line: ``FILE:LINE:COLUMN: not valid YAML: what`` (1-based, where the parser
+    stopped), with what it was reading when the parser says."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    return f"{where}{at}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+def apply_override(values: dict, item: str) -> None:
+    """``key=value`` (``--set``) into the nested ``values``. The value is read as YAML (numbers, booleans, lists), but
+    a string key takes any value that is not a string or a list as the text given: ``eval.judge=openai:`` is the
+    text ``openai:``, not a mapping."""
+    key, eq, raw = item.partition("=")
+    if not eq or not key:
+        raise ConfigError(f"override '{item}' must look like key=value")
+    node = values
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+    text = key_type(key.strip()) is str
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        if not text:
+            raise ConfigError(f"override '{item}': the value is not valid YAML "
+                              f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
+        value = raw.strip()
+    if text and not isinstance(value, (str, list)):
+        value = raw.strip()
+    node[parts[-1]] = value
 
 
 def dump(cfg: Config) -> str:

@@ -369,7 +369,9 @@ def _iter_hf(name: str, split: str, subset: str = "") -> Iterator[tuple[Any, str
         else:
             ds = datasets.load_dataset(name, subset or None, split=split)
     except Exception as e:
-        raise DataError(f"{name}: cannot load dataset ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        what = ("cannot load dataset" if Path(name).exists()
+                else "no local file or folder of that name, and as a hub dataset it cannot be loaded")
+        raise DataError(f"{name}: {what} ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{name}: no split '{split}' (has {', '.join(ds)})")
@@ -414,6 +416,38 @@ EMBEDDED = ("sgpo:alpaca-eval", "sgpo:arena-hard-v2", "sgpo:verifiable-instructi
 """The data sources shipped in packages (offline)."""
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is shaped as a Hugging Face hub id (``name`` or ``owner/name``), by the hub's own rule."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def source_kind(source: str) -> str:
+    """How a run reads a data source: ``embedded`` (``sgpo:``), ``file``, ``folder`` (an HF dataset directory),
+    ``hub`` (no such path, and shaped as a hub dataset id: ``name`` or ``owner/name`` without a file suffix) or
+    ``missing`` (no such path, and not a hub dataset id: it can only have meant a file). A dry run applies the same
+    rule."""
+    path = Path(source)
+    if source.startswith("sgpo:"):
+        return "embedded"
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        return "folder"
+    return "hub" if not path.suffix and is_hub_id(source) else "missing"
+
+
+def missing_source(source: str, key: str = "") -> DataError:
+    """The error for a ``missing`` source (``source_kind``), naming the config key when given."""
+    return DataError(f"{key + ': ' if key else ''}{source}: no such file (looked for as a local file, from "
+                     f"{Path.cwd()}; not a hub dataset id, which is 'name' or 'owner/name' without a file suffix)")
+
+
 def load_records(source: str, *, split: str = "train", on_error: str = "raise", need: str = "prompt",
                  fields: dict | None = None, subset: str = "") -> tuple[list[Record], LoadReport]:
     """Load ``source`` into records. ``need``: 'prompt', 'reference' (SFT data) or 'preference' (chosen/rejected).
@@ -422,16 +456,11 @@ def load_records(source: str, *, split: str = "train", on_error: str = "raise", 
 
     Duplicate prompts are kept once (counted as skipped 'duplicate prompt').
     """
-    if source.startswith("sgpo:"):
-        rows = _iter_embedded(source)
-    else:
-        path = Path(source)
-        if path.is_file():
-            rows = _iter_file(path)
-        elif path.is_dir() or (not path.exists() and source.count("/") <= 1 and not path.suffix):
-            rows = _iter_hf(source, split, subset)
-        else:
-            raise DataError(f"{source}: no such file or dataset")
+    kind = source_kind(source)
+    if kind == "missing":
+        raise missing_source(source)
+    rows = (_iter_embedded(source) if kind == "embedded" else _iter_file(Path(source)) if kind == "file"
+            else _iter_hf(source, split, subset))
     report = LoadReport(source)
     records, seen = [], set()
     for row, where in rows:

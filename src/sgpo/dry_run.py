@@ -4,7 +4,9 @@ No model, tokenizer or hub dataset is loaded: the sampler answers with placehold
 and optimizer steps, the judges count their calls, the current model counts its checkpoint writes. Everything else —
 the stage list, the methods, the gates, the dealing of prompts — is the code a real run executes, in a temporary
 run directory. Local and embedded data are read (their sizes are real); a hub dataset is stood in for by as many
-placeholder rows as the slices ask for, and the whole-pool SFT slice it would give is "not counted".
+placeholder rows as the slices ask for, and the whole-pool SFT slice it would give is "not counted". Before the walk,
+what a real run would refuse at its start is refused here too (``preflight``): a data path that is neither on disk nor
+a hub dataset id (the run's own rule, ``data.source_kind``), a model that is neither, a tracker not installed.
 
 Counts are for one process. Pairs, DPO steps and judge calls are upper bounds (the gates decide; cached verdicts are
 free). Improver examples are what the improver targets make of placeholder drafts built to let every chain run its
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import Config, improver_instruction
-from .data import LoadReport, Record, load_records
+from .data import LoadReport, Record, is_hub_id, load_records, missing_source, source_kind
 from .eval.judges import Judge
 from .evaluator import Evaluator
 from .files import write_jsonl
@@ -181,6 +183,7 @@ class CountingJudge(Judge):
 
     def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:
         self.tally.add(f"judge:{self.spec}", len(prompts))
+        self.tally.add(f"prompt_chars:{self.spec}", sum(len(p) for p in prompts))  # what an API judge is sent
         return [1.0] * len(prompts)
 
     def score(self, prompts, responses, rows) -> list[float]:
@@ -189,18 +192,54 @@ class CountingJudge(Judge):
         return [1.0] * len(prompts)
 
 
-def _is_local(source: str) -> bool:
-    return source.startswith("sgpo:") or Path(source).exists()
+DATA_KEYS = ("data.sft", "data.prompts", "data.preference")  # the last read by method dpo only
+TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")  # model.chat_template as a file
+
+
+def preflight(cfg: Config) -> None:
+    """Refuse, in one line, what a real run would refuse at its start: a data source that is neither on disk nor a hub
+    dataset id (``data.source_kind``: the run's rule), a model (``model.name``, ``model.chat_template``) that is neither
+    an embedded model, a local folder nor a hub model id, a tracker (``report_to``) that is not installed."""
+    from .config import get
+    from .models import ModelError
+    from .trackers import require_installed
+
+    for key in DATA_KEYS[:2] + (DATA_KEYS[2:] if cfg.method == "dpo" else ()):
+        if get(cfg, key) and source_kind(get(cfg, key)) == "missing":
+            raise missing_source(get(cfg, key), key)
+    check_model_name(cfg.model.name, "model.name")
+    template = cfg.model.chat_template
+    if template and Path(template).suffix in TEMPLATE_SUFFIXES and not Path(template).is_file():
+        raise ModelError(f"model.chat_template: {template}: no such file (looked for as a Jinja file, from "
+                         f"{Path.cwd()})")
+    if template and not Path(template).is_file():
+        check_model_name(template, "model.chat_template")
+    require_installed(cfg.report_to)
+
+
+def check_model_name(name: str, key: str) -> None:
+    """A ``ModelError`` naming ``key`` unless ``name`` is an embedded model, a local path or a hub model id (as
+    ``models.resolve`` and ``from_pretrained`` take it; whether the hub has it is not asked)."""
+    from .models import EMBEDDED_GEMMA3, EMBEDDED_SMOLLM2, TINY_RANDOM, ModelError
+
+    embedded = (EMBEDDED_SMOLLM2, EMBEDDED_GEMMA3, TINY_RANDOM)
+    if name.startswith("sgpo:") and name not in embedded:
+        raise ModelError(f"{key}: unknown embedded model '{name}' (known: {', '.join(embedded)})")
+    if not name.startswith("sgpo:") and not Path(name).exists() and not is_hub_id(name):
+        raise ModelError(f"{key}: {name}: no such folder (looked for as a local folder, from {Path.cwd()}; not a hub "
+                         "model id, which is 'name' or 'owner/name')")
 
 
 def placeholder_loader(cfg: Config, tally: Tally):
     """``load_records`` for local and embedded data; a hub dataset becomes as many placeholder rows as the run's slices
-    ask for (its size is not known without downloading it)."""
+    ask for (its size is not known without downloading it), and at least twice the held-out splits (a real hub dataset
+    is not assumed to be mostly test prompts)."""
     d = cfg.data
-    wanted = d.dev_size + d.test_size + d.improver_size + cfg.rounds * d.round_size + d.sft_size + 1
+    held_out = d.dev_size + d.test_size
+    wanted = max(held_out + d.improver_size + cfg.rounds * d.round_size + d.sft_size + 1, 2 * held_out + 1)
 
     def load(source: str, **options):
-        if _is_local(source):
+        if source_kind(source) != "hub":
             return load_records(source, **options)
         tally.uncounted.append(source)
         n = wanted if options.get("need") != "preference" else cfg.rounds * d.round_size
@@ -228,6 +267,7 @@ def dry_run(cfg: Config) -> dict:
     """Walk the recipe of ``cfg`` counting: {"stages": [{stage, counts…, judges}], "totals", "uncounted"}."""
     from .recipe import run_stages
 
+    preflight(cfg)
     quiet = logging.getLogger("sgpo")
     level, quiet.level = quiet.level, logging.WARNING  # the stages' own log lines would report placeholder figures
     try:
@@ -246,9 +286,13 @@ def dry_run(cfg: Config) -> dict:
                        "judges": {k[6:]: v for k, v in row.items() if k.startswith("judge:")}})
     whole_pool = bool(tally.uncounted) and cfg.data.sft_size == 0
     rollouts = sum(row["rollouts"] for row in tally.rows.values())
+    chars = Counter()
+    for row in tally.rows.values():
+        chars.update({k[len("prompt_chars:"):]: v for k, v in row.items() if k.startswith("prompt_chars:")})
     return {"method": cfg.method, "model": cfg.model.name, "stages": stages, "uncounted": tally.uncounted,
             "whole_pool_sft": whole_pool, "train": len(data.train), "dev": len(data.dev), "test": len(data.test),
-            "rollouts": rollouts, "vllm_engine_starts": vllm_engine_starts(cfg, rollouts)}
+            "rollouts": rollouts, "vllm_engine_starts": vllm_engine_starts(cfg, rollouts),
+            "judge_prompt_chars": dict(chars)}
 
 
 def vllm_engine_starts(cfg: Config, rollouts: int) -> int:
@@ -301,11 +345,78 @@ def format_dry_run(p: dict, cfg: Config) -> str:
               "gates decide),", "judge calls (cached verdicts are free). Improver examples are counted on placeholder "
               "drafts (a real chain stops", "where it reaches the reference)."]
     lines += generation_line(p, cfg)
+    from .sizes import memory_lines  # each strategy's vLLM share and what it leaves to training (issue 35, item 6)
+
+    lines += memory_lines(cfg)
     lines += checkpoint_lines(p["stages"], cfg, whole)
+    lines += api_judge_lines(p, judges, cfg)
+    from .eval.preflight import dry_run_lines  # a judge whose API key is missing (issue 36, item 2)
+
+    lines += dry_run_lines(cfg)
     if p["uncounted"]:
-        lines.append("Not downloaded: " + ", ".join(dict.fromkeys(p["uncounted"])) + " (placeholder rows as many as "
-                     "the slices ask for" + ("; the SFT slice is the whole pool, not counted)" if whole else ")"))
+        lines.append("Not downloaded: " + ", ".join(dict.fromkeys(p["uncounted"])) + " (looked for as hub datasets: no "
+                     "local file or folder of that name; placeholder rows as many as the slices ask for"
+                     + ("; the SFT slice is the whole pool, not counted)" if whole else ")"))
     return "\n".join(lines)
+
+
+CHARS_PER_TOKEN = 4        # English text in OpenAI's tokenizers, about
+SECONDS_PER_REQUEST = (3, 8)  # an API judge's request, the range eval.judge_concurrency's doc cites
+LABEL_TOKENS = 1           # a pairwise verdict is one label token (``judge_openai``: max_tokens 1)
+
+
+def template_tokens() -> int:
+    """Tokens of the pairwise judge template an API judge fills in (the one ``judge_openai`` uses), placeholders
+    empty, with a few tokens of chat framing a message; estimated at ``CHARS_PER_TOKEN``."""
+    from .eval.judge_templates import fill, pairwise_template, parse_chatml
+
+    messages = parse_chatml(pairwise_template("auto").text)
+    empty = {"instruction": "", "output_1": "", "output_2": ""}
+    return sum(len(fill(m["content"], empty)) // CHARS_PER_TOKEN + 4 for m in messages)
+
+
+def _tokens(n: float) -> str:
+    return f"{n / 1e6:,.2f}M" if n >= 1e6 else f"{n / 1e3:,.1f}k" if n >= 1e3 else f"{n:,.0f}"
+
+
+def api_judge_lines(p: dict, calls: Counter, cfg: Config) -> list[str]:
+    """For every API judge (``openai:``): the tokens its calls send and receive, their price at ``eval.
+    judge_price_input``/``_output`` and the wall time at ``eval.judge_concurrency`` — estimates, upper bounds with
+    the calls."""
+    from .registry import parse_judge_spec
+
+    e, answer = cfg.eval, cfg.generation.max_new_tokens
+    lines = []
+    for spec, n in calls.items():
+        if parse_judge_spec(spec)[0] != "openai" or not n:
+            continue
+        prompts = p["judge_prompt_chars"].get(spec, 0) / CHARS_PER_TOKEN
+        frame = template_tokens()
+        sent, received = prompts + n * (frame + 2 * answer), n * LABEL_TOKENS
+        low, high = (_duration(n * s / e.judge_concurrency) for s in SECONDS_PER_REQUEST)
+        lines += [f"API judge {spec}: estimates for the {n:,} calls counted (upper bounds, like the calls):",
+                  f"  sent ≤ {_tokens(sent)} tokens: prompts {_tokens(prompts)} (~{CHARS_PER_TOKEN} characters a token"
+                  + ("; hub data on placeholder rows, not its real length" if p["uncounted"] else "")
+                  + f"), answers ≤ 2 × {answer} a call (generation.max_new_tokens), the judge template ~{frame} a call",
+                  f"  received ≤ {_tokens(received)} tokens (one label token a call)", "  " + _price(sent, received, e),
+                  f"  wall time {low} – {high} at {e.judge_concurrency} requests in flight (eval.judge_concurrency) and "
+                  f"{SECONDS_PER_REQUEST[0]}–{SECONDS_PER_REQUEST[1]} s a request; a rate limit (HTTP 429) makes it "
+                  "longer"]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:,.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:,.1f} h"
+
+
+def _price(sent: float, received: float, e) -> str:
+    if not (e.judge_price_input or e.judge_price_output):
+        return ("cost: set eval.judge_price_input and eval.judge_price_output (USD per million tokens, from the "
+                "provider's price list) to see it")
+    cost = (sent * e.judge_price_input + received * e.judge_price_output) / 1e6
+    return (f"cost ≤ ${cost:,.2f} at ${e.judge_price_input:g} / ${e.judge_price_output:g} per million tokens sent / "
+            "received (eval.judge_price_input / eval.judge_price_output)")
 
 
 def checkpoint_lines(stages: list[dict], cfg: Config, whole_pool: bool) -> list[str]:
@@ -323,11 +434,14 @@ def checkpoint_lines(stages: list[dict], cfg: Config, whole_pool: bool) -> list[
         return [counted, f"Checkpoint sizes: the parameter count of {cfg.model.name} is unknown here."]
     dtype = dtype_name(cfg.model.dtype, cfg.model.device)
     folder, train = checkpoint_bytes(params, dtype, cfg.model.lora_r > 0)
+    sharded = checkpoint_bytes(params, dtype, cfg.model.lora_r > 0, sharded=True)[1]
     n_train = sum(r["train_checkpoints"] for r in stages)
     n_models = sum(r["checkpoints"] for r in stages) - n_train
     state = "weights" if cfg.model.lora_r else "weights, AdamW moments" + (", fp32 masters" if dtype != "float32" else "")
     total = (n_models * folder + n_train * train) / GB
     return [counted, f"Checkpoint sizes (estimates: {params / 1e9:.2f}B parameters, {how}; {dtype} weights here):",
             f"  a model folder {folder / GB:.1f} GB; a training checkpoint {train / GB:.1f} GB ({state};",
-            "  split over the processes under ZeRO-3/FSDP; a training call keeps only its latest);",
+            ("  split over the processes under ZeRO-3/FSDP" if cfg.model.lora_r else f"  {sharded / GB:.1f} GB under "
+             "ZeRO-3/FSDP, split over the processes: fp32 masters and moments, no bf16 weights")
+            + "; a training call keeps only its latest);",
             f"  the writes counted: {n_models} model folders + {n_train} training checkpoints = {total:,.1f} GB."]

@@ -15,6 +15,7 @@ from pathlib import Path
 from .data import Record, load_records
 from .eval.base import prefer
 from .eval.judges import make_judge
+from .eval.preflight import check_judge
 from .eval.winrate import format_win_rate, win_rate
 from .config import GenerationConfig
 from .models import load_model, load_tokenizer, resolve
@@ -135,11 +136,44 @@ def _prob_to_verdict(p: float) -> str | None:
     return "A>>B" if p >= 0.85 else "A>B" if p >= 0.6 else "A=B" if p > 0.4 else "B>A" if p > 0.15 else "B>>A"
 
 
+PAPER_JUDGES = {"alpaca_eval": "openai:gpt-4-1106-preview", "arena_hard_v0.1": "openai:gpt-4-1106-preview",
+                "arena_hard_v2.0": "openai:gpt-4.1"}
+"""The judge each benchmark's own leaderboard uses (docs/eval.md)."""
+UNJUDGED = ("ifeval",)
+"""Benchmarks scored by programs, without a judge."""
+
+
+def check_benchmark_judge(benchmark: str, judge_spec: str, data_dir: str | None = None, n: int = 0) -> None:
+    """Before any model is loaded: the judge can judge ``benchmark`` — a model's answer against the benchmark's
+    baseline answer, no reference text, no constraints (not ``reference``, not a scorer) — and it answers
+    (``eval.preflight.check_judge``: an API judge's key and one request); AlpacaEval's LC inputs can be read when
+    all ``n`` of its instructions are judged. A ``ValueError`` or ``JudgeError`` in one line otherwise."""
+    from .eval.alpaca_eval import N_INSTRUCTIONS, load_lc_inputs
+    from .registry import is_scorer, parse_judge_spec
+
+    if benchmark in UNJUDGED:
+        return
+    paper = PAPER_JUDGES.get(benchmark, "openai:MODEL")
+    if parse_judge_spec(judge_spec)[0] == "reference":
+        raise ValueError(f"--judge {judge_spec}: the reference judge compares two candidates against a reference "
+                         f"text; it cannot judge a model against the {benchmark} baseline itself. Use an API or local "
+                         f"LM judge ({paper} as the leaderboard does; openai:MODEL@URL, hf:PATH, reward:PATH, lm:PATH), "
+                         "or a head-to-head: --versus MODEL_B")
+    if is_scorer(judge_spec):
+        raise ValueError(f"--judge {judge_spec}: a scorer scores each answer by its row's constraints or a program of "
+                         f"its own, and {benchmark} compares an answer with the baseline's; use a pairwise judge "
+                         f"({paper} as the leaderboard does; hf:PATH, reward:PATH, lm:PATH)")
+    check_judge(judge_spec, "--judge")
+    if benchmark == "alpaca_eval" and n == N_INSTRUCTIONS:
+        load_lc_inputs(data_dir)  # the LC fit's inputs, read (or downloaded) now rather than after the judging
+
+
 def evaluate(model: str, benchmark: str, spec: EvalSpec) -> dict:
     """``model`` on a benchmark (``BENCHMARKS``): its leaderboard row, written to ``leaderboard_row.json``."""
     out, judge_spec = Path(spec.output), spec.judge
-    out.mkdir(parents=True, exist_ok=True)
     items = benchmark_items(benchmark, spec.limit, spec.data_dir)
+    check_benchmark_judge(benchmark, judge_spec, spec.data_dir, len(items))
+    out.mkdir(parents=True, exist_ok=True)
     name = spec.name or Path(str(model)).name
     warn_if_trained_on(model, [it.prompt for it in items])
     answers = generate_answers(model, [(it.id, it.prompt) for it in items], spec.generation, out, spec.seed)
@@ -153,10 +187,6 @@ def evaluate(model: str, benchmark: str, spec: EvalSpec) -> dict:
         row.update(score_ifeval([it.extra for it in items], {it.prompt: answers[it.id] for it in items}))
         row["judge"] = "official checkers"
     else:
-        if judge_spec.split(":")[0] == "reference":
-            raise ValueError(f"the reference judge compares two candidates against a reference text; it cannot "
-                             f"judge a model against the {benchmark} baseline itself. Use an API or local LM judge "
-                             "(openai:MODEL[@URL], hf:PATH, reward:PATH), or a head-to-head: --versus MODEL_B")
         judge = make_judge(judge_spec, cache=str(out / "annotations-cache.jsonl"))
         row["judge"] = judge_spec
         row["judge_template"] = judge.template_name or "sgpo"
@@ -239,6 +269,7 @@ def head_to_head(model_a: str, model_b: str, prompts: str, spec: EvalSpec) -> di
     out.mkdir(parents=True, exist_ok=True)
     records, _ = load_records(prompts, split=spec.split)
     records = records[:spec.limit] if spec.limit else records
+    check_judge(judge_spec, "--judge")  # before either model answers
     items = [(r.id, r.prompt_text) for r in records]
     for m in (model_a, model_b):
         warn_if_trained_on(m, [p for _, p in items])

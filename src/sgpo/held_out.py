@@ -1,15 +1,16 @@
 """The reported figures: the start, pre-rounds and final models answer the test prompts, and each judge compares them.
 
 ``eval/test/<judge>/win_rate_vs_start``       final against the start model
-``eval/test/<judge>/win_rate_vs_pre_rounds``  final against the model entering round 1 (after SFT and improver
-                                              training): what the self-generated pairs themselves taught
+``eval/test/<judge>/win_rate_vs_pre_rounds``  final against the pre-rounds model, the one entering round 1 (after
+                                              SFT and, for SGPO, improver training): what the rounds taught
 each with ``_ci_low``, ``_ci_high``, ``_n`` (ties half, bootstrap over prompts) and a length-controlled variant
 ``..._length_matched`` (only answer pairs within ±20% of each other's length in words), plus every model's mean
 length and finished rate (``eval/test/length_<model>``, ``eval/test/finished_<model>``).
 
 All three models sample with the same per-prompt seeds (role ``test``), so their answers differ by the model only.
-The start model's answers are cached by the hash of its weights and the sampling settings (``<cache>/answers``), so
-a rerun or another method reuses them; a judge's verdicts are cached by content (``<cache>/judgements``).
+The start and pre-rounds models' answers are cached by the hash of their weights and the sampling settings
+(``<cache>/answers``), so a rerun or another method reuses them; a judge's verdicts are cached by content
+(``<cache>/judgements``).
 """
 from __future__ import annotations
 

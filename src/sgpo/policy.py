@@ -35,11 +35,12 @@ class Policy:
     def generator(self):
         """What rollouts generate with: the current model for the engine; for vLLM a checkpoint directory of exactly
         the current weights: ``path``, or, when training changed them since, the running stage's ``model/``, saved now
-        (the stage's end then keeps it instead of saving again)."""
+        (the stage's end then keeps it instead of saving again). The loaded copy is then let go (``release``)."""
         if self.backend != "vllm":
             return self.model
         if self._changed:
             self.save(self.stages.current)
+        self.release()
         return self.path
 
     @phase("loading")
@@ -54,7 +55,10 @@ class Policy:
     def generator_at(self, path: str):
         """What a rollout of the model at ``path`` generates with (a vLLM worker loads a checkpoint itself)."""
         if self.backend == "vllm":
-            return self.generator if str(path) == self.path else str(path)
+            if str(path) == self.path:
+                return self.generator
+            self.release()
+            return str(path)
         return self.model_at(path)
 
     def unload(self) -> None:
@@ -63,6 +67,14 @@ class Policy:
             raise RuntimeError("the current model has unsaved training: save it before unloading")
         self._model = None
         free_memory()
+
+    def release(self) -> None:
+        """Before a vLLM rollout: the loaded copy of the current model is let go when ``path`` holds its weights. The
+        engine runs beside this process on the same GPU, which the copy would share with it for the whole rollout
+        (16 GB at 8B in bf16; vLLM refuses to start where less than its share is free); the next use (the reference
+        pass, training) loads it again from ``path``, the folder vLLM has just read. Unsaved training is kept."""
+        if self._model is not None and not self._changed:
+            self.unload()
 
     def trained(self, exported: Path | None = None) -> None:
         """Training changed the weights in memory; sharded training (FSDP/DeepSpeed) leaves them split across ranks,

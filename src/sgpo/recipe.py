@@ -18,6 +18,7 @@ import torch
 from . import distributed, held_out, phases, steps
 from .config import Config
 from .data import Record
+from .eval.preflight import check_run_judges, run_finished
 from .eval.winrate import format_metric
 from .files import atomic_write_json, read_jsonl, set_writer, write_jsonl
 from .gates import Gates, TemplateMarkers
@@ -38,7 +39,10 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
     set_writer(dist.is_main)
     s = None
     try:
-        s = open_session(cfg, open_run(out_dir, cfg, force_restart, dist), dist)
+        run_dir = open_run(out_dir, cfg, force_restart, dist)
+        if not run_finished(run_dir, cfg):  # every judge answers before the first stage (a finished run asks none)
+            check_run_judges(cfg, dist)
+        s = open_session(cfg, run_dir, dist)
         torch.manual_seed(cfg.seed)
         return finish(s, run_stages(s, get_method(cfg.method), prepare_splits(cfg, s.tokenizer)))
     finally:

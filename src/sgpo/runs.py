@@ -4,7 +4,10 @@ Layout::
 
     RUN/config.yaml          the resolved config
     RUN/manifest.json        stages with status (running/done), input hash, wall time
-    RUN/<stage>/             e.g. improver/drafts.jsonl, round_1/pairs.jsonl, round_1/metrics.json, round_1/model/
+    RUN/<stage>/             a folder per stage, in run order: round_0/ (the start model on the development prompts),
+                             sft/, the method's stages before the rounds (SGPO's improver/; prepare/: SynPO's separate
+                             improver, DPO's preference set), round_<t>/, test/, test_second_judge/; each with its
+                             metrics.json, its rollouts (JSONL) and, when it trained, model/
     RUN/final/               the last model in HF format
 
 ``open_run`` opens (or creates) it and refuses a run made with another config; ``Stages.run`` runs one stage unless

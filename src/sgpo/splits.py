@@ -44,12 +44,29 @@ def prepare_splits(cfg: Config, tokenizer, load: Callable = load_records) -> Spl
         log.info("round prompts: %s", rep.summary())
         dev_ids = {r.id for r in dev}
         train = [r for r in extra if r.id not in dev_ids]
+    warn_held_out(len(cut), len(dev), len(test[0]) if test else 0, len(train), cfg)
     if not dev:
         log.warning("data: no development prompts (data.dev_size=%d, %d records): the run computes no head-to-head "
                     "or improver figures", d.dev_size, len(cut))
     log.info("data: split (seed %d) into %d training, %d development and %d test prompts", d.split_seed, len(train),
              len(dev), len(test[0]) if test else 0)
     return deal(Splits(train, dev, test[0] if test else []), cfg)
+
+
+def warn_held_out(n: int, dev: int, test: int, pool: int, cfg: Config) -> None:
+    """A warning when the test and development splits take most of the ``n`` records and leave a training pool
+    (``pool`` prompts) smaller than its slices ask for (``data.test_size``'s default of 200 takes 9 of a 10-row
+    file), naming the keys to change and what each split asked for and got. A large test split by choice, the rest
+    enough for the slices (``configs/verifiable.yaml``), is not warned about."""
+    d = cfg.data
+    asked = d.improver_size + cfg.rounds * d.round_size + (d.sft_size if cfg.sft else 0)
+    if not n or dev + test <= n / 2 or pool >= asked:
+        return
+    log.warning("data: the test and development splits take %d of the %d records (test: data.test_size=%d, got %d; "
+                "development: data.dev_size=%d, got %d), leaving %d for training where the run's slices ask for %d "
+                "prompts: for data this small lower data.test_size and data.dev_size (e.g. --set data.test_size=%d "
+                "--set data.dev_size=%d)", dev + test, n, d.test_size, test, d.dev_size, dev, pool, asked,
+                max(n // 10, 1 if d.test_size else 0), min(d.dev_size, n // 10))
 
 
 def fit_to_budget(records: list[Record], tokenizer, d) -> list[Record]:
@@ -109,10 +126,20 @@ def deal(s: Splits, cfg: Config) -> Splits:
         log.info("data: SFT on the whole training pool (%d prompts, data.sft_size=0), the improver and round prompts "
                  "among them", len(s.sft))
     if cursor > len(s.train):
-        log.warning("data: the training pool has %d prompts but the improver slice (%d), %d rounds of %d and the SFT "
-                    "slice (%d) ask for %d: %d prompts are used more than once", len(s.train), d.improver_size,
-                    cfg.rounds, d.round_size, len(s.sft), cursor, cursor - len(s.train))
+        log.warning("data: the training pool has %d prompts but its slices take %d (asked → got: %s; a slice is at "
+                    "most the whole pool): %d prompts are used more than once", len(s.train), cursor,
+                    _asked_and_got(s, cfg), cursor - len(s.train))
     return s
+
+
+def _asked_and_got(s: Splits, cfg: Config) -> str:
+    """What each slice of the pool asked for and what it got, for the reuse warning."""
+    d = cfg.data
+    parts = [f"the improver slice (data.improver_size) {d.improver_size} → {len(s.improver)}",
+             f"{cfg.rounds} rounds (data.round_size) {d.round_size} → {len(s.rounds[0]) if s.rounds else 0} each"]
+    if cfg.sft and d.sft_size:
+        parts.append(f"the SFT slice (data.sft_size) {d.sft_size} → {len(s.sft)}")
+    return ", ".join(parts)
 
 
 def take(pool: list[Record], start: int, n: int) -> list[Record]:

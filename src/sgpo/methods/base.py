@@ -4,7 +4,7 @@ A method says only what differs between methods; the recipe (``sgpo.recipe``) do
 gates, the reference pass, DPO, checkpoints, resume, figures — the same way for every method:
 
 ``make_pairs(ctx)``      round t's (chosen, rejected) candidates, before the gates (every method with rounds)
-``reference(cfg)``       the DPO reference model: 'round_start' (π_t) or 'initial' (the model entering round 1)
+``reference(cfg)``       the DPO reference model: 'round_start' (π_t) or 'initial' (π_0, the pre-rounds model)
 ``before_rounds(ctx)``   one-off stages between SFT and round 1 (SGPO: its improver training; SynPO: a separate
                          improver; DPO: its preference set); none by default
 ``sft_prompts(data)``    the SFT stage's prompts (None: no SFT stage); default: the SFT slice when ``sft: true``
@@ -54,7 +54,7 @@ class Context:
     stage: str
     round: int                   # t (1-based); 0 before the rounds
     records: list[Record]
-    initial_path: str = ""       # π_0, the model the rounds start from (after SFT and improver training)
+    initial_path: str = ""       # π_0, the pre-rounds model: the one entering round 1 (after SFT and before_rounds)
     plan: list[list[Record]] = field(default_factory=list)  # the prompts of every round, in order
 
     @property

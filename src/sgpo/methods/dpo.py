@@ -5,8 +5,9 @@ prepare (once) builds ``prepare/preference.jsonl``, as many pairs as the rounds 
   UltraFeedback), shuffled with ``data.split_seed``. A response longer than the response-token limit is cut at a
   sentence boundary and marked unfinished (no EOS is trained after it; ``pairs.require_finished`` decides whether
   such pairs are kept).
-- empty (the offline default): chosen = the SFT reference, rejected = the start model's own answer to the same
-  prompt, generated once, on the prompts the rounds use. This is a single off-policy pass with π_0 as reference,
+- empty (the offline default): chosen = the SFT reference, rejected = the pre-rounds model's (π_0's, after SFT)
+  own answer to the same prompt, generated once, on the prompts the rounds use (the shard keeps its first name,
+  ``prepare/start_answers.jsonl``). This is a single off-policy pass with π_0 as reference,
   which makes it close to SPIN's first round (SPIN then regenerates with the current model in later rounds).
 Round t trains on the t-th slice of that set, so every method gets the same number of pairs per round.
 """

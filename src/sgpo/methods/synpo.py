@@ -6,7 +6,7 @@ and no policy examples); it is saved as ``prepare/improver_model`` and never tra
 never learn the improver role.
 
 Round t: y ~ π_t(P(x)); chosen = R(I(x, y)), the separate improver's refinement of it; rejected = y' ~ π_0(P(x)), the
-initial model's answer to the same prompt (in round 1, where π_t = π_0, that is y itself); reference model = π_t.
+pre-rounds model's answer to the same prompt (in round 1, where π_t = π_0, that is y itself); reference model = π_t.
 Pairs accumulate: round t trains on its new pairs and on every pair kept in rounds 1..t-1 (their reference
 log-probabilities are recomputed under π_t).
 """
