@@ -296,6 +296,24 @@ def test_resume_recomputes_the_figures_after_an_evaluation_change_and_keeps_the_
     assert "eval.agreement_size, eval.second_judge" in caplog.text and "training is kept" in caplog.text
 
 
+def test_machine_settings_may_change_on_resume_and_redo_nothing(tmp_path, caplog):
+    """A run made before ``generation.vllm_gpu_memory``'s default changed (0.5 → 0, the strategy's share) resumes:
+    the memory share and the collective timeout change how the run uses the machine, not what it computes."""
+    from sgpo import config
+    from sgpo.files import RunError
+    from sgpo.runs import RunDir, check_resume
+
+    out = tmp_path / "run"
+    _finished_run(out, ["rounds=1", "generation.vllm_gpu_memory=0.5"])
+    with caplog.at_level("INFO", logger="sgpo"):
+        check_resume(RunDir(out), config.load(None, ["rounds=1", "collective_timeout_minutes=30"]), False)
+    assert set(RunDir(out).manifest["stages"]) == {"round_0", "improver", "round_1", "final", "test",
+                                                   "test_second_judge"}  # nothing redone, the figures kept
+    assert "generation.vllm_gpu_memory" in caplog.text and "nothing is redone" in caplog.text
+    with pytest.raises(RunError, match=r"changed: dpo.beta\)"):  # beside a training key: the training key refused
+        check_resume(RunDir(out), config.load(None, ["rounds=1", "dpo.beta=0.2"]), False)
+
+
 def test_more_rounds_continue_without_an_sft_step_and_are_refused_with_a_way_on_with_one(tmp_path):
     from sgpo import config
     from sgpo.files import RunError

@@ -257,7 +257,10 @@ def check_resume(run: RunDir, cfg: Config, force_restart: bool) -> None:
 
 
 # keys that change what is measured, never what is trained
-EVALUATION_KEYS = ("eval.", "report_to", "collective_timeout_minutes")
+EVALUATION_KEYS = ("eval.", "report_to")
+# keys that change how the run uses the machine, neither what it trains nor what it measures: they may change on
+# resume and redo nothing (a run made before a default of theirs changed resumes)
+MACHINE_KEYS = ("generation.vllm_gpu_memory", "collective_timeout_minutes")
 AFTER_ROUNDS = ("final", "test", "test_second_judge")  # the stages after the last round
 
 
@@ -265,7 +268,14 @@ def allow_changes(run: RunDir, cfg: Config, old: dict, changed: list[str]) -> No
     """What may change on resume. Evaluation settings: the finished training is kept and the test figures are
     recomputed (the figures stages already finished keep theirs, said in the log). More rounds (``rounds`` raised):
     when the earlier rounds' prompts do not move — no SFT step, whose slice follows the rounds' — the run goes on as a
-    fresh run with more rounds would have gone. Anything else would change finished work: refused, naming the keys."""
+    fresh run with more rounds would have gone. Machine settings (``MACHINE_KEYS``): taken, nothing redone. Anything
+    else would change finished work: refused, naming the keys."""
+    machine = [k for k in changed if k in MACHINE_KEYS]
+    if machine:
+        log.info("resume: machine settings changed (%s): nothing is redone", ", ".join(machine))
+        changed = [k for k in changed if k not in MACHINE_KEYS]
+        if not changed:
+            return
     rest = [k for k in changed if not k.startswith(EVALUATION_KEYS) and k != "rounds"]
     more_rounds = "rounds" in changed and cfg.rounds > old["rounds"]
     if rest or ("rounds" in changed and not more_rounds):
