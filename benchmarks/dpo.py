@@ -46,8 +46,8 @@ EXTRA_MODES = ("sgpo_fused_adamw",)  # what-if: sgpo with a fused AdamW step (TR
 
 def build_pairs(tokenizer, n: int, max_tokens: int, seed: int, min_prompt: int = 50, max_prompt: int = 300) -> list[dict]:
     """``n`` text pairs: {messages, prompt_text (chat template applied), chosen, rejected}."""
-    from sgpo import templates
-    from sgpo.data import cut_reference, load_records
+    from sgpo.models import templates
+    from sgpo.data.records import cut_reference, load_records
 
     records, _ = load_records("sgpo:alpaca-eval", need="reference")
     pool = [r for r in records if min_prompt <= len(templates.policy_ids(tokenizer, r.prompt)) <= max_prompt]
@@ -67,15 +67,15 @@ def build_pairs(tokenizer, n: int, max_tokens: int, seed: int, min_prompt: int =
 
 
 def load(model_name: str):
-    from sgpo.models import load_model
+    from sgpo.models.loading import load_model
 
     return load_model(model_name, device="cpu", dtype="float32")
 
 
 def run_sgpo(model_name: str, tokenizer, pairs: list[dict], args, fused_adamw: bool = False) -> dict:
-    from sgpo import templates
+    from sgpo.models import templates
     from sgpo.training import dpo, loop
-    from sgpo.config import DPOConfig
+    from sgpo.config.schema import DPOConfig
     from sgpo.training.dpo import TokenPair, reference_logps, resolve_layout, train_dpo
     from sgpo.training.loop import Job
 
@@ -213,7 +213,7 @@ def _prepare(args) -> tuple:
     import transformers
     import trl
 
-    from sgpo.models import load_tokenizer
+    from sgpo.models.loading import load_tokenizer
 
     transformers.logging.set_verbosity_error()
     tokenizer = load_tokenizer(args.model)

@@ -1,4 +1,4 @@
-"""Generation speed: the engine (``sgpo.generation.generate``) against plain ``model.generate``, in the same run.
+"""Generation speed: the engine (``sgpo.generation.engine.generate``) against plain ``model.generate``, in the same run.
 
     python benchmarks/generation.py            # SmolLM2-135M-Instruct, 64 AlpacaEval prompts, 128 new tokens
     python benchmarks/generation.py --quick    # tiny random model, a few prompts: runs in seconds (smoke test)
@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from sgpo import kv_decoder  # noqa: E402
-from sgpo.generation import Request, Settings, generate  # noqa: E402
-from sgpo.models import load_model, load_tokenizer  # noqa: E402
+from sgpo.generation import kv_decoder  # noqa: E402
+from sgpo.generation.engine import Request, Settings, generate  # noqa: E402
+from sgpo.models.loading import load_model, load_tokenizer  # noqa: E402
 
 _FALLBACK_PROMPTS = [
     "Give three tips for staying healthy.",
@@ -155,8 +155,8 @@ def run_engine(model, tokenizer, prompts, batch_size, args) -> tuple[int, float,
 
 def run_vllm(model_name: str, tokenizer, prompts, batch_size, args) -> tuple[int, float, float]:
     """The vllm backend on the same requests and settings: tokens, generation seconds, start-up seconds."""
-    from sgpo import vllm_backend
-    from sgpo.models import resolve
+    from sgpo.generation import vllm_backend
+    from sgpo.models.loading import resolve
 
     reqs = [Request(tuple(p), seed=i) for i, p in enumerate(prompts)]
     s = Settings(args.max_new_tokens, args.temperature, 1.0, batch_size)
@@ -324,7 +324,7 @@ def _time_methods(model, tokenizer, prompts, args) -> tuple[dict, dict, dict, li
 
 def _sweep(model, tokenizer, prompts, args) -> dict[int, float]:
     """The engine's median tokens/s at each batch size of the sweep (and at the default run's batch)."""
-    from sgpo.config import GenerationConfig
+    from sgpo.config.schema import GenerationConfig
 
     sizes = [int(x) for x in args.sweep.split(",")] if args.sweep else [16, 32, 64, 128]
     sizes = sorted({b for b in sizes if b <= len(prompts)} | {min(GenerationConfig().batch_size, len(prompts))})
@@ -338,7 +338,7 @@ def _sweep(model, tokenizer, prompts, args) -> dict[int, float]:
 
 def _print_sweep(sweep: dict[int, float], vllm: float | None, ceil: dict) -> dict:
     """The sweep's lines and figures: the best batch, the ratios to vLLM at the default run's batch and at the best."""
-    from sgpo.config import GenerationConfig
+    from sgpo.config.schema import GenerationConfig
 
     default = min(GenerationConfig().batch_size, max(sweep))
     best = max(sweep, key=sweep.get)

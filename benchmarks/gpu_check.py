@@ -19,7 +19,7 @@ Randomly initialised models (built from a config: nothing downloaded), bf16:
 5. ``lora`` (one process, the built-in engine): the stage checkpoints are full bf16 models with the adapter merged;
 6. ``memory``: on the device, a random model of Llama-3-8B's shape: the reference pass of one forward of 8,192
    positions and two LoRA steps of 8,192 positions; of Llama-3.2-1B's shape, two full fine-tuning steps (MasterAdamW):
-   each peak beside ``sgpo.sizes``' estimate (``--shape tiny``: all three at the tiny shape, 512 positions).
+   each peak beside ``sgpo.models.sizes``' estimate (``--shape tiny``: all three at the tiny shape, 512 positions).
 
 The runs and the memory step record ``ok``: what they claim held (the backend the manifest names and the vLLM engines
 started, the dtype of every export, every training stage moved the weights; the estimates within 0.9–1.5× of the
@@ -47,9 +47,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sgpo import sizes  # noqa: E402
-from sgpo.generation import Request, Settings, generate  # noqa: E402
-from sgpo.models import load_model, load_tokenizer  # noqa: E402
+from sgpo.models import sizes  # noqa: E402
+from sgpo.training import memory  # noqa: E402
+from sgpo.generation.engine import Request, Settings, generate  # noqa: E402
+from sgpo.models.loading import load_model, load_tokenizer  # noqa: E402
 from sgpo.training.batching import default_max_positions  # noqa: E402
 from sgpo.training import dpo  # noqa: E402
 from sgpo.training.dpo import TokenPair, reference_logps  # noqa: E402
@@ -241,19 +242,19 @@ def measured(peak: Callable[[], int], estimate: float) -> dict:
 
 
 def memory_check(device: str, big: str, small: str, positions: int, vocab: int) -> dict:
-    """Peak memory beside ``sgpo.sizes``' estimate: the reference pass of one forward of ``positions`` and two LoRA
+    """Peak memory beside ``sgpo.models.sizes``' estimate: the reference pass of one forward of ``positions`` and two LoRA
     steps on a random model of shape ``big``, two full fine-tuning steps (one micro-batch of ``positions`` each,
     MasterAdamW, gradient checkpointing) on one of shape ``small``."""
     res = {"positions": positions, "shapes": {"reference_pass": big, "lora_step": big, "full_step": small}}
     model = random_model(big, device, vocab)
     shape = shape_of(model)
-    res["reference_pass"] = measured(lambda: sizes.reference_peak(model, positions),
+    res["reference_pass"] = measured(lambda: memory.reference_peak(model, positions),
                                      sizes.reference_pass_bytes(shape, positions, kept=positions // 2))
-    res["lora_step"] = measured(lambda: sizes.training_peak(model, positions, lora_r=16),
+    res["lora_step"] = measured(lambda: memory.training_peak(model, positions, lora_r=16),
                                 sizes.per_gpu_bytes(shape, "LoRA (single GPU / DDP)", 1, positions))
     del model
     model = random_model(small, device, vocab)
-    res["full_step"] = measured(lambda: sizes.training_peak(model, positions),
+    res["full_step"] = measured(lambda: memory.training_peak(model, positions),
                                 sizes.per_gpu_bytes(shape_of(model), "single GPU", 1, positions))
     res["ok"] = all(0.9 <= res[k].get("ratio", 0) <= 1.5 for k in ("reference_pass", "lora_step", "full_step"))
     return res
@@ -267,7 +268,7 @@ def shape_of(model) -> sizes.Shape:
 
 def generation_speed(path: Path, carry: Path, device: str, n: int, new_tokens: int) -> dict:
     """The engine against ``model.generate`` in padded batches of 16, sampling: tokens/s."""
-    from sgpo.templates import policy_ids
+    from sgpo.models.templates import policy_ids
 
     tok = load_tokenizer(str(path))
     model = load_model(str(path), device=device, dtype="bfloat16")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from sgpo.data import load_records  # noqa: E402
-from sgpo.models import embedded_smollm2_path  # noqa: E402
+from sgpo.data.records import load_records  # noqa: E402
+from sgpo.models.loading import embedded_smollm2_path  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "config.json")

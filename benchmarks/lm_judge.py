@@ -22,9 +22,9 @@ from _common import fmt_mmm, setup_env
 
 setup_env()
 
-from sgpo.data import load_records  # noqa: E402
+from sgpo.data.records import load_records  # noqa: E402
 from sgpo.eval.judge_lm import PROMPT_CONTEXT, LMJudge  # noqa: E402
-from sgpo.files import read_jsonl  # noqa: E402
+from sgpo.core.files import read_jsonl  # noqa: E402
 
 
 def comparisons(answers: str | None, n: int) -> tuple[list[str], list[str], list[str]]:

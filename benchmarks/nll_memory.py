@@ -23,7 +23,7 @@ def one_step(max_positions: int | None, batch: int, prompt: int, completion: int
     setup_env()
     import torch
 
-    from sgpo.models import embedded_smollm2_path, load_model
+    from sgpo.models.loading import embedded_smollm2_path, load_model
     from sgpo.training.sft import NLLExample, nll_step
 
     model = load_model(str(embedded_smollm2_path()), device="cpu", dtype="float32").train()

@@ -20,10 +20,10 @@ from _common import PeakRSS, rss_bytes, setup_env
 
 setup_env()
 
-from sgpo import kv_decoder  # noqa: E402
-from sgpo.data import load_records  # noqa: E402
-from sgpo.generation import Request, Settings, generate  # noqa: E402
-from sgpo.models import free_memory, load_model, load_tokenizer  # noqa: E402
+from sgpo.generation import kv_decoder  # noqa: E402
+from sgpo.data.records import load_records  # noqa: E402
+from sgpo.generation.engine import Request, Settings, generate  # noqa: E402
+from sgpo.models.loading import free_memory, load_model, load_tokenizer  # noqa: E402
 
 
 def long_prompts(tok, n: int, tokens: int) -> list[tuple[int, ...]]:

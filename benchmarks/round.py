@@ -50,8 +50,8 @@ def _timed(stages: dict[str, dict], name: str, fn):
 def _instrumented(stages: dict[str, dict], positions: list[tuple[int, int]]):
     """Times the generation, reference and DPO stages into ``stages`` and records (positions, pairs) of every DPO
     collate into ``positions``, restoring the originals on exit."""
-    from sgpo import trainer
-    from sgpo.rollout import Sampler
+    from sgpo.run import trainer
+    from sgpo.generation.rollout import Sampler
     from sgpo.training import dpo as dpo_mod
 
     collate = dpo_mod.collate_pairs
@@ -76,11 +76,12 @@ def _instrumented(stages: dict[str, dict], positions: list[tuple[int, int]]):
 def _run_round(cfg) -> tuple:
     """The first round through the recipe's round stage in a temporary run directory: its metrics, its prompts and
     the setup and total timers."""
-    from sgpo import distributed, recipe
-    from sgpo.methods import Context, get_method
-    from sgpo.runs import RunDir
-    from sgpo.session import open_session
-    from sgpo.splits import prepare_splits
+    from sgpo.core import distributed
+    from sgpo.run import recipe
+    from sgpo.methods.base import Context, get_method
+    from sgpo.run.stages import RunDir
+    from sgpo.run.session import open_session
+    from sgpo.data.splits import prepare_splits
 
     with tempfile.TemporaryDirectory() as tmp, _common.Timer() as total:
         with _common.Timer() as setup:
@@ -125,12 +126,14 @@ def main(argv=None) -> dict:
     import torch
 
     # every module the round uses is imported here, before the seed is set (the helpers import them again)
-    from sgpo import config as config_mod
-    from sgpo import distributed, recipe, session  # noqa: F401
-    from sgpo.methods import get_method  # noqa: F401
-    from sgpo.rollout import Sampler  # noqa: F401
-    from sgpo.runs import RunDir  # noqa: F401
-    from sgpo.splits import prepare_splits  # noqa: F401
+    from sgpo.config import schema as config_mod
+    from sgpo.core import distributed
+    from sgpo.run import recipe
+    from sgpo.run import session  # noqa: F401
+    from sgpo.methods.base import get_method  # noqa: F401
+    from sgpo.generation.rollout import Sampler  # noqa: F401
+    from sgpo.run.stages import RunDir  # noqa: F401
+    from sgpo.data.splits import prepare_splits  # noqa: F401
     from sgpo.training import dpo as dpo_mod  # noqa: F401
 
     cfg_path = args.config or (str(_common.REPO / "configs" / "smoke.yaml") if args.quick else None)

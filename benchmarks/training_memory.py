@@ -29,8 +29,8 @@ def train_then_generate(mapped: int, steps: int, batch: int, prompt: int, comple
     setup_env()
     import torch
 
-    from sgpo.generation import Request, Settings, generate
-    from sgpo.models import embedded_smollm2_path, load_model, load_tokenizer, mapped_buffers
+    from sgpo.generation.engine import Request, Settings, generate
+    from sgpo.models.loading import embedded_smollm2_path, load_model, load_tokenizer, mapped_buffers
     from sgpo.training.loop import make_optimizer
     from sgpo.training.sft import NLLExample, nll_step
 
@@ -80,7 +80,7 @@ def main() -> None:
     setup_env()
     res = {}
     flags = ["--steps", "--batch", "--prompt", "--completion", "--gen-prompts"]
-    from sgpo.models import MAPPED_THRESHOLD
+    from sgpo.models.loading import MAPPED_THRESHOLD
 
     kib = args.threshold_kib or MAPPED_THRESHOLD >> 10
     for way, child in (("default", 0), ("mapped", kib)):

@@ -20,9 +20,9 @@ import json
 import random
 from pathlib import Path
 
-from sgpo.data import load_records
+from sgpo.data.records import load_records
 from sgpo.eval.winrate import format_win_rate, win_rate
-from sgpo.files import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
+from sgpo.core.files import atomic_write_json, atomic_write_text, read_jsonl, write_jsonl
 
 LABELS = {"1": 0, "2": 1, "=": None}  # which shown answer the reader preferred (index into the shown order)
 

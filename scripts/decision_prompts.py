@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from sgpo import config
-from sgpo.models import load_tokenizer, resolve
-from sgpo.splits import prepare_splits
+from sgpo.config import schema as config
+from sgpo.models.loading import load_tokenizer, resolve
+from sgpo.data.splits import prepare_splits
 
 
 def main() -> None:

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from sgpo import config as config_mod  # noqa: E402
-from sgpo.config import improver_instruction  # noqa: E402
-from sgpo.improver.figures import improver_figures  # noqa: E402
-from sgpo.files import read_jsonl  # noqa: E402
+from sgpo.config import schema as config_mod  # noqa: E402
+from sgpo.config.schema import improver_instruction  # noqa: E402
+from sgpo.eval.improver import improver_figures  # noqa: E402
+from sgpo.core.files import read_jsonl  # noqa: E402
 
 # name -> config overrides for the improver stage (everything else: the defaults of the default run)
 # The partial-step recipes measured in docs/improver.md (split blocks, changed tokens weighted) gave no gain and their
@@ -49,7 +49,7 @@ log = logging.getLogger("sgpo")
 
 def train(name: str, overrides: list[str], out: Path, common: list[str]) -> tuple[str, dict]:
     """Train the improver of recipe ``name`` (resumable); returns (model path, the stage's metrics)."""
-    from sgpo import recipe
+    from sgpo.run import recipe
 
     run_dir = out / name / "run"
     shared = out / "_drafts"
@@ -71,7 +71,7 @@ def train(name: str, overrides: list[str], out: Path, common: list[str]) -> tupl
 
 
 def evaluate(model: str, set_name: str, out: Path, judge_spec: str, limit: int, samples: int) -> dict:
-    from sgpo.improver.figures import ImproverEval, run_improver_eval
+    from sgpo.eval.improver import ImproverEval, run_improver_eval
 
     source, dev = PROMPT_SETS[set_name]
     return run_improver_eval(ImproverEval(model, source, judge_spec, limit, "start", output=out / f"eval_{set_name}",
@@ -106,13 +106,13 @@ def rejudge(out: Path, judge_spec: str) -> None:
 
 def probe_temperatures(out: Path, name: str, set_name: str, temps: list[float], judge_spec: str) -> None:
     """Rewrite the recipe's cached drafts again at other sampling temperatures (the drafts stay the same)."""
-    from sgpo.config import load
-    from sgpo.data import Record
+    from sgpo.config.schema import load
+    from sgpo.data.records import Record
     from sgpo.eval.judges import make_judge
     from dataclasses import replace
 
-    from sgpo.models import load_model, load_tokenizer
-    from sgpo.rollout import Sampler
+    from sgpo.models.loading import load_model, load_tokenizer
+    from sgpo.generation.rollout import Sampler
 
     row = next(r for r in read_jsonl(out / "results.jsonl")
                if r["recipe"] == name and r["prompts"] == set_name and r["rewrite_samples"] == 1)
@@ -136,7 +136,7 @@ def probe_temperatures(out: Path, name: str, set_name: str, temps: list[float], 
 def probe_edits(out: Path, judge_spec: str) -> str:
     """Fixed, model-free edits of the evaluated drafts, judged: what does the judge reward?"""
     from sgpo.eval.judges import make_judge
-    from sgpo.improver.targets import split_units
+    from sgpo.methods.improver_targets import split_units
 
     rows = [x for p in sorted(out.glob("eval_*/*/samples-r1.jsonl")) for x in read_jsonl(p)]
 

@@ -23,20 +23,20 @@ def shared_data():
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    from sgpo.models import tiny_random_path
+    from sgpo.models.loading import tiny_random_path
 
     return str(tiny_random_path())
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_path):
-    from sgpo.models import load_tokenizer
+    from sgpo.models.loading import load_tokenizer
 
     return load_tokenizer(tiny_path)
 
 
 @pytest.fixture
 def tiny_model(tiny_path):
-    from sgpo.models import load_model
+    from sgpo.models.loading import load_model
 
     return load_model(tiny_path, device="cpu", dtype="float32")

@@ -2,9 +2,9 @@
 import json
 from pathlib import Path
 
-from sgpo import config
-from sgpo.dry_run import dry_run
-from sgpo.files import read_jsonl
+from sgpo.config import schema as config
+from sgpo.run.dry_run import dry_run
+from sgpo.core.files import read_jsonl
 
 NOT_GENERATED = ("examples", "pairs", "candidates", "pair_stats", "preference")
 

@@ -1,6 +1,6 @@
 import torch
 
-from sgpo.config import ModelConfig, TrainConfig
+from sgpo.config.schema import ModelConfig, TrainConfig
 from sgpo.training.adapters import trainable
 from sgpo.training.loop import Job
 from sgpo.training.sft import NLLExample, train_nll

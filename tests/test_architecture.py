@@ -6,7 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from sgpo.config import Config
+from sgpo.config.schema import Config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 FILES = sorted((SRC / "sgpo").rglob("*.py"))
@@ -101,12 +101,14 @@ def test_every_config_field_is_read_somewhere():
 
 
 def test_no_module_shadows_the_standard_library():
-    """``vllm_worker.py`` runs as a script from ``src/sgpo``, whose modules then shadow the standard library's for
-    vLLM (a ``profile.py`` there broke torch's ``cProfile`` import in the worker)."""
+    """``vllm_worker.py`` runs as a script from its folder, whose modules then shadow the standard library's for
+    vLLM (a ``profile.py`` beside it once broke torch's ``cProfile`` import in the worker); no module of the package
+    takes a standard library name either."""
     import sys
 
     folder = Path(__file__).resolve().parents[1] / "src" / "sgpo"
-    names = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
+    assert (folder / "generation" / "vllm_worker.py").exists()
+    names = {p.stem for p in folder.rglob("*.py")} | {p.name for p in folder.rglob("*") if p.is_dir()}
     assert not names & set(sys.stdlib_module_names)
 
 
@@ -116,10 +118,52 @@ def test_deepspeed_is_told_the_cpu_on_a_machine_without_a_gpu():
     import subprocess
     import sys
 
-    code = "import os, torch, sgpo.models; print(os.environ.get('DS_ACCELERATOR'), torch.cuda.is_available())"
+    code = "import os, torch, sgpo.models.loading; print(os.environ.get('DS_ACCELERATOR'), torch.cuda.is_available())"
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()
     assert out == (["None", "True"] if out[-1] == "True" else ["cpu", "False"])
     env["DS_ACCELERATOR"] = "xpu"
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.split()[0] == "xpu"
+
+
+def test_the_package_is_rooms_each_saying_what_lives_in_it():
+    """At most 8 modules at the top of ``src/sgpo`` (besides ``__init__``/``__main__``); every subpackage's
+    ``__init__.py`` has a docstring saying what lives there and what it may import, and imports nothing (so importing
+    one module of a room never runs another's)."""
+    top = [p.name for p in (SRC / "sgpo").glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert len(top) <= 8, top
+    for init in (SRC / "sgpo").glob("*/__init__.py"):
+        tree = ast.parse(init.read_text())
+        doc = ast.get_docstring(tree) or ""
+        assert "import" in doc, f"{init}: the docstring says what the room may import"
+        assert not [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                    and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")], init
+    rooms = {p.parent.name for p in (SRC / "sgpo").glob("*/*.py")}
+    assert rooms <= {p.parent.name for p in (SRC / "sgpo").glob("*/__init__.py")}, "a folder without __init__.py"
+
+
+def _allowed(doc: str, rooms: set[str]) -> set[str]:
+    """The rooms (or ``room.module``s) a room's docstring says it may import."""
+    rule = doc[doc.index("May import"):].split(".\n")[0].split('."')[0]
+    if "nothing" in rule:
+        return set()
+    named = set(re.findall(r"``([\w.]+)``", rule))
+    return rooms - named if "anything" in rule else named
+
+
+def test_each_room_imports_only_what_its_docstring_allows():
+    """The rooms' import rules (the last sentence of each ``__init__.py`` docstring) hold for every import of every
+    module, at module level or inside a function."""
+    rooms = {p.parent.name for p in (SRC / "sgpo").glob("*/__init__.py")}
+    broken = []
+    for room in sorted(rooms):
+        allowed = _allowed(ast.get_docstring(ast.parse((SRC / "sgpo" / room / "__init__.py").read_text())), rooms)
+        for path in (SRC / "sgpo" / room).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sgpo."):
+                    target = node.module.split(".")[1:]
+                    names = [".".join(target[:2])] + [f"{target[0]}.{a.name}" for a in node.names]
+                    if target[0] != room and target[0] not in allowed and not set(names) & allowed:
+                        broken.append(f"{path.relative_to(SRC)}:{node.lineno} imports {node.module}")
+    assert broken == []

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from sgpo.data import load_records
+from sgpo.data.records import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("blind_reading", REPO / "scripts" / "blind_reading.py")

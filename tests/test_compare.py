@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgpo import compare as compare_mod
-from sgpo import config, recipe
-from sgpo.cli import main
+from sgpo.compare import runs as compare_mod
+from sgpo.config import schema as config
+from sgpo.run import recipe
+from sgpo.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -56,7 +57,7 @@ def fake_run(calls, fail):
 
 def private_cache(tmp_path, monkeypatch) -> None:
     """A cache of the test's own (answers, verdicts) that shares the converted models (a conversion takes a minute)."""
-    from sgpo.models import cache_dir
+    from sgpo.models.loading import cache_dir
 
     models = cache_dir() / "models"
     (tmp_path / "cache").mkdir()
@@ -133,9 +134,9 @@ def test_a_second_seed_for_some_methods_only_reuses_the_finished_runs(tmp_path, 
 def test_sgpo_is_paired_with_each_method_of_its_seed_over_the_same_start_answers(tmp_path, monkeypatch):
     """SGPO's final answers are the references (the reference judge prefers them to every start answer), spin's repeat
     the start answers (ties): SGPO − spin is exactly +50 points; with other start answers nothing is paired."""
-    from sgpo.compare_paired import paired_figures
-    from sgpo.models import load_tokenizer, resolve
-    from sgpo.splits import prepare_splits
+    from sgpo.compare.paired import paired_figures
+    from sgpo.models.loading import load_tokenizer, resolve
+    from sgpo.data.splits import prepare_splits
 
     private_cache(tmp_path, monkeypatch)
     cfg = config.load(str(SMOKE))
@@ -171,9 +172,9 @@ def test_a_scorer_judge_s_own_scores_are_tabled_and_paired(tmp_path, monkeypatch
     score, and SGPO − spin is also paired on the final answers' own scores: here the scorer gives 1 to an answer that
     is the reference, SGPO answers with the references and spin with a fixed sentence but for one prompt, so the
     paired score difference is (n − 1)/n."""
-    from sgpo.held_out import judge_name
-    from sgpo.models import load_tokenizer, resolve
-    from sgpo.splits import prepare_splits
+    from sgpo.eval.held_out import judge_name
+    from sgpo.models.loading import load_tokenizer, resolve
+    from sgpo.data.splits import prepare_splits
 
     (tmp_path / "exact_scorer.py").write_text(
         "def is_reference(prompt, response, row):\n    return float(response == row['reference'])\n")

@@ -1,7 +1,7 @@
 import pytest
 
-from sgpo import config
-from sgpo.config import ConfigError
+from sgpo.config import schema as config
+from sgpo.config.schema import ConfigError
 
 
 def test_defaults_are_the_embedded_experiment():
@@ -55,13 +55,13 @@ def test_dump_roundtrip_and_diff():
 
 
 def test_the_config_reference_is_current_and_complete():
-    """``docs/config.md`` is what ``python -m sgpo.config_docs`` writes now, and every key has its documentation."""
+    """``docs/config.md`` is what ``python -m sgpo.config.reference`` writes now, and every key has its documentation."""
     from pathlib import Path
 
-    from sgpo import config_docs
+    from sgpo.config import reference as config_docs
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
-    assert doc.read_text() == config_docs.markdown(), "docs/config.md is stale: python -m sgpo.config_docs > docs/config.md"
+    assert doc.read_text() == config_docs.markdown(), "docs/config.md is stale: python -m sgpo.config.reference > docs/config.md"
     ks = config_docs.keys()
     assert len(ks) > 50 and all(k.doc for k in ks), [k.name for k in ks if not k.doc]
     beta = next(k for k in ks if k.name == "dpo.beta")
@@ -69,7 +69,7 @@ def test_the_config_reference_is_current_and_complete():
 
 
 def test_sgpo_config_prints_a_section_and_names_the_sections_when_wrong(capsys):
-    from sgpo.cli import main
+    from sgpo.cli.main import main
 
     assert main(["config", "pairs"]) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sgpo.data import DataError, cut_reference, load_records, split_dev
+from sgpo.data.records import DataError, cut_reference, load_records, split_dev
 
 
 def _jsonl(path, rows):
@@ -98,8 +98,8 @@ def test_cut_reference_at_sentence_boundary(tiny_tokenizer):
 
 
 def test_a_column_mapping_reads_data_as_people_have_it(tmp_path):
-    from sgpo import config
-    from sgpo.data import DataError, load_records
+    from sgpo.config import schema as config
+    from sgpo.data.records import DataError, load_records
 
     path = tmp_path / "qa.jsonl"
     path.write_text('{"question": "What is 2+2?", "answer": "4."}\n{"question": "Name a colour.", "answer": "Red."}\n'
@@ -121,7 +121,7 @@ def test_a_column_mapping_reads_data_as_people_have_it(tmp_path):
 def test_a_hub_dataset_s_configuration_is_asked_for_by_name(monkeypatch):
     import datasets
 
-    from sgpo.data import load_records
+    from sgpo.data.records import load_records
 
     asked = []
 

@@ -4,9 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sgpo import config
-from sgpo.models import load_tokenizer, resolve
-from sgpo.splits import prepare_splits
+from sgpo.config import schema as config
+from sgpo.models.loading import load_tokenizer, resolve
+from sgpo.data.splits import prepare_splits
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"

@@ -17,10 +17,10 @@ import random
 import pytest
 import torch
 
-from sgpo import templates
-from sgpo.models import TINY_RANDOM, load_model, load_tokenizer
+from sgpo.models import templates
+from sgpo.models.loading import TINY_RANDOM, load_model, load_tokenizer
 from sgpo.training.batching import collate_pairs, pair_logps
-from sgpo.config import DPOConfig
+from sgpo.config.schema import DPOConfig
 from sgpo.training.dpo import TokenPair, dpo_step, pair_batch, reference_logps, resolve_layout, train_dpo
 from sgpo.training.loop import Job
 from sgpo.training.losses import LogRatios, preference_loss

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sgpo import config
-from sgpo.cli import main
-from sgpo.dry_run import dry_run, format_dry_run
+from sgpo.config import schema as config
+from sgpo.cli.main import main
+from sgpo.run.dry_run import dry_run, format_dry_run
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [None, REPO / "configs" / "smoke.yaml", *sorted((REPO / "configs" / "paper").glob("*.yaml"))]
@@ -19,7 +19,7 @@ def nothing_loads(monkeypatch):
     """Loading a model, a tokenizer or a hub dataset fails the test."""
     import datasets
 
-    from sgpo import models
+    from sgpo.models import loading as models
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"a dry run loaded something: {args}")
@@ -95,8 +95,8 @@ def test_a_hub_pool_is_not_downloaded_and_says_so(nothing_loads, capsys):
 
 
 def test_the_dry_run_gives_checkpoint_sizes_and_the_bytes_written(nothing_loads):
-    from sgpo.models import tiny_random_path
-    from sgpo.sizes import checkpoint_bytes, parameter_count
+    from sgpo.models.loading import tiny_random_path
+    from sgpo.models.sizes import checkpoint_bytes, parameter_count
 
     cfg = config.load(REPO / "configs" / "paper" / "sgpo-llama-3-8b.yaml")
     d = dry_run(cfg)
@@ -130,8 +130,8 @@ def test_the_second_judge_judges_at_most_agreement_size_pairs_a_round(nothing_lo
 def test_a_data_path_or_model_a_run_would_refuse_is_refused_naming_it(tmp_path, nothing_loads, capsys, monkeypatch):
     """The run's own rule (``data.source_kind``): a path that is not on disk and not shaped as a hub dataset id was
     meant as a file; a model that is not an embedded one, a folder or a hub id cannot load. Refused in one line."""
-    from sgpo.data import DataError, load_records
-    from sgpo.models import ModelError
+    from sgpo.data.records import DataError, load_records
+    from sgpo.models.loading import ModelError
 
     monkeypatch.chdir(tmp_path)
     data = write_pool(tmp_path / "my_sft.jsonl", 30)
@@ -174,7 +174,7 @@ def test_a_tracker_that_is_not_installed_is_refused_by_the_dry_run(nothing_loads
 
 
 def test_an_api_judge_gets_estimates_of_its_tokens_cost_and_wall_time(tmp_path, nothing_loads):
-    from sgpo.dry_run import template_tokens
+    from sgpo.run.dry_run import template_tokens
 
     data = tmp_path / "pool.jsonl"  # every prompt 12 characters: what the judge is sent is known
     data.write_text("".join(json.dumps({"prompt": f"Question {i:02d}?", "response": f"Answer {i}."}) + "\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from judge_stub import JudgeStub
-from sgpo.cli import build_parser, main
+from sgpo.cli.main import build_parser, main
 from test_cli import sgpo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_missing_lc_inputs_stop_alpaca_eval_before_a_model_is_loaded(tmp_path, c
 
 
 def test_sgpo_eval_help_lists_every_judge_kind_of_the_registry(monkeypatch):
-    from sgpo.registry import JUDGES
+    from sgpo.core.registry import JUDGES
 
     monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no name is broken at a hyphen
     monkeypatch.setitem(JUDGES._entries, "brand-new", "judges:ReferenceJudge")

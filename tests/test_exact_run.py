@@ -50,7 +50,7 @@ def test_every_round_has_exact_pair_figures(exact_run):
 
 def _ifeval_rewrite_shares(folder):
     """The improver's development rewrites against their drafts, scored here by IFEval's checkers."""
-    from sgpo.data import load_records
+    from sgpo.data.records import load_records
     from sgpo.eval.judges import make_judge
     from sgpo.eval.winrate import score_shares
 

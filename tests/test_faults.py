@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgpo.files import RunError, Shard, atomic_write_json, read_jsonl
-from sgpo.runs import RunDir
+from sgpo.core.files import RunError, Shard, atomic_write_json, read_jsonl
+from sgpo.run.stages import RunDir
 from sgpo.training.loop import Job, Optim, run_steps
 
 from test_resume import REPO, cli_env, command, write_data

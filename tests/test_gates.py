@@ -1,9 +1,9 @@
 """Each pair gate drops what it should and keeps what it should (fixed examples)."""
 import pytest
 
-from sgpo import templates
-from sgpo.gates import Gates, TemplateMarkers, echoes, repetitive
-from sgpo.pairs import Pair, candidate_metrics, filter_pairs, judge_agreement, pair_metrics
+from sgpo.models import templates
+from sgpo.methods.gates import Gates, TemplateMarkers, echoes, repetitive
+from sgpo.methods.pairs import Pair, candidate_metrics, filter_pairs, judge_agreement, pair_metrics
 
 REQUEST = "Write a short poem about the autumn leaves falling in the park"
 GOOD = "Golden leaves drift down,\nthe park grows quiet and bare,\nautumn breathes softly."

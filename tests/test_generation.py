@@ -6,9 +6,9 @@ import copy
 import pytest
 import torch
 
-from sgpo import kv_decoder
-from sgpo.generation import Request, Settings, _inverse_cdf, generate, plan_batches
-from sgpo.models import load_model, load_tokenizer, tiny_random_path
+from sgpo.generation import kv_decoder
+from sgpo.generation.engine import Request, Settings, _inverse_cdf, generate, plan_batches
+from sgpo.models.loading import load_model, load_tokenizer, tiny_random_path
 
 QUESTIONS = [
     "Hi",
@@ -64,7 +64,7 @@ def test_greedy_matches_plain_generate_without_packed_weights(tiny):
     model, tok = tiny
     prompts = _prompts(tok)[:4]
     dec = kv_decoder.KVDecoder(model, packed=False)
-    from sgpo.generation import generate_batch
+    from sgpo.generation.engine import generate_batch
     gens = generate_batch(model, tok, [Request(p, seed=0) for p in prompts], Settings(16, 0.0, 1.0, 4), decoder=dec)
     for p, g in zip(prompts, gens):
         assert g.token_ids == _plain_greedy(model, tok, p, 16, {tok.eos_token_id})[0]
@@ -201,7 +201,7 @@ def test_inverse_cdf_follows_the_distribution():
 
 
 def test_auto_batch_size_follows_the_memory_budget(tiny):
-    from sgpo.generation import auto_batch_size
+    from sgpo.generation.engine import auto_batch_size
 
     model, _ = tiny
     reqs = [Request(tuple(range(90)), seed=0), Request(tuple(range(10)), seed=1)]

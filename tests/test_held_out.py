@@ -1,6 +1,6 @@
 """The reported test-split figures: the right sides compared, length matching, the start-answer cache."""
-from sgpo.data import Record
-from sgpo.held_out import judge_name, length_matched, model_hash, versus
+from sgpo.data.records import Record
+from sgpo.eval.held_out import judge_name, length_matched, model_hash, versus
 
 
 class LongerWins:
@@ -55,11 +55,11 @@ def test_a_hub_name_is_keyed_by_its_name():
 def test_answer_cache_keeps_vllm_answers_apart(tiny_path, tiny_tokenizer):
     import dataclasses
 
-    from sgpo.config import Config
-    from sgpo.data import Record
-    from sgpo.files import content_hash
-    from sgpo.held_out import answer_key, model_hash
-    from sgpo.rollout import Sampler
+    from sgpo.config.schema import Config
+    from sgpo.data.records import Record
+    from sgpo.core.files import content_hash
+    from sgpo.eval.held_out import answer_key, model_hash
+    from sgpo.generation.rollout import Sampler
 
     cfg, recs = Config(), [Record("a", (("user", "hi"),))]
     engine = Sampler(tiny_tokenizer, cfg.generation, cfg.seed, backend="engine")

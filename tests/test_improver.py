@@ -5,10 +5,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgpo import templates
-from sgpo.config import ImproverConfig
-from sgpo.improver.targets import ImproverExample, chain, edit_ops, examples_from_draft, interpolate, nll_example, split_units
-from sgpo.text import word_edit_distance
+from sgpo.models import templates
+from sgpo.config.schema import ImproverConfig
+from sgpo.methods.improver_targets import ImproverExample, chain, edit_ops, examples_from_draft, interpolate, nll_example, split_units
+from sgpo.core.text import word_edit_distance
 from sgpo.training.batching import collate
 
 WORDS = ["alpha", "beta", "gamma", "delta", "the", "a", "of", "cat", "runs", "fast", "x", "y"]
@@ -59,7 +59,7 @@ def test_reference_target_is_the_full_jump():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from sgpo.models import load_tokenizer
+    from sgpo.models.loading import load_tokenizer
 
     return load_tokenizer("sgpo:tiny-random")
 
@@ -67,7 +67,7 @@ def tokenizer():
 def test_improver_example_layout_puts_loss_only_on_target_tokens(tokenizer):
     prompt = (("user", "Describe Paris."),)
     e = ImproverExample("r", DRAFT, interpolate(DRAFT, REFERENCE, 0.25))
-    from sgpo.data import Record
+    from sgpo.data.records import Record
 
     ex = nll_example(tokenizer, Record("r", prompt, REFERENCE), e, "Improve.\n{prompt}\n{draft}")
     assert list(ex.prompt_ids) == templates.improver_ids(tokenizer, prompt, DRAFT, "Improve.\n{prompt}\n{draft}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sgpo.improver.figures import improver_figures
+from sgpo.eval.improver import improver_figures
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from judge_stub import JudgeStub
-from sgpo import config
-from sgpo.cli import main
+from sgpo.config import schema as config
+from sgpo.cli.main import main
 from sgpo.eval.base import JudgeError
 from sgpo.eval.preflight import check_judge, check_run_judges, judge_keys, run_finished
-from sgpo.runs import RunDir
+from sgpo.run.stages import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_local_judges_are_checked_without_loading_them(tmp_path, monkeypatch):
 
 
 def test_a_judge_kind_added_to_the_registry_is_checked_by_building_it(monkeypatch):
-    from sgpo.registry import JUDGES
+    from sgpo.core.registry import JUDGES
 
     built = []
 
@@ -151,7 +151,7 @@ def test_a_finished_run_is_not_checked_again(tmp_path):
 
 @pytest.mark.parametrize("error", ["IFEvalError", "JudgeError"])
 def test_the_project_s_errors_reach_the_command_line_as_one_line(error, monkeypatch, capsys):
-    from sgpo import evaluate
+    from sgpo.eval import benchmark as evaluate
     from sgpo.eval.ifeval import IFEvalError
 
     cls = {"IFEvalError": IFEvalError, "JudgeError": JudgeError}[error]
@@ -166,7 +166,7 @@ def test_the_project_s_errors_reach_the_command_line_as_one_line(error, monkeypa
 
 
 def test_the_dry_run_says_when_an_api_judge_s_key_is_missing(local_env):
-    from sgpo.dry_run import dry_run, format_dry_run
+    from sgpo.run.dry_run import dry_run, format_dry_run
 
     cfg = config.load("configs/smoke.yaml", ["eval.judge=openai:gpt-4o-mini", "rounds=1"])
     text = format_dry_run(dry_run(cfg), cfg)

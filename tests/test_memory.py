@@ -1,6 +1,6 @@
 """Memory: training maps its large buffers on their own and leaves glibc with a threshold at which the heap serves
 generation's buffers again (the peak and speed effects are measured by benchmarks/training_memory.py); the training
-memory estimate (``sgpo.sizes``) against a peak measured on a CPU; the vLLM engine's share of the GPU beside training,
+memory estimate (``sgpo.models.sizes``) against a peak measured on a CPU; the vLLM engine's share of the GPU beside training,
 and the policy's loaded copy let go during a vLLM rollout."""
 import ctypes
 import weakref
@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sgpo import models, sizes
+from sgpo.models import loading as models
+from sgpo.models import sizes
+from sgpo.training import memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +48,12 @@ def test_without_glibc_nothing_is_set(monkeypatch):
         pass
 
 
-# -- the training-memory estimate (sgpo.sizes) against a measured peak, and the vLLM engine's share beside it ----------
+# -- the training-memory estimate (sgpo.models.sizes) against a measured peak, and the vLLM engine's share beside it ----------
 FACTOR = (0.9, 1.25)  # the estimate may over-state a measured peak by 25%, never under-state it by more than 10%
 
 
 def measured_training_peak(shape: dict, positions: int, kind: str) -> tuple[int, sizes.Shape]:
-    """The peak of torch's allocations (``sizes.training_peak``: the CPU profiler) while a random bf16 Llama of
+    """The peak of torch's allocations (``memory.training_peak``: the CPU profiler) while a random bf16 Llama of
     ``shape`` trains for two optimizer steps of one micro-batch of ``positions`` each, gradient checkpointing on,
     through sgpo's own training calls (NLL or DPO, MasterAdamW: the one-GPU path); and its ``sizes.Shape``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,7 +63,7 @@ def measured_training_peak(shape: dict, positions: int, kind: str) -> tuple[int,
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
-    peak = sizes.training_peak(model, positions, kind)
+    peak = memory.training_peak(model, positions, kind)
     return peak, sizes.Shape(params, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size)
 
 
@@ -120,8 +122,8 @@ def test_each_strategy_s_vllm_share_leaves_training_its_estimate_on_the_paper_s_
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "WORLD_SIZE": "8"}, True, "ZeRO-3"),
     ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"}, False, "FSDP")])
 def test_the_engine_s_share_is_the_launch_strategy_s_unless_set(monkeypatch, env, lora, strategy):
-    from sgpo import config
-    from sgpo.vllm_backend import worker_options
+    from sgpo.config import schema as config
+    from sgpo.generation.vllm_backend import worker_options
 
     for key in ("WORLD_SIZE", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(key, raising=False)
@@ -135,7 +137,7 @@ def test_the_engine_s_share_is_the_launch_strategy_s_unless_set(monkeypatch, env
 
 
 def test_the_dry_run_s_vllm_lines_give_the_share_and_what_it_leaves(monkeypatch):
-    from sgpo import config
+    from sgpo.config import schema as config
 
     cfg = config.load(REPO / "configs" / "paper" / "sgpo-llama-3-8b.yaml")
     text = "\n".join(sizes.memory_lines(cfg))
@@ -151,9 +153,9 @@ def test_a_vllm_rollout_lets_the_loaded_model_go_and_the_next_use_loads_the_same
     """During a vLLM rollout the engine, not this process, needs the GPU: the policy's loaded copy (trained, saved
     for the rollout) is freed, and training after the rollout gets the saved weights back. The built-in engine keeps
     generating with the loaded model."""
-    from sgpo.config import ModelConfig
-    from sgpo.policy import Policy
-    from sgpo.runs import RunDir
+    from sgpo.config.schema import ModelConfig
+    from sgpo.models.policy import Policy
+    from sgpo.run.stages import RunDir
 
     run = RunDir(tmp_path / "run")
     stages, dist = SimpleNamespace(current="round_1"), SimpleNamespace(barrier=lambda: None)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from sgpo.data import DataError, load_records
+from sgpo.data.records import DataError, load_records
 from sgpo.eval import alpaca_eval, arena_hard
 
 
@@ -22,7 +22,7 @@ def _judgment(uid, model="m"):
     return {"uid": uid, "model": model, "baseline": "base", "games": [{"verdict": "B>A"}, {"verdict": "A>B"}]}
 
 
-# --------------------------------------------------------------------------- conversations (sgpo.data)
+# --------------------------------------------------------------------------- conversations (sgpo.data.records)
 def test_conversation_without_the_assistant_reply_names_file_line_and_role(tmp_path):
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
             {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "only a question"}]}]
@@ -165,7 +165,7 @@ def test_answers_file_without_answer_text_names_file_and_line(tmp_path):
 
 
 def test_cli_metrics_prints_the_named_error(tmp_path, capsys):
-    from sgpo.cli import main
+    from sgpo.cli.main import main
 
     p = tmp_path / "a.json"
     p.write_text('[{"output_1": "a", "output_2": "b", "preference": 2}, {"output_1"')

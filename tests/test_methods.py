@@ -7,13 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from sgpo import config, recipe, templates
-from sgpo.data import load_records, parse_row
-from sgpo.methods import METHODS, get_method
-from sgpo.models import load_model, load_tokenizer, resolve
-from sgpo.pairs import Pair
-from sgpo.files import read_jsonl
-from sgpo.rollout import Sampler
+from sgpo.config import schema as config
+from sgpo.run import recipe
+from sgpo.models import templates
+from sgpo.data.records import load_records, parse_row
+from sgpo.core.registry import METHODS
+from sgpo.methods.base import get_method
+from sgpo.models.loading import load_model, load_tokenizer, resolve
+from sgpo.methods.pairs import Pair
+from sgpo.core.files import read_jsonl
+from sgpo.generation.rollout import Sampler
 from sgpo.training.dpo import TokenPair, reference_logps
 
 from dry_run_check import assert_dry_run_matches

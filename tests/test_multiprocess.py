@@ -187,8 +187,8 @@ def test_lora_under_sharding_exports_the_merged_full_model(tmp_path, launcher):
     gathered weights, tokenizer) equal to a one-process LoRA training merged in memory, and it loads and generates."""
     import torch
 
-    from sgpo.generation import Request, Settings, generate
-    from sgpo.models import load_model, load_tokenizer, tiny_random_path
+    from sgpo.generation.engine import Request, Settings, generate
+    from sgpo.models.loading import load_model, load_tokenizer, tiny_random_path
 
     script = tmp_path / "lora.py"
     script.write_text(LORA)

@@ -1,6 +1,6 @@
-from sgpo import templates
-from sgpo.gates import Gates, TemplateMarkers
-from sgpo.pairs import Pair, filter_pairs, pair_metrics
+from sgpo.models import templates
+from sgpo.methods.gates import Gates, TemplateMarkers
+from sgpo.methods.pairs import Pair, filter_pairs, pair_metrics
 
 
 def _gates(finished):
@@ -34,13 +34,13 @@ def test_training_pairs_see_the_prompt_cut_that_generation_saw(tiny_tokenizer):
     score the responses under the same cut (and stay bounded in memory), for the policy and the improver prompt."""
     from types import SimpleNamespace
 
-    from sgpo import templates
-    from sgpo.config import Config
-    from sgpo.pairs import Pair
-    from sgpo.config import GenerationConfig
-    from sgpo.data import Record
-    from sgpo.rollout import Sampler
-    from sgpo.trainer import Trainer
+    from sgpo.models import templates
+    from sgpo.config.schema import Config
+    from sgpo.methods.pairs import Pair
+    from sgpo.config.schema import GenerationConfig
+    from sgpo.data.records import Record
+    from sgpo.generation.rollout import Sampler
+    from sgpo.run.trainer import Trainer
 
     cfg = Config()
     cfg.data.max_prompt_tokens = 24

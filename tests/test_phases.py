@@ -1,6 +1,6 @@
 """The per-stage, per-phase profile: a phase inside another pauses it, so the phases and ``other`` add up to the
 stage's wall time (a fake clock: no timing is asserted)."""
-from sgpo import phases as profile
+from sgpo.core import phases as profile
 
 
 def test_phases_are_counted_exclusively_and_add_up_with_other(monkeypatch):

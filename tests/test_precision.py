@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from sgpo.config import DPOConfig, TrainConfig
+from sgpo.config.schema import DPOConfig, TrainConfig
 from sgpo.training.dpo import TokenPair, reference_logps, train_dpo
 from sgpo.training.loop import Job, MasterAdamW, make_optimizer
 from sgpo.training.sft import NLLExample, train_nll
@@ -95,7 +95,7 @@ def test_sharded_training_refuses_low_precision_weights_without_mixed_precision(
     would update in bf16, so the run stops with what to do."""
     from types import SimpleNamespace
 
-    from sgpo.files import RunError
+    from sgpo.core.files import RunError
     from sgpo.training.loop import check_sharded_precision
 
     bf16 = copy.deepcopy(tiny_model).to(torch.bfloat16)

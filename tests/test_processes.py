@@ -133,7 +133,7 @@ TIMEOUT = textwrap.dedent('''
 
 
 def test_the_configured_timeout_is_the_process_group_s(tmp_path):
-    from sgpo.config import Config
+    from sgpo.config.schema import Config
 
     assert Config().collective_timeout_minutes >= 60  # a rollout or a judge pass outlasts NCCL's 10 minutes
     two_processes(tmp_path, TIMEOUT)

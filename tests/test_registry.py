@@ -1,22 +1,23 @@
 """Registries (name → factory), the config choices drawn from them, and the judge interface every judge implements."""
 import pytest
 
-from sgpo import config, registry
-from sgpo.config import ConfigError
+from sgpo.config import schema as config
+from sgpo.core import registry
+from sgpo.config.schema import ConfigError
 from sgpo.eval.base import Judge
 from sgpo.eval.cache import CachedJudge
 from sgpo.eval.judges import ReferenceJudge, make_judge
-from sgpo.registry import LOSSES, METHODS, Registry
+from sgpo.core.registry import LOSSES, METHODS, Registry
 
 ALL = [registry.METHODS, registry.LOSSES, registry.JUDGES, registry.BENCHMARKS, registry.COMPARE_BENCHMARKS,
        registry.TRACKERS]
 
 
 def test_names_in_declaration_order_and_factories_imported_only_when_asked_for():
-    widgets = Registry("widget", "sgpo", {"hash": "files:content_hash", "broken": "no_such_module:x"})
+    widgets = Registry("widget", "sgpo.core", {"hash": "files:content_hash", "broken": "no_such_module:x"})
     assert widgets.names() == ("hash", "broken") and list(widgets) == ["hash", "broken"]
     assert "hash" in widgets and "other" not in widgets
-    from sgpo.files import content_hash
+    from sgpo.core.files import content_hash
 
     assert widgets.get("hash") is content_hash
     with pytest.raises(ModuleNotFoundError):  # a bad entry only fails when it is asked for
@@ -26,8 +27,8 @@ def test_names_in_declaration_order_and_factories_imported_only_when_asked_for()
 def test_unknown_name_names_the_kind_and_the_known_names():
     with pytest.raises(ValueError, match=r"unknown widget 'c' \(known: a, b\)"):
         Registry("widget", "sgpo", {"a": "files:content_hash", "b": "files:read_jsonl"}).get("c")
-    from sgpo.evaluate import benchmark_items
-    from sgpo.methods import get_method
+    from sgpo.eval.benchmark import benchmark_items
+    from sgpo.methods.base import get_method
 
     with pytest.raises(ValueError, match="unknown method 'ppo' .*sgpo, spin, synpo, dpo, sft"):
         get_method("ppo")
@@ -119,7 +120,7 @@ def test_cached_judge_forwards_explicitly_and_reports_its_statistics(tmp_path):
 
 @pytest.mark.parametrize("key", ["eval.judge", "eval.second_judge", "pairs.verify"])
 def test_a_judge_spec_of_no_known_kind_is_refused_when_the_config_loads(key):
-    from sgpo import config
+    from sgpo.config import schema as config
 
     with pytest.raises(config.ConfigError, match=rf"{key}: unknown judge 'gpt4' \(known: reference, openai"):
         config.load(None, [f"{key}=gpt4"])
@@ -133,7 +134,7 @@ def test_a_file_s_hash_is_computed_once_until_the_file_changes(tmp_path, monkeyp
     import hashlib
     import os
 
-    from sgpo import models
+    from sgpo.models import loading as models
 
     f = tmp_path / "model.gguf"
     f.write_bytes(b"one")

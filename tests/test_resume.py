@@ -213,9 +213,9 @@ def test_changed_data_on_resume_is_refused(tmp_path, data, uninterrupted):
 
 
 def test_force_restart_forgets_the_run_but_nothing_else(tmp_path):
-    from sgpo import config
-    from sgpo.runs import check_resume
-    from sgpo.runs import RunDir
+    from sgpo.config import schema as config
+    from sgpo.run.stages import check_resume
+    from sgpo.run.stages import RunDir
 
     out = tmp_path / "run"
     run = RunDir(out)
@@ -237,8 +237,8 @@ def test_force_restart_forgets_the_run_but_nothing_else(tmp_path):
 def test_resume_ignores_keys_a_later_sgpo_removed(tmp_path, caplog):
     import yaml
 
-    from sgpo import config
-    from sgpo.runs import RunDir, check_resume
+    from sgpo.config import schema as config
+    from sgpo.run.stages import RunDir, check_resume
 
     out = tmp_path / "run"
     run = RunDir(out)
@@ -257,8 +257,8 @@ def test_resume_ignores_keys_a_later_sgpo_removed(tmp_path, caplog):
 
 def test_a_column_mapping_survives_resume_and_its_change_is_named(tmp_path):
     """``data.fields`` is a mapping-valued key, not a section: a run with one resumes, and changing it is refused."""
-    from sgpo import config
-    from sgpo.runs import RunDir, check_resume
+    from sgpo.config import schema as config
+    from sgpo.run.stages import RunDir, check_resume
 
     out = tmp_path / "run"
     run = RunDir(out)
@@ -272,8 +272,8 @@ def test_a_column_mapping_survives_resume_and_its_change_is_named(tmp_path):
 
 
 def _finished_run(out: Path, sets: list[str]) -> None:
-    from sgpo import config
-    from sgpo.runs import RunDir
+    from sgpo.config import schema as config
+    from sgpo.run.stages import RunDir
 
     run = RunDir(out)
     for st in ("round_0", "improver", "round_1", "final", "test", "test_second_judge"):
@@ -283,8 +283,8 @@ def _finished_run(out: Path, sets: list[str]) -> None:
 
 
 def test_resume_recomputes_the_figures_after_an_evaluation_change_and_keeps_the_training(tmp_path, caplog):
-    from sgpo import config
-    from sgpo.runs import RunDir, check_resume
+    from sgpo.config import schema as config
+    from sgpo.run.stages import RunDir, check_resume
 
     out = tmp_path / "run"
     _finished_run(out, ["rounds=1"])
@@ -299,9 +299,9 @@ def test_resume_recomputes_the_figures_after_an_evaluation_change_and_keeps_the_
 def test_machine_settings_may_change_on_resume_and_redo_nothing(tmp_path, caplog):
     """A run made before ``generation.vllm_gpu_memory``'s default changed (0.5 → 0, the strategy's share) resumes:
     the memory share and the collective timeout change how the run uses the machine, not what it computes."""
-    from sgpo import config
-    from sgpo.files import RunError
-    from sgpo.runs import RunDir, check_resume
+    from sgpo.config import schema as config
+    from sgpo.core.files import RunError
+    from sgpo.run.stages import RunDir, check_resume
 
     out = tmp_path / "run"
     _finished_run(out, ["rounds=1", "generation.vllm_gpu_memory=0.5"])
@@ -315,9 +315,9 @@ def test_machine_settings_may_change_on_resume_and_redo_nothing(tmp_path, caplog
 
 
 def test_more_rounds_continue_without_an_sft_step_and_are_refused_with_a_way_on_with_one(tmp_path):
-    from sgpo import config
-    from sgpo.files import RunError
-    from sgpo.runs import RunDir, check_resume
+    from sgpo.config import schema as config
+    from sgpo.core.files import RunError
+    from sgpo.run.stages import RunDir, check_resume
 
     out = tmp_path / "run"
     _finished_run(out, ["rounds=1", "sft=false"])

@@ -4,11 +4,11 @@ import logging
 
 import pytest
 
-from sgpo import config
-from sgpo.config import ConfigError, GenerationConfig
-from sgpo.data import Record
-from sgpo.rollout import Sampler
-from sgpo.splits import Splits, deal, prepare_splits
+from sgpo.config import schema as config
+from sgpo.config.schema import ConfigError, GenerationConfig
+from sgpo.data.records import Record
+from sgpo.generation.rollout import Sampler
+from sgpo.data.splits import Splits, deal, prepare_splits
 
 
 def test_negative_temperature_and_other_out_of_range_values_name_the_key():

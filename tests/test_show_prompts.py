@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from sgpo import config, templates
-from sgpo.cli import main
-from sgpo.data import load_records
-from sgpo.text import cut_reference
+from sgpo.config import schema as config
+from sgpo.models import templates
+from sgpo.cli.main import main
+from sgpo.data.records import load_records
+from sgpo.core.text import cut_reference
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -20,7 +21,7 @@ def no_model(monkeypatch):
     """Loading a model fails the test (the tokenizer may load)."""
     import transformers
 
-    from sgpo import models
+    from sgpo.models import loading as models
 
     def refuse(*args, **kwargs):
         raise AssertionError(f"--show-prompts loaded a model: {args}")

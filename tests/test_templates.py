@@ -1,8 +1,8 @@
 import pytest
 
-from sgpo import templates
-from sgpo.config import IMPROVER_INSTRUCTION
-from sgpo.models import ModelError, load_tokenizer
+from sgpo.models import templates
+from sgpo.config.schema import IMPROVER_INSTRUCTION
+from sgpo.models.loading import ModelError, load_tokenizer
 
 
 def test_policy_mode_is_the_chat_template(tiny_tokenizer):
@@ -44,11 +44,11 @@ def test_tokenizer_without_chat_template_is_an_error(tmp_path, tiny_tokenizer):
 
 def test_reading_b_puts_the_reference_in_the_improver_input_in_training_and_rounds(tiny_tokenizer):
     """``improver.sees_reference``: the one switch gives I(x, y, y*) to improver training and to the rounds."""
-    from sgpo import config
-    from sgpo.config import GenerationConfig
-    from sgpo.data import Record
-    from sgpo.improver.targets import ImproverExample, nll_example
-    from sgpo.rollout import Sampler
+    from sgpo.config import schema as config
+    from sgpo.config.schema import GenerationConfig
+    from sgpo.data.records import Record
+    from sgpo.methods.improver_targets import ImproverExample, nll_example
+    from sgpo.generation.rollout import Sampler
 
     record = Record("r", (("user", "Name a colour."),), "Blue, like the sky.")
     b = config.load(None, ["improver.sees_reference=true"])
@@ -64,7 +64,7 @@ def test_reading_b_puts_the_reference_in_the_improver_input_in_training_and_roun
 
 
 def test_reading_switch_and_instruction_must_agree():
-    from sgpo import config
+    from sgpo.config import schema as config
 
     with pytest.raises(config.ConfigError, match="sees_reference"):
         config.load(None, ["improver.sees_reference=true", "improver.instruction=Improve {draft} for {prompt}"])
@@ -80,8 +80,8 @@ def test_a_tokenizer_without_a_chat_template_gets_one_from_a_file_or_another_mod
 
     import pytest
 
-    from sgpo.models import ModelError, load_tokenizer, tiny_random_path
-    from sgpo.templates import policy_ids
+    from sgpo.models.loading import ModelError, load_tokenizer, tiny_random_path
+    from sgpo.models.templates import policy_ids
 
     base = tmp_path / "base"
     shutil.copytree(tiny_random_path(), base)

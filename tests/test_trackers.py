@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from sgpo import config, recipe
-from sgpo.config import ConfigError
-from sgpo.trackers import TrackerError, Trackers, flat
+from sgpo.config import schema as config
+from sgpo.run import recipe
+from sgpo.config.schema import ConfigError
+from sgpo.core.trackers import TrackerError, Trackers, flat
 
 
 def _events(logdir):
@@ -72,8 +73,8 @@ def test_config_is_flattened_for_hyper_parameters():
 def test_a_training_call_resumed_after_its_last_step_still_advances_the_step_count(tmp_path):
     from types import SimpleNamespace
 
-    from sgpo.runs import RunDir
-    from sgpo.trainer import Trainer
+    from sgpo.run.stages import RunDir
+    from sgpo.run.trainer import Trainer
 
     run = RunDir(tmp_path / "run")
     s = SimpleNamespace(policy=SimpleNamespace(run=run), trackers=True, stages=SimpleNamespace(current="sft"))

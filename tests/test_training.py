@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sgpo.training.batching import collate, position_slices, token_logps
-from sgpo.config import DPOConfig, TrainConfig
+from sgpo.config.schema import DPOConfig, TrainConfig
 from sgpo.training.dpo import TokenPair, reference_logps, train_dpo
 from sgpo.training.loop import Job
 from sgpo.training.losses import LogRatios, preference_loss
@@ -43,7 +43,7 @@ def _log_ratio(model, pairs):
 
 
 def test_dpo_moves_the_policy_towards_chosen(tiny_path):
-    from sgpo.models import load_model
+    from sgpo.models.loading import load_model
 
     for swap in (False, True):
         model = load_model(tiny_path, device="cpu", dtype="float32")
@@ -151,9 +151,9 @@ def test_checkpoints_by_elapsed_minutes_as_well_as_steps(tmp_path, tiny_model, m
 def test_a_model_already_on_disk_is_moved_or_copied_not_loaded_to_be_saved(tmp_path, tiny_model, tiny_tokenizer):
     from types import SimpleNamespace
 
-    from sgpo.config import ModelConfig
-    from sgpo.policy import Policy, save_model
-    from sgpo.runs import RunDir
+    from sgpo.config.schema import ModelConfig
+    from sgpo.models.policy import Policy, save_model
+    from sgpo.run.stages import RunDir
 
     run = RunDir(tmp_path / "run")
     export = run.path("round_1", "checkpoints", "dpo", "weights")

@@ -2,9 +2,9 @@
 them after the run's cut and checked by IFEval's checkers; none of IFEval's prompts among them."""
 import pytest
 
-from sgpo.data import load_records
-from sgpo.data import package_data_dir
-from sgpo.verifiable import TYPES, failing, fit_reference, iter_rows, summary_line
+from sgpo.data.records import load_records
+from sgpo.data.records import package_data_dir
+from sgpo.data.verifiable import TYPES, failing, fit_reference, iter_rows, summary_line
 
 ALPACA = package_data_dir("eval_framework") / "tasks" / "alpaca_eval" / "data" / "alpaca_eval_gpt4_baseline.json"
 
@@ -16,7 +16,7 @@ def rows():
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    from sgpo.models import load_tokenizer
+    from sgpo.models.loading import load_tokenizer
 
     return load_tokenizer("sgpo:smollm2-135m-instruct")
 
@@ -88,8 +88,8 @@ def test_a_reference_that_cannot_be_made_is_dropped_with_its_reason(smollm2_toke
 
 
 def test_the_run_s_splits_train_only_references_that_pass(smollm2_tokenizer):
-    from sgpo.config import Config
-    from sgpo.splits import fit_to_budget
+    from sgpo.config.schema import Config
+    from sgpo.data.splits import fit_to_budget
 
     records, _ = load_records("sgpo:verifiable-instructions", need="reference")
     cfg = Config()

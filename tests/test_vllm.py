@@ -15,13 +15,13 @@ import textwrap
 
 import pytest
 
-from sgpo import vllm_backend
-from sgpo.config import GenerationConfig
-from sgpo.data import Record
-from sgpo.files import read_jsonl
-from sgpo.generation import generate
-from sgpo.models import load_model, load_tokenizer, tiny_random_path
-from sgpo.rollout import Sampler
+from sgpo.generation import vllm_backend
+from sgpo.config.schema import GenerationConfig
+from sgpo.data.records import Record
+from sgpo.core.files import read_jsonl
+from sgpo.generation.engine import generate
+from sgpo.models.loading import load_model, load_tokenizer, tiny_random_path
+from sgpo.generation.rollout import Sampler
 from test_resume import REPO, cli_env
 
 QUESTIONS = ["Hi", "Write a poem about the sea.", "What is 2+2?", "List three colours.", "Explain gravity to a child.",
@@ -121,7 +121,8 @@ def _engine_on_checkpoint(checkpoint, tokenizer, requests, s, *, on_batch=None, 
 
 
 def _run(tmp_path, name, overrides):
-    from sgpo import config, recipe
+    from sgpo.config import schema as config
+    from sgpo.run import recipe
 
     cfg = config.load("configs/smoke.yaml", ["rounds=1", "eval.second_judge=", *overrides])
     out = tmp_path / name
@@ -131,7 +132,7 @@ def _run(tmp_path, name, overrides):
 
 @pytest.mark.slow
 def test_every_vllm_rollout_gets_the_model_its_stage_means(tmp_path, monkeypatch):
-    from sgpo.models import cache_dir
+    from sgpo.models.loading import cache_dir
 
     # answer and verdict caches of this test's own (a real vLLM run of the same config may have filled the user's),
     # the converted models shared
@@ -353,7 +354,7 @@ def test_calls_are_a_fixed_plan_that_reaches_every_process():
     """A rollout of a few hundred prompts is cut into SPREAD calls of whole plan batches (every GPU of 8 gets one), a
     large one into calls of MIN_CALL sequences; neither depends on what is done already, beyond leaving out the calls
     that are all done."""
-    from sgpo.generation import Request, Settings
+    from sgpo.generation.engine import Request, Settings
 
     s = Settings(16, 1.0, 1.0, 64)
     reqs = [Request(tuple(range(1 + i % 7)), i) for i in range(500)]
@@ -383,8 +384,9 @@ def test_one_vllm_engine_swaps_weights_and_gives_fresh_engines_samples(one_engin
 
 @pytest.mark.slow
 def test_a_vllm_run_starts_one_engine_and_resumes_a_kill_in_its_second_rollout(tmp_path, monkeypatch):
-    from sgpo import config, recipe
-    from sgpo.models import cache_dir
+    from sgpo.config import schema as config
+    from sgpo.run import recipe
+    from sgpo.models.loading import cache_dir
 
     monkeypatch.setattr(vllm_backend, "MIN_CALL", 2)  # batches of 2, one a call: rollouts of several calls
     sets = ["rounds=1", "eval.second_judge=", "generation.backend=vllm", "generation.batch_size=2"]
@@ -433,7 +435,7 @@ def test_a_vllm_run_starts_one_engine_and_resumes_a_kill_in_its_second_rollout(t
     # nothing generated twice or lost: the killed run's answers and the resumed run's together are the whole run's
     assert delivered_before + resumed_asked == sum(asked)
     # the dry run's plan: the same one engine start, and a rollout for each job that generated
-    from sgpo.dry_run import dry_run
+    from sgpo.run.dry_run import dry_run
 
     plan = dry_run(config.load("configs/smoke.yaml", sets))
     assert plan["vllm_engine_starts"] == 1 and plan["rollouts"] == sum(1 for n in asked if n)
@@ -447,8 +449,8 @@ def test_a_vllm_run_starts_one_engine_and_resumes_a_kill_in_its_second_rollout(t
 
 
 def test_the_dry_run_counts_one_vllm_engine_for_the_run():
-    from sgpo import config
-    from sgpo.dry_run import dry_run, format_dry_run
+    from sgpo.config import schema as config
+    from sgpo.run.dry_run import dry_run, format_dry_run
 
     for backend, starts in (("vllm", 1), ("auto", 1), ("engine", 0)):
         cfg = config.load("configs/smoke.yaml", [f"generation.backend={backend}"])

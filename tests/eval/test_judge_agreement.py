@@ -9,7 +9,7 @@ import torch
 
 from sgpo.eval.judge_lm import NULL_CONTEXT, PROMPT_CONTEXT, LMJudge
 from sgpo.eval.judges import make_judge
-from sgpo.models import ModelError, resolve
+from sgpo.models.loading import ModelError, resolve
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import pytest
 
 from sgpo.eval.base import JudgeError, prefer
 from sgpo.eval.judges import make_judge
-from sgpo.pairs import Pair, score_metrics
+from sgpo.methods.pairs import Pair, score_metrics
 
 
 def _row(ids, kwargs, prompt="Write a poem about the sea."):

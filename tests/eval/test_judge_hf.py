@@ -6,7 +6,7 @@ import torch
 
 from sgpo.eval.judge_hf import HFJudge, RewardJudge
 from sgpo.eval.judges import make_judge
-from sgpo.models import tiny_random_path
+from sgpo.models.loading import tiny_random_path
 
 PROMPTS = ["Name a colour.", "What is the capital of France? Answer briefly.", "Say hi."]
 A = ["Blue.", "Paris is the capital of France.", "Hello there, friend!"]

@@ -345,7 +345,7 @@ def test_timeout_is_retried(serve):
 
 
 def test_a_run_s_eval_section_sets_an_api_judge_s_concurrency_and_retries():
-    from sgpo.config import load
+    from sgpo.config.schema import load
     from sgpo.eval.judges import api_settings, cached_judge
 
     e = load(None, ["eval.judge_concurrency=16", "eval.judge_retries=2"]).eval
@@ -358,7 +358,7 @@ def test_a_run_s_eval_section_sets_an_api_judge_s_concurrency_and_retries():
 def test_a_run_s_api_judge_keeps_32_requests_in_flight_by_default(serve):
     """An API judge judges about a thousand pairs a round while every GPU waits: by default a run's eval section
     keeps 32 requests in flight (each request here is answered only once 32 are waiting together)."""
-    from sgpo.config import load
+    from sgpo.config.schema import load
     from sgpo.eval.judges import api_settings
 
     together = threading.Barrier(32, timeout=20)

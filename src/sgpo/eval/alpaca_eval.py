@@ -97,7 +97,7 @@ def _read_records(path: Path, what: str) -> list[tuple[str, dict]]:
     """``(where, record)`` for each record of a JSON file holding a list of objects (or of a JSON Lines file);
     ``where`` is 'file[i]' (JSON) or 'file:line' (JSON Lines)."""
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        from .arena_hard import iter_jsonl
+        from sgpo.eval.arena_hard import iter_jsonl
 
         return list(iter_jsonl(path, what))
     data = _read_json(path, what)

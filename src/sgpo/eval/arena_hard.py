@@ -39,7 +39,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .bradley_terry import BTOptions, bradley_terry
+from sgpo.eval.bradley_terry import BTOptions, bradley_terry
 
 VERSIONS = ("v0.1", "v2.0")
 DEFAULT_BASELINE = {"v0.1": "gpt-4-0314", "v2.0": "o3-mini-2025-01-31"}

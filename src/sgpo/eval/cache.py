@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..phases import phase
-from .base import Judge, compare_scores, needs_rows, traits
+from sgpo.core.phases import phase
+from sgpo.eval.base import Judge, compare_scores, needs_rows, traits
 
 
 def content_key(judge_id: str, prompt: str, a: str, b: str, reference: str | None = None, kind: str = "prefer",

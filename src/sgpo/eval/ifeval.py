@@ -101,7 +101,7 @@ def _punkt_model() -> tuple[dict[str, str], str]:
 
 
 def _default_cache_dir() -> Path:
-    from ..models import cache_dir
+    from sgpo.models.loading import cache_dir
 
     return cache_dir() / "nltk"
 

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Mapping, Sequence
 
-from .base import JudgeError, Scorer
+from sgpo.eval.base import JudgeError, Scorer
 
 
 class IFEvalJudge(Scorer):
@@ -27,7 +27,7 @@ class IFEvalJudge(Scorer):
     def __init__(self, arg: str = "", loose: bool = False):
         if arg:
             raise ValueError(f"judge 'ifeval' takes no argument (got 'ifeval:{arg}'); use ifeval or ifeval-loose")
-        from .ifeval import ifeval_module
+        from sgpo.eval.ifeval import ifeval_module
 
         self.loose = loose
         self.name = "ifeval-loose" if loose else "ifeval"
@@ -39,7 +39,7 @@ class IFEvalJudge(Scorer):
     def followed(self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[Mapping]
                  ) -> list[list[bool]]:
         """Per response, which of its row's instructions it follows."""
-        from .ifeval import followed
+        from sgpo.eval.ifeval import followed
 
         out = []
         for i, (prompt, response, row) in enumerate(zip(prompts, responses, rows)):

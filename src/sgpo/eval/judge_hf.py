@@ -24,8 +24,8 @@ from typing import Sequence
 
 import torch
 
-from .base import Judge
-from .judge_templates import PairwiseTemplate, pairwise_template
+from sgpo.eval.base import Judge
+from sgpo.eval.judge_templates import PairwiseTemplate, pairwise_template
 
 TIE_EPS = 1e-6
 
@@ -41,7 +41,7 @@ def _load_tokenizer(path: str, padding_side: str):
 
 
 def _device_dtype(device: str, dtype: str):
-    from ..models import pick_device, pick_dtype
+    from sgpo.models.loading import pick_device, pick_dtype
 
     dev = pick_device(device)
     return dev, pick_dtype(dtype, dev)
@@ -67,7 +67,7 @@ class HFJudge(Judge):
                  dtype: str = "auto", batch_size: int = 8, max_text_tokens: int = 768):
         from transformers import AutoModelForCausalLM
 
-        from ..models import resolve
+        from sgpo.models.loading import resolve
 
         self.path = path
         resolved = resolve(path)
@@ -151,7 +151,7 @@ class RewardJudge(Judge):
                  max_length: int = 2048, mode: str = "sigmoid"):
         from transformers import AutoModelForSequenceClassification
 
-        from ..models import resolve
+        from sgpo.models.loading import resolve
 
         if mode not in ("sigmoid", "hard"):
             raise ValueError("mode must be 'sigmoid' or 'hard'")

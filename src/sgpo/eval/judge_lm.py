@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Judge
+from sgpo.eval.base import Judge
 
 PROMPT_CONTEXT = "Instruction:\n{instruction}\n\nResponse:\n"
 NULL_CONTEXT = "Response:\n"
@@ -58,7 +58,7 @@ class LMScorer:
                  positions: int = 2048):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..models import pick_device, pick_dtype, resolve
+        from sgpo.models.loading import pick_device, pick_dtype, resolve
 
         resolved = resolve(path)
         self.device = pick_device(device)

@@ -40,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .base import Judge, JudgeError
-from .judge_templates import ARENA_TEMPLATE_NAME, arena_verdict_messages, pairwise_template, parse_verdict
+from sgpo.eval.base import Judge, JudgeError
+from sgpo.eval.judge_templates import ARENA_TEMPLATE_NAME, arena_verdict_messages, pairwise_template, parse_verdict
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class OpenAISettings:
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     timeout: float = 120.0        # seconds per request
-    concurrency: int = 32         # requests in flight at once (why 32: ``eval.judge_concurrency`` in sgpo.config)
+    concurrency: int = 32         # requests in flight at once (why 32: ``eval.judge_concurrency`` in sgpo.config.schema)
     verdict_max_tokens: int = 4096  # Arena-Hard verdicts: the judgment's length
     extra_body: dict = field(default_factory=dict)  # more fields for every request body
 

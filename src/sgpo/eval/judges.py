@@ -3,7 +3,7 @@ prefers candidate A over B.
 
 ``Judge.prefer(prompts, a, b, references)`` returns one float per item in [0, 1]: 1 = A better, 0 = B better,
 0.5 = tie. ``references`` may be ``None`` for judges that do not need one. Judges are built from a spec string by
-``make_judge`` (``reference`` is the offline default); the kinds are ``sgpo.registry.JUDGES``.
+``make_judge`` (``reference`` is the offline default); the kinds are ``sgpo.core.registry.JUDGES``.
 """
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..files import is_writer
-from ..models import cache_dir, free_memory
-from ..phases import phase
-from ..registry import JUDGES, parse_judge_spec
-from .base import Judge, JudgeError, traits
-from .cache import CachedJudge
+from sgpo.core.files import is_writer
+from sgpo.models.loading import cache_dir, free_memory
+from sgpo.core.phases import phase
+from sgpo.core.registry import JUDGES, parse_judge_spec
+from sgpo.eval.base import Judge, JudgeError, traits
+from sgpo.eval.cache import CachedJudge
 
 TIE_EPS = 1e-6
 
@@ -138,7 +138,7 @@ class MainProcessJudge(Judge):
     """A judge that judges on the main process only, every process receiving its verdicts: under a launcher an API
     judge is paid once (not once per process), a judge's model is loaded once, and a judge that answers differently
     from call to call still leaves every process with the same verdicts (the same pairs, the same batch plan).
-    ``make(spec)`` builds the real judge on the main process; ``dist`` is the process group (``sgpo.distributed``).
+    ``make(spec)`` builds the real judge on the main process; ``dist`` is the process group (``sgpo.core.distributed``).
     A failure on the main process fails every process."""
 
     def __init__(self, spec: str, dist, make: Callable = cached_judge):

@@ -2,7 +2,7 @@
 
 The judges are found in the config itself (``judge_keys``: every text key named ``judge`` / ``*_judge`` or documented
 as a judge spec: ``eval.judge``, ``eval.second_judge``, ``pairs.verify`` today, and any added later). Each kind of
-judge (``sgpo.registry.JUDGES``) is checked in the cheapest way that would catch what stops it later:
+judge (``sgpo.core.registry.JUDGES``) is checked in the cheapest way that would catch what stops it later:
 
 * ``openai:`` — the key is set where the server needs one (the OpenAI API), and one minimal request (a one-token
   reply, never cached) answers; a refusal names the judge, the URL and the HTTP status;
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from ..registry import JUDGES, parse_judge_spec
-from .base import JudgeError
+from sgpo.core.registry import JUDGES, parse_judge_spec
+from sgpo.eval.base import JudgeError
 
 KEY_NEEDED_HOSTS = ("api.openai.com",)
 """Servers that refuse a request without ``OPENAI_API_KEY`` (a local server usually needs none)."""
@@ -32,7 +32,8 @@ HINTS = {401: "check OPENAI_API_KEY", 403: "the key has no access to this model"
 
 def judge_keys(cfg) -> list[tuple[str, str]]:
     """(dotted key, spec) of every config key that names a judge and is set, in declaration order."""
-    from .. import config, config_docs
+    from sgpo.config import schema as config
+    from sgpo.config import reference as config_docs
 
     out = []
     for key in config_docs.keys():
@@ -95,7 +96,7 @@ def check_judge(spec: str, where: str = "", eval_cfg=None) -> None:
 
 def api_judge(arg: str, eval_cfg=None):
     """The ``OpenAIJudge`` of ``openai:ARG`` as a check asks it: few retries, a bounded wait."""
-    from .judge_openai import from_spec
+    from sgpo.eval.judge_openai import from_spec
 
     retries = min(PROBE_RETRIES, eval_cfg.judge_retries) if eval_cfg is not None else PROBE_RETRIES
     return from_spec(arg, template="sgpo", max_retries=retries, timeout=PROBE_TIMEOUT, concurrency=1)
@@ -107,7 +108,7 @@ def key_missing(judge) -> bool:
 
 
 def _check_api(kind: str, arg: str, options: dict, eval_cfg) -> None:
-    from .judge_openai import APIError
+    from sgpo.eval.judge_openai import APIError
 
     judge = api_judge(arg, eval_cfg)
     if key_missing(judge):
@@ -125,7 +126,7 @@ def _check_api(kind: str, arg: str, options: dict, eval_cfg) -> None:
 
 def _check_model(kind: str, arg: str, options: dict, eval_cfg) -> None:
     """The judge's model can be found: an embedded name, a local folder, or a hub model whose config can be read."""
-    from ..models import resolve
+    from sgpo.models.loading import resolve
 
     path = resolve(arg)
     if Path(path).is_dir():

@@ -1,15 +1,7 @@
-"""Alignment methods. A method says how a round makes its preference pairs and which model is the reference;
-the loop (``sgpo.recipe``) does everything else. Add one by writing a module with a ``Method`` and registering it
-in ``sgpo.registry.METHODS`` (name → "module:Class"); ``methods/base.py`` lists what a method declares."""
-from __future__ import annotations
-
-from ..registry import METHODS
-from .base import Context, Method
-
-
-def get_method(name: str) -> Method:
-    """A new instance of the method called ``name`` (``ValueError`` for an unknown name)."""
-    return METHODS.get(name)()
-
-
-__all__ = ["Context", "METHODS", "Method", "get_method"]
+"""Alignment methods, one module each (``sgpo``, ``spin``, ``synpo``, ``dpo``, ``sft``). A method says how a round
+makes its preference pairs and which model is the reference; the recipe (``sgpo.run.recipe``) does everything else.
+Add one by writing a module with a ``Method`` (``base``) and registering it in ``sgpo.core.registry.METHODS``
+(name → "module:Class"). What methods make and share lives beside them: pairs and their gates (``pairs``, ``gates``),
+the improver's targets (``improver_targets``) and the steps several methods take (``steps``: SFT, improver training).
+May import ``core``, ``config``, ``models``, ``data``, ``generation``, ``training``, ``eval`` and, for type hints only,
+``run.session``."""

@@ -1,6 +1,6 @@
 """What a method is to the recipe (``Method``) and what it sees of a run (``Context``).
 
-A method says only what differs between methods; the recipe (``sgpo.recipe``) does the rest — data, SFT, rounds,
+A method says only what differs between methods; the recipe (``sgpo.run.recipe``) does the rest — data, SFT, rounds,
 gates, the reference pass, DPO, checkpoints, resume, figures — the same way for every method:
 
 ``make_pairs(ctx)``      round t's (chosen, rejected) candidates, before the gates (every method with rounds)
@@ -16,14 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..config import Config
-from ..data import Record
-from ..generation import Generation
-from ..pairs import Pair
+from sgpo.config.schema import Config
+from sgpo.core.registry import METHODS
+from sgpo.data.records import Record
+from sgpo.generation.engine import Generation
+from sgpo.methods.pairs import Pair
 
 if TYPE_CHECKING:
-    from ..session import Session
-    from ..splits import Splits
+    from sgpo.run.session import Session
+    from sgpo.data.splits import Splits
 
 
 class Method:
@@ -92,3 +93,8 @@ class Context:
     def generator_at(self, path: str | Path):
         """What a rollout of the model saved at ``path`` generates with (π_0: ``initial_path``)."""
         return self.session.policy.generator_at(str(path))
+
+
+def get_method(name: str) -> Method:
+    """A new instance of the method called ``name`` (``ValueError`` for an unknown name)."""
+    return METHODS.get(name)()

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import random
 
-from .. import templates
-from ..pairs import Pair
-from ..files import read_jsonl, write_jsonl
-from .base import Context, Method
+from sgpo.models import templates
+from sgpo.methods.pairs import Pair
+from sgpo.core.files import read_jsonl, write_jsonl
+from sgpo.methods.base import Context, Method
 
 PREFERENCE_FILE = "preference.jsonl"
 

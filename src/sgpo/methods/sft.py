@@ -3,7 +3,7 @@ once on every prompt the methods with rounds see (the SFT slice when ``sft: true
 round's), so that all methods see the same prompts."""
 from __future__ import annotations
 
-from .base import Method
+from sgpo.methods.base import Method
 
 
 class SFT(Method):

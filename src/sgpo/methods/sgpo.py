@@ -12,9 +12,9 @@
 """
 from __future__ import annotations
 
-from ..pairs import Pair
-from ..steps import train_improver
-from .base import Context, Method
+from sgpo.methods.pairs import Pair
+from sgpo.methods.steps import train_improver
+from sgpo.methods.base import Context, Method
 
 
 class SGPO(Method):

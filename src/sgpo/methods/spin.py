@@ -6,9 +6,9 @@ from the human-written ones until it cannot.
 """
 from __future__ import annotations
 
-from .. import templates
-from ..pairs import Pair
-from .base import Context, Method
+from sgpo.models import templates
+from sgpo.methods.pairs import Pair
+from sgpo.methods.base import Context, Method
 
 
 class SPIN(Method):

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from .. import templates
-from ..files import read_jsonl
-from ..pairs import Pair
-from ..steps import train_improver
-from .base import Context, Method
+from sgpo.models import templates
+from sgpo.core.files import read_jsonl
+from sgpo.methods.pairs import Pair
+from sgpo.methods.steps import train_improver
+from sgpo.methods.base import Context, Method
 
 IMPROVER_DIR = "improver_model"
 

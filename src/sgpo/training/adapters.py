@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
-from ..config import ModelConfig
+from sgpo.config.schema import ModelConfig
 
 
 @contextmanager

@@ -289,7 +289,7 @@ def micro_batching(model, max_positions: int | None | str, accelerator=None):
     """``(max_positions, backward)`` for a step function: ``auto`` = ``default_max_positions``; ``backward`` (a
     ``SliceBackward``) is None — whole slices — without a limit, or under DeepSpeed, whose engine accumulates
     gradients its own way."""
-    from ..distributed import is_deepspeed
+    from sgpo.core.distributed import is_deepspeed
 
     if max_positions == "auto":
         max_positions = default_max_positions(model)

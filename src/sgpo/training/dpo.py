@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .batching import (PairBatch, collate, collate_pairs, default_max_positions, length_buckets, micro_batching,
+from sgpo.training.batching import (PairBatch, collate, collate_pairs, default_max_positions, length_buckets, micro_batching,
                        micro_passes, packing_supported, pair_length, pair_logps, pass_context, position_slices,
                        token_logps)
-from ..config import DPOConfig
-from .losses import LogRatios, preference_loss
-from .loop import Job, Optim, mean_metrics, run_steps
+from sgpo.config.schema import DPOConfig
+from sgpo.training.losses import LogRatios, preference_loss
+from sgpo.training.loop import Job, Optim, mean_metrics, run_steps
 
 LAYOUTS = ("auto", "packed", "stacked")
 
@@ -69,7 +69,7 @@ def reference_logps(model, pairs: list[TokenPair], *, pad_id: int, batch_size: i
                     show_progress: bool = True, layout: str = "auto", dist=None) -> None:
     """Fill ``ref_chosen``/``ref_rejected`` (summed log-probs) of every pair, batched and length-sorted; a batch whose
     padded rows exceed the position budget (``default_max_positions`` without gradients: none on a CPU) is cut into
-    consecutive parts. Under several processes (``dist``: ``sgpo.distributed.Dist``) batch k of the plan is scored by rank
+    consecutive parts. Under several processes (``dist``: ``sgpo.core.distributed.Dist``) batch k of the plan is scored by rank
     k mod world size and the results are gathered on every rank: each batch is the one a single process scores, so the
     values are too."""
     from tqdm.auto import tqdm

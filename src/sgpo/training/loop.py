@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..files import RunError, atomic_write_text, fsync_dir, is_writer, write_error
+from sgpo.core.files import RunError, atomic_write_text, fsync_dir, is_writer, write_error
 
 CHECKPOINT_FORMAT = 1
 
@@ -111,7 +111,7 @@ def _set_rng_state(s: dict) -> None:
 
 
 def _is_sharded(accelerator) -> bool:
-    from ..distributed import is_sharded
+    from sgpo.core.distributed import is_sharded
 
     return is_sharded(accelerator)
 
@@ -339,7 +339,7 @@ class _TrainState:
         if not opt.checkpoint_minutes:
             return False
         due = time.monotonic() - self.saved_at >= 60 * opt.checkpoint_minutes
-        from ..distributed import Dist
+        from sgpo.core.distributed import Dist
 
         return Dist(accelerator).broadcast(due)
 
@@ -426,7 +426,7 @@ def _full_state(accelerator, pmodel) -> dict | None:
     """The full weights of a sharded model on the main process, None on the others. ZeRO-1/2 replicate the weights:
     only the main process, which saves them, copies them to the CPU (not one copy per process). ZeRO-3 and FSDP2 gather
     them with every process taking part (a collective); accelerate leaves the result on the main process only."""
-    from ..distributed import is_deepspeed
+    from sgpo.core.distributed import is_deepspeed
 
     conf = accelerator.deepspeed_config if is_deepspeed(accelerator) else None
     if conf is not None and conf["zero_optimization"]["stage"] < 3 and conf.get("tensor_parallel", {}).get(
@@ -454,8 +454,8 @@ def _export(accelerator, pmodel, out: Path, tokenizer=None, dtype=None) -> None:
     of a bf16 model would double every later load and make vLLM serve fp32)."""
     state = _full_state(accelerator, pmodel)
     if accelerator.is_main_process:
-        from ..files import atomic_dir
-        from .adapters import merged_state
+        from sgpo.core.files import atomic_dir
+        from sgpo.training.adapters import merged_state
 
         model = accelerator.unwrap_model(pmodel)
         state = merged_state(model, state)  # LoRA: merged on the gathered weights, a full model for vLLM and the run

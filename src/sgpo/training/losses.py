@@ -1,4 +1,4 @@
-"""Preference losses over per-pair log-ratios, chosen by name from ``LOSSES`` (``sgpo.registry``).
+"""Preference losses over per-pair log-ratios, chosen by name from ``LOSSES`` (``sgpo.core.registry``).
 
 Notation: c, r = policy minus reference summed log-prob of the chosen / rejected response; |c|, |r| = their lengths
 in tokens (clamped to >= 1, as TRL does). Each loss returns per-pair values; ``preference_loss`` takes the mean.
@@ -16,7 +16,7 @@ in tokens (clamped to >= 1, as TRL does). Each loss returns per-pair values; ``p
 Metrics are TRL's and, for every loss, on the SUMMED log-ratios (rewards/chosen = mean β c, rewards/rejected =
 mean β r, rewards/margins = mean β (c - r), rewards/accuracies = mean [c > r]), so they mean the same across losses.
 Adding a loss: one function ``fn(r: LogRatios, beta) -> per-pair tensor`` here and one ``LOSSES`` entry in
-``sgpo/registry.py``.
+``sgpo/core/registry.py``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..registry import LOSSES
+from sgpo.core.registry import LOSSES
 
 
 @dataclass(frozen=True)

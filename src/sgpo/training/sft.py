@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import TrainConfig
-from .batching import (collate, length_buckets, micro_batching, micro_passes, pass_context, position_slices,
+from sgpo.config.schema import TrainConfig
+from sgpo.training.batching import (collate, length_buckets, micro_batching, micro_passes, pass_context, position_slices,
                        token_logps)
-from .loop import Job, Optim, mean_metrics, run_steps
+from sgpo.training.loop import Job, Optim, mean_metrics, run_steps
 
 
 @dataclass(frozen=True)
