@@ -170,7 +170,8 @@ def test_debug_is_kept_before_or_after_the_subcommand():
 
 
 def test_eval_takes_its_generation_settings_from_a_config_and_flags_win(tmp_path):
-    from sgpo.cli.main import _eval_spec, build_parser
+    from sgpo.cli.evaluate import _eval_spec
+    from sgpo.cli.main import build_parser
 
     parse = build_parser().parse_args
     plain = _eval_spec(parse(["eval", "--model", "m", "--benchmark", "ifeval"]), str(tmp_path))

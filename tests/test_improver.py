@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from sgpo.models import templates
 from sgpo.config.schema import ImproverConfig
-from sgpo.methods.improver_targets import ImproverExample, chain, edit_ops, examples_from_draft, interpolate, nll_example, split_units
+from sgpo.methods.improver import ImproverExample, chain, edit_ops, examples_from_draft, interpolate, nll_example, split_units
 from sgpo.core.text import word_edit_distance
 from sgpo.training.batching import collate
 

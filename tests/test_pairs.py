@@ -53,3 +53,21 @@ def test_training_pairs_see_the_prompt_cut_that_generation_saw(tiny_tokenizer):
     gen = Sampler(tiny_tokenizer, GenerationConfig(), 0, 24).requests([Record("a", (("user", text),))], "policy", 0)[0]
     assert tp.prompt_ids == list(gen.prompt_ids) == full[-24:]
     assert len(tp.improver_prompt_ids) == 24
+
+
+def test_pair_of_builds_what_the_methods_built_by_hand():
+    """``Pair.of``: the record's policy-mode prompt, a text side complete, a generation's own flag, ``meta`` as given
+    (its ``chosen``/``rejected`` keys too) — the same pair, field by field and in JSON, as the one written out."""
+    from sgpo.data.records import Record
+    from sgpo.generation.engine import Generation
+
+    r = Record("r1", (("user", "q?"),), "the reference")
+    own = Generation("my answer", (1, 2), False)
+    p = Pair.of(r, r.reference, own, round=2, chosen="reference", rejected="policy")
+    by_hand = Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=r.reference,
+                   rejected=own.text, chosen_finished=True, rejected_finished=own.finished,
+                   meta={"round": 2, "chosen": "reference", "rejected": "policy"})
+    assert p == by_hand and list(p.to_json().items()) == list(by_hand.to_json().items())
+    assert list(p.meta) == ["round", "chosen", "rejected"]
+    q = Pair.of(r, Generation("better", (), True), own)
+    assert (q.chosen, q.chosen_finished, q.rejected_finished, q.meta) == ("better", True, False, {})

@@ -47,7 +47,7 @@ def test_reading_b_puts_the_reference_in_the_improver_input_in_training_and_roun
     from sgpo.config import schema as config
     from sgpo.config.schema import GenerationConfig
     from sgpo.data.records import Record
-    from sgpo.methods.improver_targets import ImproverExample, nll_example
+    from sgpo.methods.improver import ImproverExample, nll_example
     from sgpo.generation.rollout import Sampler
 
     record = Record("r", (("user", "Name a colour."),), "Blue, like the sky.")

@@ -5,6 +5,7 @@ import math
 import pandas as pd
 import pytest
 
+from sgpo.core.files import iter_jsonl
 from sgpo.eval import arena_hard
 from sgpo.eval.arena_hard import (leaderboard_from_judgments, load_arena_hard_v01, load_arena_hard_v20,
                                   main_metrics, scores_from_judgments)
@@ -85,7 +86,7 @@ def test_main_metrics_reads_jsonl(tmp_path):
 @pytest.fixture
 def synthetic(shared_data):
     folder = shared_data / "arena_hard_v0.1" / "synthetic_bt_fixture"
-    return (arena_hard.read_jsonl(folder / "synthetic_judgments.jsonl"),
+    return ([row for _, row in iter_jsonl(folder / "synthetic_judgments.jsonl")],
             pd.read_csv(folder / "synthetic_expected.csv", index_col=0))
 
 
@@ -132,7 +133,7 @@ def test_load_v20_joins_answers_on_uid():
         pytest.skip("the package holding Arena-Hard v2.0 is not installed")
     assert len(questions) == 750 and len({q["uid"] for q in questions}) == 750
     answers_path = arena_hard._packaged_v20_dir() / "model_answer" / "o3-mini-2025-01-31.jsonl"
-    records = arena_hard.read_jsonl(answers_path)
+    records = [row for _, row in iter_jsonl(answers_path)]
     assert records[0]["uid"] != questions[0]["uid"]  # the answer file has another order
     by_uid = {r["uid"]: r["messages"][-1]["content"]["answer"] for r in records}
     assert all(q["baseline_answer"] == by_uid[q["uid"]] for q in questions)

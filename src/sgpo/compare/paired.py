@@ -40,7 +40,7 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
     ``target``'s final score minus the method's final score, paired over the same prompts."""
     from sgpo.eval.judges import judge_for_one_use
     from sgpo.eval.held_out import judge_name, saved_answers
-    from sgpo.core.registry import is_scorer
+    from sgpo.core.judge_spec import is_scorer
     from sgpo.models.loading import load_tokenizer, resolve
     from sgpo.data.splits import prepare_splits
 

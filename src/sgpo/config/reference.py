@@ -1,5 +1,5 @@
 """The configuration reference, from the dataclasses themselves: every key's type, default, allowed values and the
-documentation string under its field in ``config.py``. ``sgpo config [SECTION]`` prints it; ``docs/config.md`` is
+documentation string under its field in ``schema.py``. ``sgpo config [SECTION]`` prints it; ``docs/config.md`` is
 written from it (``python -m sgpo.config.reference > docs/config.md``) and a test keeps the two equal."""
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ class Key:
 
 
 def _field_docs() -> dict[str, dict[str, str]]:
-    """{class name: {field: the string literal that follows it}} from ``config.py``'s source."""
+    """{class name: {field: the string literal that follows it}} from ``schema.py``'s source (a field a section
+    inherits has its documentation under the class that declares it)."""
     tree = ast.parse(inspect.getsource(config))
     docs: dict[str, dict[str, str]] = {}
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
@@ -55,8 +56,8 @@ def keys(cls=config.Config, prefix: str = "", docs: dict | None = None) -> list[
         if dataclasses.is_dataclass(typ):
             out += keys(typ, name + ".", docs)
             continue
-        out.append(Key(name, getattr(typ, "__name__", str(typ)), getattr(default, f.name),
-                       docs.get(cls.__name__, {}).get(f.name, ""), _allowed(name)))
+        doc = next((docs[c.__name__][f.name] for c in cls.__mro__ if f.name in docs.get(c.__name__, {})), "")
+        out.append(Key(name, getattr(typ, "__name__", str(typ)), getattr(default, f.name), doc, _allowed(name)))
     return out
 
 

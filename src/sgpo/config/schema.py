@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from sgpo.core.registry import LOSSES, METHODS, parse_judge_spec
+from sgpo.core.judge_spec import parse_judge_spec
+from sgpo.core.registry import LOSSES, METHODS
 from sgpo.models.templates import IMPROVER_INSTRUCTION, REFERENCED_INSTRUCTION
 
 CONFIG_VERSION = 1
@@ -128,8 +129,20 @@ class ImproverConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Supervised (NLL) training: SFT and improver training."""
+class _ClipAndCheckpoint:
+    """The fields both training sections (``train``, ``dpo``) end with. A section inherits them before the class of
+    its own fields, ``TrainConfig(_ClipAndCheckpoint, _TrainFields)``: dataclasses put the last base's fields first,
+    so a section's own keys come first in the YAML and the reference."""
+    max_grad_norm: float = 1.0
+    "Gradient clipping."
+    checkpoint_every: int = 50
+    "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
+    checkpoint_minutes: float = 0.0
+    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~96 GB: fp32 masters and moments, 12 bytes a parameter)."
+
+
+@dataclass
+class _TrainFields:
     epochs: int = 1
     "Passes over the examples."
     batch_size: int = 4
@@ -140,16 +153,15 @@ class TrainConfig:
     "Linear warm-up steps."
     weight_decay: float = 0.0
     "AdamW weight decay."
-    max_grad_norm: float = 1.0
-    "Gradient clipping."
-    checkpoint_every: int = 50
-    "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
-    checkpoint_minutes: float = 0.0
-    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~96 GB: fp32 masters and moments, 12 bytes a parameter)."
 
 
 @dataclass
-class DPOConfig:
+class TrainConfig(_ClipAndCheckpoint, _TrainFields):
+    """Supervised (NLL) training: SFT and improver training."""
+
+
+@dataclass
+class _DPOFields:
     beta: float = 0.5
     "DPO temperature β: larger keeps the policy nearer the reference model. The paper configs set 0.1."
     lr: float = 5e-6
@@ -164,12 +176,11 @@ class DPOConfig:
     "Reference model: round_start (the model at the start of each round) or initial (the pre-rounds model π0, the model entering round 1: after SFT and the method's stages before the rounds)."
     improver_nll_coef: float = 0.0
     "Weight of an improver NLL term (draft → chosen in improver mode) added to the DPO loss."
-    max_grad_norm: float = 1.0
-    "Gradient clipping."
-    checkpoint_every: int = 50
-    "Write a resumable training checkpoint (model, optimizer, scheduler, RNG) every this many steps; 0 = only at the end."
-    checkpoint_minutes: float = 0.0
-    "Also write one when this many minutes have passed since the last (0 = off): at paper scale a step count is a poor clock (a ZeRO-3 checkpoint of an 8B model is ~96 GB: fp32 masters and moments, 12 bytes a parameter)."
+
+
+@dataclass
+class DPOConfig(_ClipAndCheckpoint, _DPOFields):
+    """Preference (DPO-family) training: the rounds' pairs."""
 
 
 @dataclass

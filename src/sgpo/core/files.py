@@ -1,4 +1,5 @@
-"""Files that survive a kill: atomic writes (file or directory), append-only JSONL shards, one writer process."""
+"""Files that survive a kill: atomic writes (file or directory), append-only JSONL shards, one writer process; and
+the reader of JSON Lines files, a run's and those given to sgpo."""
 from __future__ import annotations
 
 import errno
@@ -8,7 +9,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 # Only the main process of a multi-process run writes run files; the others call ``set_writer(False)``.
 _WRITER = True
@@ -140,19 +141,70 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+class JsonlError(ValueError):
+    """A line of a JSON Lines file that is not valid UTF-8, not JSON or not a JSON object; the message names the file
+    and the line. ``reason``: which of those, for counts; ``torn``: the line is the file's last and has no newline
+    (in a file written by appends, one cut by a kill)."""
+
+    def __init__(self, message: str, reason: str, torn: bool = False):
+        super().__init__(message)
+        self.reason, self.torn = reason, torn
+
+
+def jsonl_lines(path, what: str = "") -> Iterator[tuple[str, Any]]:
+    """``(where, value)`` for each non-blank line of a JSON Lines file, ``where`` being ``FILE:LINE``: the line's
+    JSON value, or the ``JsonlError`` saying why it has none (yielded, not raised: the reader raises it, skips the
+    line or stops). A byte-order mark opening the file is dropped. ``what`` names the file in the errors
+    ('judgments file'); empty, they name its line only."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where, torn = f"{path}:{n}", not raw.endswith(b"\n")
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                said = f"the {what} is not valid UTF-8" if what else "not valid UTF-8"
+                yield where, JsonlError(f"{where}: {said} ({e.reason} at byte {e.start})", "not valid UTF-8", torn)
+                continue
+            if line.strip():
+                yield where, _json_line(line, where, what, torn)
+
+
+def _json_line(line: str, where: str, what: str, torn: bool) -> Any:
+    """The JSON value of one line, or the ``JsonlError`` saying why it has none."""
+    in_the = f" in the {what}" if what else ""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        hint = "; a JSON Lines file holds one JSON object per line" if what else ""
+        return JsonlError(f"{where}: invalid JSON{in_the} ({e.msg} at column {e.colno}){hint}", "invalid JSON", torn)
+    except (RecursionError, ValueError) as e:  # ValueError: e.g. an integer with more digits than Python converts
+        detail = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
+        return JsonlError(f"{where}: invalid JSON{in_the} ({detail})", "invalid JSON", torn)
+
+
+def iter_jsonl(path, what: str = "file") -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` for each non-blank line of a JSON Lines file given to sgpo (``jsonl_lines``). A line that is
+    not valid UTF-8, not valid JSON or not a JSON object raises ``JsonlError`` (a ``ValueError``) naming the file,
+    the line and ``what`` the file is."""
+    for where, row in jsonl_lines(path, what):
+        if isinstance(row, JsonlError):
+            raise row
+        if not isinstance(row, dict):
+            raise JsonlError(f"{where}: each line of the {what} must be a JSON object, got {type(row).__name__} "
+                             "(a JSON Lines file holds one object per line)", "a row is not an object")
+        yield where, row
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL file; a torn last line (a kill during an append) is ignored, any other bad line is an error."""
+    """Read a JSONL file of a run; a torn last line (a kill during an append) is ignored, any other bad line is an
+    error."""
     rows = []
-    lines = Path(path).read_bytes().split(b"\n")
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rows.append(json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if n == len(lines):  # unterminated last line
+    for where, row in jsonl_lines(path):
+        if isinstance(row, JsonlError):
+            if row.torn:  # unterminated last line
                 break
-            raise RunError(f"{path}:{n}: corrupted line (delete the file to redo its stage)") from None
+            raise RunError(f"{where}: corrupted line (delete the file to redo its stage)") from None
+        rows.append(row)
     return rows
 
 

@@ -63,35 +63,9 @@ JUDGES = Registry("judge", "sgpo.eval", {
     "ifeval-loose": "judge_exact:ifeval_loose",
     "python": "judge_exact:PythonScorer",
 })
-"""Judge kinds (a spec's part before ``:``): ``factory(arg, **kwargs) -> Judge`` (``eval.judges.make_judge``)."""
+"""Judge kinds (a spec's part before ``:``): ``factory(arg, **kwargs) -> Judge`` (``eval.judges.make_judge``); a spec is read
+by ``judge_spec.parse_judge_spec``."""
 
-
-NO_ARGUMENT = ("reference", "ifeval", "ifeval-loose")
-"""Judge kinds that need no model or argument."""
-SCORERS = ("ifeval", "ifeval-loose", "python")
-"""Judge kinds that are programs scoring each response (``eval.base.Scorer``)."""
-
-
-def is_scorer(spec: str) -> bool:
-    """Whether the judge of ``spec`` is a scorer (known from the spec, without building the judge)."""
-    return bool(spec) and parse_judge_spec(spec)[0] in SCORERS
-
-
-def parse_judge_spec(spec: str) -> tuple[str, str, dict]:
-    """``KIND[:ARG]`` → (kind, arg, options): ``lm-SCORE:PATH`` is kind ``lm`` with ``score=SCORE``. An unknown kind,
-    or a kind other than ``reference`` without its model, is a ``ValueError`` naming the spec."""
-    kind, _, arg = spec.partition(":")
-    options = {}
-    if kind.startswith("lm-"):
-        kind, options = "lm", {"score": kind[3:]}
-    if kind not in JUDGES:
-        raise ValueError(f"unknown judge '{kind}' (known: {', '.join(JUDGES.names())}) in '{spec}'; a judge is "
-                         "reference, openai:MODEL[@BASE_URL], hf:PATH, reward:PATH, lm[-SCORE]:PATH, "
-                         "ifeval[-loose] or python:MODULE:FUNCTION")
-    if not arg and kind not in NO_ARGUMENT:
-        raise ValueError(f"judge '{spec}' needs " + ("a module and a function: python:MODULE:FUNCTION"
-                                                      if kind == "python" else f"a model: {kind}:MODEL"))
-    return kind, arg, options
 
 BENCHMARKS = Registry("benchmark", "sgpo.eval", {
     "alpaca_eval": "benchmark:alpaca_eval_items",

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from sgpo.core.files import JsonlError, iter_jsonl, jsonl_lines
 from sgpo.core.text import cut_reference  # noqa: F401  (the cut of references: imported from here by the run's parts)
 
 
@@ -279,17 +280,8 @@ def _no_reference(row: Any, rec: Record, where: str) -> DataError:
 def _iter_file(path: Path) -> Iterator[tuple[Any, str]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                where = f"{path}:{n}"
-                try:
-                    line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    yield DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})"), where
-                    continue
-                if not line.strip():
-                    continue
-                yield _json_or_error(line, where), where
+        for where, row in jsonl_lines(path):
+            yield (DataError(str(row), row.reason) if isinstance(row, JsonlError) else row), where
     elif suffix == ".json":
         try:
             text = path.read_bytes().decode("utf-8-sig")
@@ -395,15 +387,10 @@ def _iter_embedded(name: str) -> Iterator[tuple[Any, str]]:
             yield {"instruction": row["instruction"], "output": row["output"]}, f"{path}[{i}]"
     elif name == "sgpo:arena-hard-v2":
         base = tasks / "arena_hard" / "data" / "arena-hard-v2.0"
-        answers = {}
-        with open(base / "model_answer" / "o3-mini-2025-01-31.jsonl") as f:
-            for line in f:
-                a = json.loads(line)
-                answers[a["uid"]] = a["messages"][-1]["content"]["answer"]
-        with open(base / "question.jsonl") as f:
-            for n, line in enumerate(f, 1):
-                q = json.loads(line)
-                yield {"prompt": q["prompt"], "response": answers.get(q["uid"])}, f"{base / 'question.jsonl'}:{n}"
+        answers = {a["uid"]: a["messages"][-1]["content"]["answer"]
+                   for _, a in iter_jsonl(base / "model_answer" / "o3-mini-2025-01-31.jsonl", "answers file")}
+        for where, q in iter_jsonl(base / "question.jsonl", "questions file"):
+            yield {"prompt": q["prompt"], "response": answers.get(q["uid"])}, where
     elif name == "sgpo:verifiable-instructions":
         from sgpo.data.verifiable import iter_rows
 

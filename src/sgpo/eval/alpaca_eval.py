@@ -51,6 +51,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from sgpo.core.files import iter_jsonl
+
 HUB_DATASET = "tatsu-lab/alpaca_eval"
 N_INSTRUCTIONS = 805
 DIFFICULTY_FILE = "instruction_difficulty.csv"
@@ -97,8 +99,6 @@ def _read_records(path: Path, what: str) -> list[tuple[str, dict]]:
     """``(where, record)`` for each record of a JSON file holding a list of objects (or of a JSON Lines file);
     ``where`` is 'file[i]' (JSON) or 'file:line' (JSON Lines)."""
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        from sgpo.eval.arena_hard import iter_jsonl
-
         return list(iter_jsonl(path, what))
     data = _read_json(path, what)
     if not isinstance(data, list):

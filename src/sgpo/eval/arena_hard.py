@@ -32,13 +32,13 @@ All scores are percentages.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from sgpo.core.files import iter_jsonl
 from sgpo.eval.bradley_terry import BTOptions, bradley_terry
 
 VERSIONS = ("v0.1", "v2.0")
@@ -195,39 +195,6 @@ def scores_from_judgments(rows: Iterable[dict], version: str = "v0.1", n_boot: i
     if len(models) != 1:
         raise ValueError(f"expected judgments of one model, got {len(models)}; use leaderboard_from_judgments")
     return leaderboard_from_judgments(rows, version, n_boot, seed)[models.pop()]
-
-
-def iter_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[str, dict]]:
-    """``(where, row)`` for each non-blank line of a JSON Lines file; ``where`` is 'file:line'.
-
-    A line that is not valid UTF-8, not valid JSON or not a JSON object raises ``ValueError`` naming the file, the
-    line and ``what`` the file is (e.g. 'judgments file')."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            where = f"{path}:{n}"
-            try:
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: the {what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON in the {what} ({e.msg} at column {e.colno}); "
-                                 f"a JSON Lines file holds one JSON object per line") from None
-            except (RecursionError, ValueError) as e:
-                detail = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:80]
-                raise ValueError(f"{where}: invalid JSON in the {what} ({detail})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line of the {what} must be a JSON object, got "
-                                 f"{type(row).__name__} (a JSON Lines file holds one object per line)")
-            yield where, row
-
-
-def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
-    """The rows of a JSON Lines file (see ``iter_jsonl`` for the errors)."""
-    return [row for _, row in iter_jsonl(path, what)]
 
 
 def read_judgments(path: str | os.PathLike) -> list[dict]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 
 class JudgeError(RuntimeError):
@@ -61,6 +61,30 @@ class Scorer(Judge):
     def prefer(self, prompts, a, b, references=None, rows=None) -> list[float]:
         rows = needs_rows(self, rows, len(prompts))
         return compare_scores(self.score(prompts, a, rows), self.score(prompts, b, rows))
+
+
+class JudgePart(Protocol):
+    """What a run asks of the judges its evaluator makes (``Evaluator.make_judge``): the real ones are wrappers,
+    ``eval.cache.CachedJudge`` and, under a launcher, ``eval.judges.MainProcessJudge``; the dry run's
+    ``CountingJudge`` stands in for them (``tests/test_protocols.py`` holds all three, and ``Scorer``, to it).
+
+    ``Judge`` above is the base class of every judge kind, and ``CountingJudge`` subclasses it too, but it is not this
+    interface: a pairwise kind's ``prefer`` takes no ``rows`` and has no ``score``. The run asks ``prefer`` through
+    ``prefer`` below (``rows`` only when ``reads_rows``) and ``score`` only when ``gives_scores``; ``close`` after a
+    one-use judge; the flags as ``Judge`` documents them."""
+
+    name: str
+    spec: str
+    reads_rows: bool
+    gives_scores: bool
+    reads_reference: bool
+
+    def prefer(self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str],
+               references: Sequence[str] | None = None, rows: Sequence[Mapping] | None = None) -> list[float]: ...
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[Mapping]) -> list[float]: ...
+
+    def close(self) -> None: ...
 
 
 def compare_scores(sa: Sequence[float], sb: Sequence[float]) -> list[float]:

@@ -149,7 +149,7 @@ def check_benchmark_judge(benchmark: str, judge_spec: str, data_dir: str | None 
     (``eval.preflight.check_judge``: an API judge's key and one request); AlpacaEval's LC inputs can be read when
     all ``n`` of its instructions are judged. A ``ValueError`` or ``JudgeError`` in one line otherwise."""
     from sgpo.eval.alpaca_eval import N_INSTRUCTIONS, load_lc_inputs
-    from sgpo.core.registry import is_scorer, parse_judge_spec
+    from sgpo.core.judge_spec import is_scorer, parse_judge_spec
 
     if benchmark in UNJUDGED:
         return

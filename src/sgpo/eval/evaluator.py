@@ -9,15 +9,15 @@ from typing import Callable
 
 from sgpo.config.schema import Config
 from sgpo.data.records import Record
-from sgpo.eval.base import prefer
+from sgpo.eval.base import JudgePart, prefer
 from sgpo.eval.judges import cached_judge, judge_for_one_use
 from sgpo.core.files import is_writer, read_jsonl
 from sgpo.generation.engine import Generation
 from sgpo.eval.held_out import answer_key
 from sgpo.eval.improver import draft_and_rewrite, figures, win_rate_metrics
 from sgpo.models.loading import free_memory
-from sgpo.models.policy import Policy
-from sgpo.generation.rollout import generation_of
+from sgpo.models.policy import PolicyPart
+from sgpo.generation.rollout import SamplerPart, generation_of
 
 log = logging.getLogger("sgpo")
 
@@ -26,8 +26,8 @@ class Evaluator:
     """``make_judge``: spec → judge (cached verdicts by default); ``answer_cache``: the folder the start and pre-rounds
     models' test answers are cached in by the model's hash (None: no cache)."""
 
-    def __init__(self, cfg: Config, sampler, policy: Policy, stages, make_judge: Callable = cached_judge,
-                 answer_cache: Path | None = None):
+    def __init__(self, cfg: Config, sampler: SamplerPart, policy: PolicyPart, stages,
+                 make_judge: Callable[[str], JudgePart] = cached_judge, answer_cache: Path | None = None):
         self.cfg, self.sampler, self.policy, self.stages = cfg, sampler, policy, stages
         self.make_judge, self.answer_cache = make_judge, answer_cache
         self._judge = None
@@ -36,7 +36,7 @@ class Evaluator:
     def scorer(self):
         """The run's judge when it is a program scoring each response (``eval.base.Scorer``), else None — decided from
         its spec, so that a pairwise judge is not loaded for it."""
-        from sgpo.core.registry import is_scorer
+        from sgpo.core.judge_spec import is_scorer
 
         return self.judge if is_scorer(self.cfg.eval.judge) else None
 

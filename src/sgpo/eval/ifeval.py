@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from sgpo.core.files import iter_jsonl
+
 IFEVAL_PACKAGE = "eval_framework"
 IFEVAL_MODULE = "eval_framework.tasks.ifeval"
 _DATA_RELPATH = Path("tasks") / "ifeval" / "data" / "input_data.jsonl"
@@ -55,17 +57,13 @@ def ifeval_data_path() -> Path:
 def load_ifeval_prompts(path: str | os.PathLike | None = None, limit: int | None = None) -> list[dict]:
     """The IFEval rows (``key``, ``prompt``, ``instruction_id_list``, ``kwargs``) in file order."""
     rows = []
-    with open(path or ifeval_data_path(), encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = {"prompt", "instruction_id_list", "kwargs"} - set(row)
-            if missing:
-                raise IFEvalError(f"{path or ifeval_data_path()}:{line_no}: missing fields {sorted(missing)}")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    for where, row in iter_jsonl(path or ifeval_data_path(), "IFEval prompts file"):
+        missing = {"prompt", "instruction_id_list", "kwargs"} - set(row)
+        if missing:
+            raise IFEvalError(f"{where}: missing fields {sorted(missing)}")
+        rows.append(row)
+        if limit is not None and len(rows) >= limit:
+            break
     return rows
 
 

@@ -27,7 +27,7 @@ from sgpo.data.records import Record, load_records, split_dev
 from sgpo.eval.base import prefer
 from sgpo.eval.winrate import score_shares, win_rate
 from sgpo.generation.engine import Generation
-from sgpo.generation.rollout import Sampler
+from sgpo.generation.rollout import Sampler, SamplerPart
 from sgpo.core.files import atomic_write_json, content_hash, write_jsonl
 from sgpo.core.text import normalise, word_edit_distance
 
@@ -84,7 +84,7 @@ class Outputs:
     rewrites: dict[str, Generation]
 
 
-def draft_and_rewrite(sampler: Sampler, model, records: Sequence[Record], shard_dir: Path, *,
+def draft_and_rewrite(sampler: SamplerPart, model, records: Sequence[Record], shard_dir: Path, *,
                       rewrite: int | None = None, samples: int = 1, prefix: str = "dev") -> Outputs:
     """Drafts (policy role, ``<prefix>-policy``) for ``records``, then the improver's rewrites (``<prefix>-improver``)
     of the first ``rewrite`` of them (all when None), seeded as round 0; shards ``<prefix>_policy.jsonl`` and

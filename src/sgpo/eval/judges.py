@@ -16,7 +16,8 @@ import torch
 from sgpo.core.files import is_writer
 from sgpo.models.loading import cache_dir, free_memory
 from sgpo.core.phases import phase
-from sgpo.core.registry import JUDGES, parse_judge_spec
+from sgpo.core.judge_spec import parse_judge_spec
+from sgpo.core.registry import JUDGES
 from sgpo.eval.base import Judge, JudgeError, traits
 from sgpo.eval.cache import CachedJudge
 

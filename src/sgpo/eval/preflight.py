@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from sgpo.core.registry import JUDGES, parse_judge_spec
+from sgpo.core.judge_spec import parse_judge_spec
+from sgpo.core.registry import JUDGES
 from sgpo.eval.base import JudgeError
 
 KEY_NEEDED_HOSTS = ("api.openai.com",)

@@ -158,9 +158,6 @@ class KVDecoder:
         self.prefix_ids: tuple[int, ...] = ()
         self.n = 0
 
-    def kv_bytes_per_token(self) -> int:
-        return 2 * len(self.layers) * self.n_kv * self.head_dim * self.embed.element_size()
-
     # ---------------------------------------------------------------- setup
     def reserve(self, rows: int, slots: int) -> None:
         d = self.device

@@ -19,7 +19,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from sgpo.models import templates
 from sgpo.config.schema import GenerationConfig
@@ -44,6 +44,28 @@ def cut_prompt(ids, max_prompt_tokens: int | None):
     if max_prompt_tokens and len(ids) > max_prompt_tokens:
         return ids[len(ids) - max_prompt_tokens:]
     return ids
+
+
+class SamplerPart(Protocol):
+    """What a run asks of its sampler — ``Sampler``, and the dry run's ``CountingSampler``
+    (``tests/test_protocols.py`` holds both to it): every generation goes through ``rollout`` and ``rewrite`` (as
+    ``Sampler`` documents them); ``identity`` keys the answer cache, ``dist`` is the process group that cache is shared
+    in, ``instruction`` the improver's (the gates look for its markers), ``engine`` the run's vLLM engine (None: none)
+    and ``close`` ends it."""
+
+    instruction: str
+    dist: Any
+    engine: Any
+
+    def identity(self) -> list: ...
+
+    def rollout(self, model, records: Sequence[Record], role: str, round_: int, *,
+                drafts: dict[str, str] | None = None, shard: str | Path | None = None) -> dict[str, Generation]: ...
+
+    def rewrite(self, model, records: Sequence[Record], drafts: dict[str, str], round_: int, *, role: str = "improver",
+                shard_dir: str | Path | None = None, samples: int = 1) -> dict[str, Generation]: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

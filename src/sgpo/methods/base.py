@@ -4,7 +4,10 @@ A method says only what differs between methods; the recipe (``sgpo.run.recipe``
 gates, the reference pass, DPO, checkpoints, resume, figures — the same way for every method:
 
 ``make_pairs(ctx)``      round t's (chosen, rejected) candidates, before the gates (every method with rounds)
-``reference(cfg)``       the DPO reference model: 'round_start' (π_t) or 'initial' (π_0, the pre-rounds model)
+``reference(cfg)``       the DPO reference model, a ``Reference``: ROUND_START (π_t) or INITIAL (π_0, the pre-rounds
+                         model)
+``ignores``              the config keys the method never reads, each with why (``ignored_settings``: a run warns
+                         when one is set)
 ``before_rounds(ctx)``   one-off stages between SFT and round 1 (SGPO: its improver training; SynPO: a separate
                          improver; DPO: its preference set); none by default
 ``sft_prompts(data)``    the SFT stage's prompts (None: no SFT stage); default: the SFT slice when ``sft: true``
@@ -12,11 +15,14 @@ gates, the reference pass, DPO, checkpoints, resume, figures — the same way fo
 """
 from __future__ import annotations
 
+import dataclasses
+import enum
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from sgpo.config.schema import Config
+from sgpo.config.schema import Config, dotted_keys, get, key_type
 from sgpo.core.registry import METHODS
 from sgpo.data.records import Record
 from sgpo.generation.engine import Generation
@@ -27,11 +33,33 @@ if TYPE_CHECKING:
     from sgpo.data.splits import Splits
 
 
+log = logging.getLogger("sgpo")
+
+
+class Reference(enum.Enum):
+    """The model a round's pairs are scored under, DPO's reference (the config's ``dpo.reference`` names one by
+    ``value``)."""
+    ROUND_START = "round_start"  # π_t, the model at the start of the round
+    INITIAL = "initial"          # π_0, the pre-rounds model: the one entering round 1
+
+
+# keys read by one part only, for the ``ignores`` of the methods without it: improver training
+# (``improver.train_improver``) and method dpo's preference set (``methods/dpo.py``)
+NO_IMPROVER_TRAINING = dict.fromkeys(("improver.target", "improver.step", "improver.chain", "improver.mix_policy",
+                                      "improver.experimental.drafts_per_prompt"), "it trains no improver")
+NO_PREFERENCE_SET = dict.fromkeys(("data.preference", "data.preference_split"),
+                                  "only method dpo reads a preference set")
+
+
 class Method:
     name = ""
+    ignores: ClassVar[dict[str, str]] = {}
+    """Config keys (dotted; a section stands for every key in it) this method never reads → why, in a few words. A
+    run warns when one is set away from its default (``ignored_settings``). Declare only what the method's code
+    shows."""
 
-    def reference(self, cfg: Config) -> str:
-        return "round_start"
+    def reference(self, cfg: Config) -> Reference:
+        return Reference.ROUND_START
 
     def sft_prompts(self, data: "Splits", cfg: Config) -> list[Record] | None:
         return data.sft if cfg.sft else None
@@ -93,6 +121,26 @@ class Context:
     def generator_at(self, path: str | Path):
         """What a rollout of the model saved at ``path`` generates with (π_0: ``initial_path``)."""
         return self.session.policy.generator_at(str(path))
+
+
+def ignored_settings(method: Method, cfg: Config) -> list[str]:
+    """One line per reason for the keys ``method`` ignores that ``cfg`` sets away from their defaults (a ``Config()``),
+    e.g. "dpo.reference=initial is set but method 'spin' does not use it (its reference is the round's start model)".
+    Empty when there are none."""
+    default, by_reason = Config(), {}
+    for key, why in method.ignores.items():
+        typ = key_type(key)
+        for k in dotted_keys(typ, key + ".") if dataclasses.is_dataclass(typ) else [key]:
+            if not dataclasses.is_dataclass(key_type(k)) and get(cfg, k) != get(default, k):
+                by_reason.setdefault(why, []).append(f"{k}={get(cfg, k)}")
+    return [f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} set but method '{method.name}' does not use "
+            f"{'it' if len(keys) == 1 else 'them'} ({why})" for why, keys in by_reason.items()]
+
+
+def warn_ignored(method: Method, cfg: Config) -> None:
+    """A warning for each line of ``ignored_settings``: a setting the run will not act on is not silently dropped."""
+    for line in ignored_settings(method, cfg):
+        log.warning(line)
 
 
 def get_method(name: str) -> Method:

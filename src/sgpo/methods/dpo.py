@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import random
 
-from sgpo.models import templates
+from sgpo.generation.engine import Generation
 from sgpo.methods.pairs import Pair
 from sgpo.core.files import read_jsonl, write_jsonl
-from sgpo.methods.base import Context, Method
+from sgpo.methods.base import NO_IMPROVER_TRAINING, Context, Method, Reference
 
 PREFERENCE_FILE = "preference.jsonl"
 
 
 class DPO(Method):
     name = "dpo"
+    ignores = {"dpo.reference": "its reference is the pre-rounds model", **NO_IMPROVER_TRAINING}
 
-    def reference(self, cfg) -> str:
-        return "initial"
+    def reference(self, cfg) -> Reference:
+        return Reference.INITIAL
 
     def before_rounds(self, ctx: Context) -> None:
         ctx.run_stage("prepare", lambda: self.prepare(ctx))
@@ -53,21 +54,17 @@ class DPO(Method):
         for i in order[:n]:
             r = records[i]
             sides = []
-            for text in (r.chosen, r.rejected):
+            for text in (r.chosen, r.rejected):  # a side cut to the limit is unfinished (no EOS trained after it)
                 cut = s.cut(text, limit)
-                sides.append((cut, cut == text.strip()))
-            out.append(Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=sides[0][0],
-                            rejected=sides[1][0], chosen_finished=sides[0][1], rejected_finished=sides[1][1],
-                            meta={"source": cfg.data.preference}))
+                sides.append(Generation(cut, (), cut == text.strip()))
+            out.append(Pair.of(r, *sides, source=cfg.data.preference))
         return out
 
     def _offline(self, ctx: Context) -> list[Pair]:
         flat = [r for recs in ctx.plan for r in recs if r.reference]
         unique = list({r.id: r for r in flat}.values())
         answers = ctx.rollout("policy", unique, name="start_answers")
-        return [Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=r.reference,
-                     rejected=answers[r.id].text, chosen_finished=True, rejected_finished=answers[r.id].finished,
-                     meta={"source": "start_model", "chosen": "reference", "rejected": "start_model"})
+        return [Pair.of(r, r.reference, answers[r.id], source="start_model", chosen="reference", rejected="start_model")
                 for r in flat]
 
     def make_pairs(self, ctx: Context) -> list[Pair]:

@@ -37,12 +37,18 @@ class Pair:
         return cls(**d)
 
     @classmethod
-    def of(cls, record, chosen: Generation, rejected: Generation, **meta) -> "Pair":
-        """A pair of two generations for ``record``, scored under its policy-mode prompt."""
+    def of(cls, record, chosen: Generation | str, rejected: Generation | str, /, **meta) -> "Pair":
+        """A pair of two responses to ``record``, scored under its policy-mode prompt; ``meta`` as given (keys
+        ``chosen`` and ``rejected`` included). A side is a generation, or a text that is complete (a reference)."""
         from sgpo.models.templates import policy_messages
 
-        return cls(record.id, policy_messages(record.prompt), chosen.text, rejected.text, chosen.finished,
-                   rejected.finished, meta)
+        (c, c_done), (r, r_done) = _side(chosen), _side(rejected)
+        return cls(record.id, policy_messages(record.prompt), c, r, c_done, r_done, meta)
+
+
+def _side(x: Generation | str) -> tuple[str, bool]:
+    """A pair side's (text, finished): a text given as such is complete."""
+    return (x, True) if isinstance(x, str) else (x.text, x.finished)
 
 
 def filter_pairs(pairs: list[Pair], gates: Gates, references: dict[str, str] | None = None

@@ -1,6 +1,6 @@
 """SGPO (Lee et al. 2025, arXiv 2507.20181): one model is both the policy and its own self-improver.
 
-1. Improver training (once, before the rounds; ``steps.train_improver``): the model drafts y0 ~ π(P(x)) for prompts
+1. Improver training (once, before the rounds; ``improver.train_improver``): the model drafts y0 ~ π(P(x)) for prompts
    of the SFT data; each (y0, y*) gives targets a step from the draft towards the SFT reference y* (``improver.target``:
    ``interpolate`` applies a fraction ``improver.step`` of the edit script, ``improver.chain`` steps in a row); the
    SAME weights learn I(x, y0) → target, mixed with policy examples P(x) → y* (``improver.mix_policy``) so that the
@@ -13,12 +13,13 @@
 from __future__ import annotations
 
 from sgpo.methods.pairs import Pair
-from sgpo.methods.steps import train_improver
-from sgpo.methods.base import Context, Method
+from sgpo.methods.improver import train_improver
+from sgpo.methods.base import NO_PREFERENCE_SET, Context, Method, Reference
 
 
 class SGPO(Method):
     name = "sgpo"
+    ignores = NO_PREFERENCE_SET
 
     def before_rounds(self, ctx: Context) -> dict:
         def improver_stage() -> dict:  # the same weights learn I(x, y0) → a step towards y*; then its dev figures
@@ -31,5 +32,5 @@ class SGPO(Method):
         rewrites = ctx.rewrite(ctx.records, {i: g.text for i, g in drafts.items()})     # y_w ~ π_t(I(x, y_l))
         return [Pair.of(r, rewrites[r.id], drafts[r.id], round=ctx.round) for r in ctx.records]
 
-    def reference(self, cfg) -> str:
-        return cfg.dpo.reference
+    def reference(self, cfg) -> Reference:
+        return Reference(cfg.dpo.reference)

@@ -6,18 +6,17 @@ from the human-written ones until it cannot.
 """
 from __future__ import annotations
 
-from sgpo.models import templates
 from sgpo.methods.pairs import Pair
-from sgpo.methods.base import Context, Method
+from sgpo.methods.base import NO_IMPROVER_TRAINING, NO_PREFERENCE_SET, Context, Method
 
 
 class SPIN(Method):
     name = "spin"
+    ignores = {"dpo.reference": "its reference is the round's start model",
+               **NO_IMPROVER_TRAINING, **NO_PREFERENCE_SET}
 
     def make_pairs(self, ctx: Context) -> list[Pair]:
         records = [r for r in ctx.records if r.reference]
         own = ctx.rollout("policy", records, name="policy")
-        return [Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=r.reference,
-                     rejected=own[r.id].text, chosen_finished=True, rejected_finished=own[r.id].finished,
-                     meta={"round": ctx.round, "chosen": "reference", "rejected": "policy"})
+        return [Pair.of(r, r.reference, own[r.id], round=ctx.round, chosen="reference", rejected="policy")
                 for r in records]

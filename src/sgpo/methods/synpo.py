@@ -1,7 +1,7 @@
 """SynPO's response improver (Dong et al. 2024), without its prompt generator: a SEPARATE improver model.
 
 Before the rounds (stage ``prepare``): a copy of π_0 learns, in improver mode, to turn π_0's drafts on the improver
-slice into their SFT references — the full jump I(x, y0) → y* (``steps.train_improver`` with ``target: reference``
+slice into their SFT references — the full jump I(x, y0) → y* (``improver.train_improver`` with ``target: reference``
 and no policy examples); it is saved as ``prepare/improver_model`` and never trained again. The policy's own weights
 never learn the improver role.
 
@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 
-from sgpo.models import templates
 from sgpo.core.files import read_jsonl
 from sgpo.methods.pairs import Pair
-from sgpo.methods.steps import train_improver
-from sgpo.methods.base import Context, Method
+from sgpo.methods.improver import train_improver
+from sgpo.methods.base import NO_PREFERENCE_SET, Context, Method
 
 IMPROVER_DIR = "improver_model"
 
 
 class SynPO(Method):
     name = "synpo"
+    ignores = {"dpo.reference": "its reference is the round's start model",
+               # train_improver with target: reference (step and chain unread) and mix_policy: 0
+               **dict.fromkeys(("improver.target", "improver.step", "improver.chain", "improver.mix_policy"),
+                               "its separate improver learns the full jump to the reference, without policy examples"),
+               **NO_PREFERENCE_SET}
 
     def before_rounds(self, ctx: Context) -> None:
         full_jump = dataclasses.replace(ctx.cfg.improver, target="reference", mix_policy=0.0)
@@ -39,11 +43,8 @@ class SynPO(Method):
                               model=ctx.generator_at(ctx.path("prepare", IMPROVER_DIR)))
         rejected = drafts if ctx.initial_is_current else ctx.rollout("initial-policy", records, name="initial_policy",
                                                                      model=ctx.generator_at(ctx.initial_path))
-        new = [Pair(record_id=r.id, prompt=templates.policy_messages(r.prompt), chosen=refined[r.id].text,
-                    rejected=rejected[r.id].text, chosen_finished=refined[r.id].finished,
-                    rejected_finished=rejected[r.id].finished,
-                    meta={"round": ctx.round, "chosen": "separate_improver(policy)", "rejected": "initial_policy"})
-               for r in records]
+        new = [Pair.of(r, refined[r.id], rejected[r.id], round=ctx.round, chosen="separate_improver(policy)",
+                       rejected="initial_policy") for r in records]
         return earlier_pairs(ctx) + new
 
 

@@ -5,11 +5,44 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Protocol
 
 from sgpo.config.schema import ModelConfig
 from sgpo.core.files import atomic_dir, is_writer
 from sgpo.models.loading import free_memory, load_model, resolve
 from sgpo.core.phases import phase
+
+
+class PolicyPart(Protocol):
+    """What a run asks of its current model — ``Policy``, and the dry run's ``CountingPolicy``
+    (``tests/test_protocols.py`` holds both to it): where its weights are (``path``; the start model's:
+    ``start_path``), its ``tokenizer`` (None in a dry run), the ``run`` directory (``run.stages.RunDir``), and the
+    members ``Policy`` documents. ``save`` and ``resume_from`` are what the stages ask (``run.stages.Checkpointed``)."""
+
+    tokenizer: Any
+    path: str
+    start_path: str
+    run: Any
+
+    @property
+    def model(self): ...
+
+    @property
+    def generator(self): ...
+
+    def load(self, path: str): ...
+
+    def model_at(self, path: str): ...
+
+    def generator_at(self, path: str): ...
+
+    def unload(self) -> None: ...
+
+    def trained(self, exported: Path | None = None) -> None: ...
+
+    def resume_from(self, stage: str) -> None: ...
+
+    def save(self, stage: str) -> None: ...
 
 
 class Policy:

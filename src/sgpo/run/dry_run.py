@@ -66,8 +66,10 @@ def placeholder(record: Record, role: str) -> str:
 
 
 class CountingSampler:
-    """The sampler's interface: every requested response is counted and answered with a placeholder."""
+    """The sampler's interface (``SamplerPart``): every requested response is counted and answered with a placeholder;
+    one process, no vLLM engine."""
     backend = "engine"
+    dist = engine = None
 
     def __init__(self, tally: Tally, instruction: str):
         self.tally, self.instruction = tally, instruction
@@ -90,9 +92,13 @@ class CountingSampler:
         self.tally.add("generations", len(records) * (samples - 1))
         return self.rollout(model, records, role, round_, drafts=drafts)  # no later stage reads a rewrite shard
 
+    def close(self) -> None:
+        pass
+
 
 class CountingPolicy:
-    """The current model's interface with no model: paths move as in a real run; checkpoint writes are counted."""
+    """The current model's interface (``PolicyPart``) with no model: paths move as in a real run; checkpoint writes
+    are counted."""
     tokenizer = None
 
     def __init__(self, name: str, run: RunDir, tally: Tally):
@@ -125,8 +131,8 @@ class CountingPolicy:
 
 
 class CountingTrainer:
-    """The trainer's interface: examples, pairs and optimizer steps counted, with the training checkpoints a real call
-    writes (every ``checkpoint_every`` steps and after the last)."""
+    """The trainer's interface (``TrainerPart``): examples, pairs and optimizer steps counted, with the training
+    checkpoints a real call writes (every ``checkpoint_every`` steps and after the last)."""
 
     def __init__(self, cfg: Config, tally: Tally):
         self.cfg, self.tally = cfg, tally
@@ -172,10 +178,11 @@ class CountingTrainer:
 
 
 class CountingJudge(Judge):
-    """A judge that counts its calls (before any cache) and prefers the first candidate."""
+    """A judge that counts its calls (before any cache) and prefers the first candidate: the interface of the judges
+    a run's evaluator makes (``JudgePart``)."""
 
     def __init__(self, spec: str, tally: Tally):
-        from sgpo.core.registry import is_scorer
+        from sgpo.core.judge_spec import is_scorer
 
         self.spec = self.name = spec
         self.tally = tally
@@ -383,7 +390,7 @@ def api_judge_lines(p: dict, calls: Counter, cfg: Config) -> list[str]:
     """For every API judge (``openai:``): the tokens its calls send and receive, their price at ``eval.
     judge_price_input``/``_output`` and the wall time at ``eval.judge_concurrency`` — estimates, upper bounds with
     the calls."""
-    from sgpo.core.registry import parse_judge_spec
+    from sgpo.core.judge_spec import parse_judge_spec
 
     e, answer = cfg.eval, cfg.generation.max_new_tokens
     lines = []

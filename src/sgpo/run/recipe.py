@@ -2,8 +2,8 @@
 preference pairs + DPO → final model → test figures.
 
 A method (``methods/``) says only what differs: how a round makes its pairs, which model is their reference, which
-stages run before the rounds (SGPO's improver training lives in ``methods/sgpo.py``). Every stage reads and writes the
-run directory, is recorded in its manifest and skipped when a re-run finds it done (``runs.Stages``); generation
+stages run before the rounds (SGPO's improver training: ``methods/sgpo.py``, ``methods/improver.py``). Every stage reads and writes the
+run directory, is recorded in its manifest and skipped when a re-run finds it done (``stages.Stages``); generation
 resumes from its shards, training from its checkpoints. The parts a stage uses are in ``session.py``; a dry run walks
 this same code with parts that count the work instead (``dry_run.py``).
 """
@@ -18,14 +18,13 @@ import torch
 from sgpo.core import distributed
 from sgpo.eval import held_out
 from sgpo.core import phases
-from sgpo.methods import steps
 from sgpo.config.schema import Config
 from sgpo.data.records import Record
 from sgpo.eval.preflight import check_run_judges, run_finished
 from sgpo.eval.winrate import format_metric
 from sgpo.core.files import atomic_write_json, read_jsonl, set_writer, write_jsonl
 from sgpo.methods.gates import Gates, TemplateMarkers
-from sgpo.methods.base import Context, Method, get_method
+from sgpo.methods.base import Context, Method, Reference, get_method, warn_ignored
 from sgpo.methods.pairs import (Pair, candidate_metrics, filter_pairs, judge_agreement, pair_metrics, save_round, saved_round,
                     score_metrics, verify)
 from sgpo.run.stages import open_run
@@ -54,12 +53,18 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
         set_writer(True)
 
 
+def sft_step(s: Session, records: list[Record]) -> dict:
+    """Supervised fine-tuning: NLL on (P(x) → y*) for ``records``, the current model."""
+    return s.trainer.train_nll(s.trainer.policy_examples(records), "sft", s.cfg.seed)
+
+
 def run_stages(s: Session, method: Method, data: Splits) -> dict:
     """The stage list; returns the test figures and the last stage's. ``s.stage(name, fn, inputs, model)`` runs ``fn``
     unless the stage is done."""
     cfg, rounds = s.cfg, method.rounds(data)
     log.info("model: %s | method: %s | %d training prompts, %d development prompts | %d rounds",
              cfg.model.name, cfg.method, len(data.train), len(data.dev), len(rounds))
+    warn_ignored(method, cfg)  # a setting this method never reads is said so, once
     # 0. the start model on the development prompts: the yardstick for every later model
     s.dev = data.dev
     last = s.stage("round_0", s.dev_figures, inputs=data.dev)
@@ -67,7 +72,7 @@ def run_stages(s: Session, method: Method, data: Splits) -> dict:
     # 1. SFT on the references (a method without rounds gets its final figures here)
     sft = method.sft_prompts(data, cfg)
     if sft is not None:
-        last = s.stage("sft", lambda: {**steps.sft(s, sft), **({} if rounds else s.dev_figures())},
+        last = s.stage("sft", lambda: {**sft_step(s, sft), **({} if rounds else s.dev_figures())},
                        inputs=data.train, model=True)
     # 2. the method's own stages before the rounds (SGPO: the same weights learn to refine their own drafts)
     last = method.before_rounds(Context(s, "", 0, data.improver, plan=rounds)) or last
@@ -107,7 +112,8 @@ def round_stage(ctx: Context, method: Method) -> dict:
             pairs, dropped["not_verified"] = verify(pairs, judge, refs, rows)
         m = {**candidate_metrics(candidates, gates.markers, refs), **pair_metrics(pairs, dropped),
              **pair_agreement(s, pairs, refs, rows), **score_metrics(s.evaluator.scorer, candidates, rows)}
-        s.trainer.reference_pass(pairs, ctx.initial_path if method.reference(cfg) == "initial" else s.policy.path)
+        initial = method.reference(cfg) is Reference.INITIAL
+        s.trainer.reference_pass(pairs, ctx.initial_path if initial else s.policy.path)
         save_round(ctx.path(ctx.stage), pairs, m)
     log.info("round %d: %d pairs kept, dropped %s", t, len(pairs),
              {k.split("/")[-1]: v for k, v in m.items() if k.startswith("pairs/dropped/") and v})

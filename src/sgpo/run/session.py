@@ -15,11 +15,11 @@ from sgpo.data.records import Record, cut_reference, load_records
 from sgpo.eval.judges import MainProcessJudge, cached_judge
 from sgpo.eval.evaluator import Evaluator
 from sgpo.models.loading import cache_dir, load_tokenizer
-from sgpo.models.policy import Policy
-from sgpo.generation.rollout import Sampler
+from sgpo.models.policy import Policy, PolicyPart
+from sgpo.generation.rollout import Sampler, SamplerPart
 from sgpo.run.stages import RunDir, Stages
 from sgpo.core.trackers import Trackers
-from sgpo.run.trainer import Trainer
+from sgpo.run.trainer import Trainer, TrainerPart
 from sgpo.generation.vllm_backend import Engine, resolve_backend, worker_options
 
 
@@ -29,9 +29,9 @@ class Session:
     run: RunDir
     stages: Stages
     dist: distributed.Dist
-    sampler: Sampler
-    policy: Policy
-    trainer: Trainer
+    sampler: SamplerPart
+    policy: PolicyPart
+    trainer: TrainerPart
     evaluator: Evaluator
     trackers: Trackers | None = None
     load: Callable = load_records     # reads a data source: (source, **options) → (records, report)
@@ -58,9 +58,7 @@ class Session:
     def close(self) -> None:
         """The end of the run (finished, failed or interrupted): the vLLM engine shut down, the trackers closed."""
         try:
-            close = getattr(self.sampler, "close", None)
-            if close is not None:
-                close()
+            self.sampler.close()
         finally:
             if self.trackers is not None:
                 self.trackers.close()

@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Protocol
 
 from sgpo.models import templates
 from sgpo.config.schema import Config
 from sgpo.data.records import Record
-from sgpo.methods.improver_targets import ImproverExample, nll_example
+from sgpo.methods.improver import ImproverExample, nll_example
 from sgpo.methods.pairs import Pair
 from sgpo.models.loading import mapped_buffers
 from sgpo.core.files import is_writer
-from sgpo.models.policy import Policy, place_folder, save_model
+from sgpo.models.policy import PolicyPart, place_folder, save_model
 from sgpo.generation.rollout import cut_prompt
 from sgpo.core.phases import phase
 from sgpo.training.adapters import trainable
@@ -23,8 +24,26 @@ from sgpo.training.loop import Job, exported_weights
 from sgpo.training.sft import NLLExample, train_nll
 
 
+class TrainerPart(Protocol):
+    """What a run asks of its training calls — ``Trainer``, and the dry run's ``CountingTrainer``
+    (``tests/test_protocols.py`` holds both to it): examples from records, NLL training of the current model (or of a
+    separate copy), DPO and its reference pass, as ``Trainer`` documents them."""
+
+    def policy_examples(self, records: list[Record]) -> list[NLLExample]: ...
+
+    def improver_examples(self, examples: list[ImproverExample], records: list[Record]) -> list[NLLExample]: ...
+
+    def train_nll(self, examples: list[NLLExample], desc: str, seed: int, model=None) -> dict: ...
+
+    def train_separate(self, examples: list[NLLExample], desc: str, seed: int, out: Path) -> dict: ...
+
+    def train_dpo(self, pairs: list[Pair], desc: str, seed: int) -> dict: ...
+
+    def reference_pass(self, pairs: list[Pair], reference_path: str) -> None: ...
+
+
 class Trainer:
-    def __init__(self, cfg: Config, policy: Policy, instruction: str, stages, dist, trackers=None):
+    def __init__(self, cfg: Config, policy: PolicyPart, instruction: str, stages, dist, trackers=None):
         self.cfg, self.policy, self.instruction = cfg, policy, instruction
         self.tokenizer, self.stages, self.dist, self.trackers = policy.tokenizer, stages, dist, trackers
         self.step_keys: set[str] = set()  # metrics logged per step (their stage means are not logged again)
