@@ -136,7 +136,7 @@ def probe_temperatures(out: Path, name: str, set_name: str, temps: list[float], 
 def probe_edits(out: Path, judge_spec: str) -> str:
     """Fixed, model-free edits of the evaluated drafts, judged: what does the judge reward?"""
     from sgpo.eval.judges import make_judge
-    from sgpo.methods.improver_targets import split_units
+    from sgpo.methods.improver import split_units
 
     rows = [x for p in sorted(out.glob("eval_*/*/samples-r1.jsonl")) for x in read_jsonl(p)]
 
