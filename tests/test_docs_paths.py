@@ -60,11 +60,11 @@ def repository_paths(text: str, markdown_dir: Path | None = None) -> list[tuple[
 
 
 def test_the_rules_check_repository_paths_and_leave_run_and_user_paths_alone():
-    text = ("see src/sgpo/nope.py, `configs/paper/<method>-{a,b}.yaml`, tests/test_cli.py::test_x and sgpo/models/templates.py; "
+    text = ("see src/sgpo/nope.py, `configs/paper/<method>-{a,b}.yaml`, tests/cli/test_cli.py::test_x and sgpo/models/templates.py; "
             "RUN/prepare/x.jsonl, runs/20250101-sgpo/, data/my.jsonl, ~/.cache/sgpo/answers, report.md (SGPO.md).")
     got = {name: path.relative_to(REPO).as_posix() for name, path in repository_paths(text)}
     assert got == {"src/sgpo/nope.py": "src/sgpo/nope.py", "configs/paper/": "configs/paper",
-                   "tests/test_cli.py": "tests/test_cli.py", "sgpo/models/templates.py": "src/sgpo/models/templates.py",
+                   "tests/cli/test_cli.py": "tests/cli/test_cli.py", "sgpo/models/templates.py": "src/sgpo/models/templates.py",
                    "SGPO.md": "SGPO.md"}
     links = repository_paths("[a](judges.md#top) [b](https://x.org/y.md) [c](../README.md)", REPO / "docs")
     assert [(n, p.resolve()) for n, p in links] == [("judges.md", REPO / "docs" / "judges.md"),

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_resume import REPO, cli_env
+from cli_runs import REPO, cli_env
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from eval.test_judge_openai import ChatServer, chat_reply
-from test_resume import REPO, cli_env
+from cli_runs import REPO, cli_env
 
 pytestmark = pytest.mark.slow  # runs the CLI
 

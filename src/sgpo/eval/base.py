@@ -66,7 +66,7 @@ class Scorer(Judge):
 class JudgePart(Protocol):
     """What a run asks of the judges its evaluator makes (``Evaluator.make_judge``): the real ones are wrappers,
     ``eval.cache.CachedJudge`` and, under a launcher, ``eval.judges.MainProcessJudge``; the dry run's
-    ``CountingJudge`` stands in for them (``tests/test_protocols.py`` holds all three, and ``Scorer``, to it).
+    ``CountingJudge`` stands in for them (``tests/run/test_protocols.py`` holds all three, and ``Scorer``, to it).
 
     ``Judge`` above is the base class of every judge kind, and ``CountingJudge`` subclasses it too, but it is not this
     interface: a pairwise kind's ``prefer`` takes no ``rows`` and has no ``score``. The run asks ``prefer`` through

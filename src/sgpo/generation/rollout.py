@@ -48,7 +48,7 @@ def cut_prompt(ids, max_prompt_tokens: int | None):
 
 class SamplerPart(Protocol):
     """What a run asks of its sampler — ``Sampler``, and the dry run's ``CountingSampler``
-    (``tests/test_protocols.py`` holds both to it): every generation goes through ``rollout`` and ``rewrite`` (as
+    (``tests/run/test_protocols.py`` holds both to it): every generation goes through ``rollout`` and ``rewrite`` (as
     ``Sampler`` documents them); ``identity`` keys the answer cache, ``dist`` is the process group that cache is shared
     in, ``instruction`` the improver's (the gates look for its markers), ``engine`` the run's vLLM engine (None: none)
     and ``close`` ends it."""

@@ -15,7 +15,7 @@ from sgpo.core.phases import phase
 
 class PolicyPart(Protocol):
     """What a run asks of its current model — ``Policy``, and the dry run's ``CountingPolicy``
-    (``tests/test_protocols.py`` holds both to it): where its weights are (``path``; the start model's:
+    (``tests/run/test_protocols.py`` holds both to it): where its weights are (``path``; the start model's:
     ``start_path``), its ``tokenizer`` (None in a dry run), the ``run`` directory (``run.stages.RunDir``), and the
     members ``Policy`` documents. ``save`` and ``resume_from`` are what the stages ask (``run.stages.Checkpointed``)."""
 

@@ -1,7 +1,7 @@
 """Sizes to check a plan against before anything is downloaded: a model's parameter count, the bytes of its
 checkpoints, an estimate of what one GPU holds under each training strategy, the vLLM engine's default share of the
 GPU beside it (``python -m sgpo.models.sizes`` prints the tables of ``docs/multi-gpu.md``), and ``peak_bytes``, the
-measurement the estimate is checked against (``tests/test_memory.py`` on a CPU, ``benchmarks/gpu_check.py`` on a
+measurement the estimate is checked against (``tests/models/test_memory.py`` on a CPU, ``benchmarks/gpu_check.py`` on a
 GPU). The estimates are arithmetic on a model's shape: not measurements."""
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def state_bytes(shape: Shape, strategy: str, gpus: int) -> tuple[float, float]:
     state one GPU holds, with the framework's buffers. One GPU: bf16 weights and gradients, MasterAdamW's fp32 masters
     and two fp32 moments (16 bytes a parameter); at the step also the masters' fp32 gradients (``MasterAdamW.step``)
     and foreach AdamW's fp32 temporary (the square root of the second moment): 24 bytes, measured on a CPU
-    (``tests/test_memory.py``). DDP adds its gradient buckets (a bf16 copy of the gradients). ZeRO-2 keeps the bf16
+    (``tests/models/test_memory.py``). DDP adds its gradient buckets (a bf16 copy of the gradients). ZeRO-2 keeps the bf16
     weights whole and shards the rest, with DeepSpeed's reduce bucket; ZeRO-3 shards everything, with the bucket and
     its gathered weights; FSDP2 under mixed precision keeps fp32 shards and fp32 gradients (no separate masters), and
     gathers the embeddings and LM head (kept from forward to backward) and two layers at a time in bf16, with their

@@ -26,7 +26,7 @@ from sgpo.training.sft import NLLExample, train_nll
 
 class TrainerPart(Protocol):
     """What a run asks of its training calls — ``Trainer``, and the dry run's ``CountingTrainer``
-    (``tests/test_protocols.py`` holds both to it): examples from records, NLL training of the current model (or of a
+    (``tests/run/test_protocols.py`` holds both to it): examples from records, NLL training of the current model (or of a
     separate copy), DPO and its reference pass, as ``Trainer`` documents them."""
 
     def policy_examples(self, records: list[Record]) -> list[NLLExample]: ...

@@ -1,5 +1,5 @@
 """Measured peaks of sgpo's own training calls (NLL, DPO, the reference pass) on a model of a given size: what
-``tests/test_memory.py`` holds the computed figures of ``sgpo.models.sizes`` against, and what the GPU check measures."""
+``tests/models/test_memory.py`` holds the computed figures of ``sgpo.models.sizes`` against, and what the GPU check measures."""
 from __future__ import annotations
 
 from sgpo.models.sizes import held_bytes, peak_bytes
