@@ -159,7 +159,7 @@ def test_synpo_separate_improver_and_accumulated_pairs(runs, data):
     tok = load_tokenizer("sgpo:tiny-random")
     recs = {r.id: r for r in load_records(str(data))[0]}
     new_recs = [recs[p.record_id] for p in new]
-    s = Sampler(tok, dataclasses.replace(cfg.generation, batch_size=4), cfg.seed, instruction=config.improver_instruction(cfg.improver))
+    s = Sampler(tok, dataclasses.replace(cfg.generation, batch_size=4), cfg.seed, instruction=templates.improver_instruction(cfg.improver))
     start = s.rollout(load_model(start_path(), device="cpu", dtype="float32"), new_recs, "initial-policy", 2)
     assert all(start[p.record_id].text == p.rejected for p in new)
     improver = load_model(str(imp_path), device="cpu", dtype="float32")

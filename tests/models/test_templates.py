@@ -1,7 +1,7 @@
 import pytest
 
 from sgpo.models import templates
-from sgpo.config.schema import IMPROVER_INSTRUCTION
+from sgpo.models.templates import IMPROVER_INSTRUCTION
 from sgpo.models.loading import ModelError, load_tokenizer
 
 
@@ -54,7 +54,7 @@ def test_reading_b_puts_the_reference_in_the_improver_input_in_training_and_roun
     b = config.load(None, ["improver.sees_reference=true"])
     a = config.load(None, ["improver.sees_reference=false"])
     for cfg, expect in ((b, True), (a, False)):
-        instruction = config.improver_instruction(cfg.improver)
+        instruction = templates.improver_instruction(cfg.improver)
         nll = nll_example(tiny_tokenizer, record, ImproverExample("r", "Red.", "Red, or blue."), instruction)
         req = Sampler(tiny_tokenizer, GenerationConfig(), 0, None, instruction).requests([record], "improver", 1,
                                                                                           {"r": "Red."})[0]

@@ -53,7 +53,7 @@ def test_smoke_config_shows_three_rows_in_the_chat_template_with_their_counts(no
         # reading B (the default): the improver input holds the reference as trained, not the one read
         kept = cut_reference(r.reference, tiny_tokenizer, limit)
         assert f"### Expert response\n{kept}<|im_end|>" in block
-        bare = templates.improver_ids(tiny_tokenizer, r.prompt, "", config.improver_instruction(cfg.improver), kept)
+        bare = templates.improver_ids(tiny_tokenizer, r.prompt, "", templates.improver_instruction(cfg.improver), kept)
         assert f"I(x, y, y*) (improver.sees_reference: true): {len(bare)} tokens without the draft" in block
         # AlpacaEval's references are far longer than the smoke config's 24 tokens: each is reported cut
         total = len(tiny_tokenizer(r.reference.strip(), add_special_tokens=False)["input_ids"])

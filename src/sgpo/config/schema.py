@@ -15,7 +15,6 @@ import yaml
 
 from sgpo.core.judge_spec import parse_judge_spec
 from sgpo.core.registry import LOSSES, METHODS
-from sgpo.models.templates import IMPROVER_INSTRUCTION, REFERENCED_INSTRUCTION
 
 CONFIG_VERSION = 1
 
@@ -388,11 +387,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("pairs.verify: the judge that selects pairs cannot also be eval.second_judge, the judge of "
                           "their agreement")
     return cfg
-
-
-def improver_instruction(cfg: "ImproverConfig") -> str:
-    """The improver instruction in force: the configured one, or the built-in one of the reading."""
-    return cfg.instruction or (REFERENCED_INSTRUCTION if cfg.sees_reference else IMPROVER_INSTRUCTION)
 
 
 def get(cfg: Config, dotted: str) -> Any:

@@ -30,6 +30,7 @@ from sgpo.generation.engine import Generation
 from sgpo.generation.rollout import Sampler, SamplerPart
 from sgpo.core.files import atomic_write_json, content_hash, write_jsonl
 from sgpo.core.text import normalise, word_edit_distance
+from sgpo.models.templates import improver_instruction
 
 log = logging.getLogger("sgpo")
 
@@ -155,7 +156,7 @@ def evaluate_model(model_name: str, records: list[Record], cfg: Config, judge, o
     path = resolve(model_name)
     tokenizer = load_tokenizer(model_name, cfg.model.chat_template)
     sampler = Sampler(tokenizer, cfg.generation, cfg.seed, cfg.data.max_prompt_tokens,
-                      config_mod.improver_instruction(cfg.improver))
+                      improver_instruction(cfg.improver))
     key = content_hash({"model": str(Path(path).resolve()) if Path(path).exists() else path,
                         "prompts": [r.id for r in records], "settings": list(sampler.settings().__dict__.items()),
                         "instruction": sampler.instruction, "seed": cfg.seed,

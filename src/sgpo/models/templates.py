@@ -67,3 +67,9 @@ def policy_ids(tokenizer, prompt) -> list[int]:
 
 def improver_ids(tokenizer, prompt, draft: str, instruction: str, reference: str = "") -> list[int]:
     return render(tokenizer, improver_messages(prompt, draft, instruction, reference))
+
+
+def improver_instruction(cfg) -> str:
+    """The improver instruction in force for an ``ImproverConfig``: the configured one, or the built-in one of the
+    reading (``sees_reference``)."""
+    return cfg.instruction or (REFERENCED_INSTRUCTION if cfg.sees_reference else IMPROVER_INSTRUCTION)

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sgpo.core import distributed
-from sgpo.config.schema import Config, improver_instruction
+from sgpo.config.schema import Config
+from sgpo.models.templates import improver_instruction
 from sgpo.data.records import LoadReport, Record, is_hub_id, load_records, missing_source, source_kind
 from sgpo.eval.judges import Judge
 from sgpo.eval.evaluator import Evaluator

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sgpo.core import distributed
-from sgpo.config.schema import Config, improver_instruction, to_dict
+from sgpo.config.schema import Config, to_dict
+from sgpo.models.templates import improver_instruction
 from sgpo.data.records import Record, cut_reference, load_records
 from sgpo.eval.judges import MainProcessJudge, cached_judge
 from sgpo.eval.evaluator import Evaluator

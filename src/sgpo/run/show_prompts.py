@@ -15,7 +15,7 @@ duplicate prompts kept once), in the order of the source.
 from __future__ import annotations
 
 from sgpo.models import templates
-from sgpo.config.schema import Config, ConfigError, improver_instruction
+from sgpo.config.schema import Config, ConfigError
 from sgpo.data.records import Record, load_records
 from sgpo.models.loading import load_tokenizer
 from sgpo.generation.rollout import cut_prompt
@@ -73,7 +73,7 @@ def policy_lines(cfg: Config, tok, record: Record) -> list[str]:
 def improver_lines(cfg: Config, tok, record: Record, reference: str | None) -> list[str]:
     """I(x, y[, y*]) with ``DRAFT`` standing in for y, counted with an empty draft; ``reference``: as trained."""
     limit, longest = cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens
-    instruction, sees = improver_instruction(cfg.improver), cfg.improver.sees_reference
+    instruction, sees = templates.improver_instruction(cfg.improver), cfg.improver.sees_reference
     ref = (reference or "") if sees else ""
     base = len(templates.improver_ids(tok, record.prompt, "", instruction, ref))
     if base > limit:
