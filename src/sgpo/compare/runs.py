@@ -320,8 +320,9 @@ def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_jud
     log.info("compare: %s seed %d", m, seed)
     run_dir = run_dir_of(out, m, seed)
     try:
-        if not entry.get("run_done"):
-            recipe.run(cfg, run_dir)
+        if not entry.get("run_done"):  # an identical SFT another run of this seed trained is taken, not redone
+            siblings = [run_dir_of(out, other, s) for other, s in plan.runs() if s == seed and other != m]
+            recipe.run(cfg, run_dir, sft_from=siblings)
             entry["run_done"] = True
         entry.update(run_figures(run_dir))
         entry.setdefault("eval", {})

@@ -40,6 +40,8 @@ class PolicyPart(Protocol):
 
     def trained(self, exported: Path | None = None) -> None: ...
 
+    def adopt(self, path: str) -> None: ...
+
     def resume_from(self, stage: str) -> None: ...
 
     def save(self, stage: str) -> None: ...
@@ -116,6 +118,11 @@ class Policy:
         self._changed = True
         if exported is not None:
             self.path, self._model, self._changed, self._exported = str(exported), None, False, True
+
+    def adopt(self, path: str) -> None:
+        """The current model is the model folder at ``path`` (another run's checkpoint, loaded when needed); the
+        running stage's end copies it into its own checkpoint."""
+        self.path, self._model, self._changed, self._exported = str(path), None, False, False
 
     def resume_from(self, stage: str) -> None:
         """The stage is done: the current model is its checkpoint (loaded when needed)."""

@@ -123,6 +123,9 @@ class CountingPolicy:
     def trained(self, exported=None) -> None:
         pass
 
+    def adopt(self, path: str) -> None:
+        self.path = str(path)
+
     def resume_from(self, stage: str) -> None:
         self.path = str(self.run.path(stage, "model"))
 

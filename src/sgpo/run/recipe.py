@@ -10,14 +10,17 @@ this same code with parts that count the work instead (``dry_run.py``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from sgpo.core import distributed
 from sgpo.eval import held_out
 from sgpo.core import phases
+from sgpo.config import schema as config_mod
 from sgpo.config.schema import Config
 from sgpo.data.records import Record
 from sgpo.eval.preflight import check_run_judges, run_finished
@@ -34,8 +37,9 @@ from sgpo.data.splits import Splits, prepare_splits
 log = logging.getLogger("sgpo")
 
 
-def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dict:
-    """Run the whole recipe into ``out_dir`` (resuming what is there). Returns the summary figures.
+def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False, sft_from: Sequence[Path] = ()) -> dict:
+    """Run the whole recipe into ``out_dir`` (resuming what is there). Returns the summary figures. ``sft_from``:
+    other runs whose SFT stage this one may take instead of training the same SFT again (``reusable_sft``).
     Under ``accelerate launch`` every process runs this; only the main one writes (see ``sgpo.core.distributed``)."""
     dist = distributed.setup(cfg.model.device, cfg.collective_timeout_minutes)
     set_writer(dist.is_main)
@@ -45,6 +49,7 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
         if not run_finished(run_dir, cfg):  # every judge answers before the first stage (a finished run asks none)
             check_run_judges(cfg, dist)
         s = open_session(cfg, run_dir, dist)
+        s.sft_from = [Path(p) for p in sft_from]
         torch.manual_seed(cfg.seed)
         return finish(s, run_stages(s, get_method(cfg.method), prepare_splits(cfg, s.tokenizer)))
     finally:
@@ -54,8 +59,47 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False) -> dic
 
 
 def sft_step(s: Session, records: list[Record]) -> dict:
-    """Supervised fine-tuning: NLL on (P(x) → y*) for ``records``, the current model."""
-    return s.trainer.train_nll(s.trainer.policy_examples(records), "sft", s.cfg.seed)
+    """Supervised fine-tuning: NLL on (P(x) → y*) for ``records``, the current model — or the model of another run
+    that trained exactly this SFT (``reusable_sft``), taken as this stage's."""
+    donor = reusable_sft(s)
+    if donor is None:
+        return s.trainer.train_nll(s.trainer.policy_examples(records), "sft", s.cfg.seed)
+    s.policy.adopt(str(donor / "sft" / "model"))
+    m = {k: v for k, v in json.loads((donor / "sft" / "metrics.json").read_text()).items()
+         if not k.startswith(("time/", "memory/", "eval/", "improver/"))}
+    log.info("sft: the same SFT was trained by %s (same start model, data, SFT settings and seed, and its inputs "
+             "hash alike): its model taken instead of training again", donor)
+    return {**m, "sft/reused": 1}
+
+
+SFT_READS = ("model", "data", "train", "seed", "sft")
+"""The config sections and keys an SFT stage's model depends on (besides the code and its inputs)."""
+
+
+def reusable_sft(s: Session) -> Path | None:
+    """The first of ``s.sft_from`` whose SFT stage is done with the same inputs (the chain of stage inputs, which
+    covers the seed, the development and training prompts) under the same ``SFT_READS``, when both methods train SFT
+    on the default prompts (``Method.sft_prompts``: method sft trains on more); never under several processes or in a
+    dry run."""
+    if not s.sft_from or s.dist.world > 1 or s.tokenizer is None or not _default_sft(s.cfg.method):
+        return None
+    mine = {k: v for k, v in config_mod.to_dict(s.cfg).items() if k in SFT_READS}
+    for d in s.sft_from:
+        try:
+            stage = json.loads((d / "manifest.json").read_text())["stages"].get("sft", {})
+            other = config_mod.to_dict(config_mod.load(str(d / "config.yaml"), []))
+        except (OSError, ValueError, config_mod.ConfigError):
+            continue
+        if (stage.get("status") == "done" and stage.get("inputs") == s.stages.chain[-1] and _default_sft(other["method"])
+                and {k: v for k, v in other.items() if k in SFT_READS} == mine
+                and (d / "sft" / "model" / "config.json").exists()):
+            return d
+    return None
+
+
+def _default_sft(method: str) -> bool:
+    """Whether ``method`` trains SFT on the default prompts (the SFT slice)."""
+    return type(get_method(method)).sft_prompts is Method.sft_prompts
 
 
 def run_stages(s: Session, method: Method, data: Splits) -> dict:

@@ -38,6 +38,7 @@ class Session:
     load: Callable = load_records     # reads a data source: (source, **options) → (records, report)
     dev: list[Record] = field(default_factory=list)   # the development prompts
     start_dev: dict | None = None     # the start model's answers to them (``round_0``), once known
+    sft_from: list = field(default_factory=list)  # runs whose SFT this one may take (``recipe.reusable_sft``)
 
     @property
     def tokenizer(self):
