@@ -259,7 +259,9 @@ def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch, caplo
     with caplog.at_level(logging.INFO, logger="sgpo"):
         assert main(args) == 0
     assert ran == ["dpo"]
-    # dpo's SFT is spin's (same data, seed and settings): its pre-rounds test answers come from the answer cache
+    # dpo's SFT is spin's (same data, seed and settings): taken, not trained again, and its pre-rounds test answers
+    # come from the answer cache
+    assert json.loads((out / "dpo" / "seed_0" / "sft" / "metrics.json").read_text())["sft/reused"] == 1
     cached = [r.getMessage() for r in caplog.records if "answers come from the cache" in r.getMessage()]
     assert any("pre_rounds model" in m for m in cached) and any("start model" in m for m in cached), cached
     state = json.loads((out / "compare.json").read_text())
@@ -300,3 +302,21 @@ def test_paper_configs_share_budget_per_model():
             assert len({json.dumps(c[section], sort_keys=True) for c in cfgs}) == 1, section
         datas = [{k: v for k, v in c["data"].items() if not k.startswith("preference")} for c in cfgs]
         assert len({json.dumps(d, sort_keys=True) for d in datas}) == 1
+
+
+def test_each_run_may_take_its_sft_from_the_other_runs_of_its_seed_and_from_the_comparisons_named(tmp_path,
+                                                                                                   monkeypatch):
+    """What ``recipe.run`` is offered as ``sft_from`` (it takes one only when the SFT is identical: test_sft_reuse)."""
+    offered, calls = {}, []
+    inner = fake_run(calls, fail=set())
+
+    def run(cfg, out, **kw):
+        offered[(cfg.method, cfg.seed)] = [str(p.relative_to(tmp_path)) for p in kw["sft_from"]]
+        return inner(cfg, out, **kw)
+    monkeypatch.setattr(recipe, "run", run)
+    for d in ("a/sgpo/seed_1", "a/sgpo/seed_2"):
+        (tmp_path / d).mkdir(parents=True)
+    plan = compare_mod.Plan(str(SMOKE), ["spin", "sgpo"], [1, 2], ["test"], sft_from=[str(tmp_path / "a")])
+    compare_mod.compare(plan, tmp_path / "b")
+    assert offered[("spin", 1)] == ["b/sgpo/seed_1", "a/sgpo/seed_1"]
+    assert offered[("sgpo", 2)] == ["b/spin/seed_2", "a/sgpo/seed_2"]

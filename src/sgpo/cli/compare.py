@@ -14,7 +14,8 @@ def command(args) -> int:
     overrides = (args.set or []) + ([f"eval.judge={args.judge}"] if args.judge else [])
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [config.load(args.config, overrides).seed]
     plan = Plan(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], seeds,
-                [b.strip() for b in args.eval.split(",") if b.strip()], overrides, args.limit, parse_runs(args.also))
+                [b.strip() for b in args.eval.split(",") if b.strip()], overrides, args.limit, parse_runs(args.also),
+                args.sft_from or [])
     if args.dry_run:
         from sgpo.run.dry_run import dry_run, format_dry_run
 
@@ -42,6 +43,9 @@ def add_parser(sub) -> None:
     c.add_argument("--limit", type=int, help="ifeval / alpaca_eval: the first N prompts only")
     c.add_argument("--output", "-o", help="comparison directory (re-running skips finished methods)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key for every method")
+    c.add_argument("--sft-from", action="append", metavar="DIR",
+                   help="another comparison directory whose runs may lend an identical SFT stage (same start model, "
+                        "data, train settings and seed; this comparison's own runs always may)")
     c.add_argument("--dry-run", action="store_true", help="print each method's plan, run nothing")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=command)

@@ -5,7 +5,7 @@ Each (method, seed) is an ordinary run in ``OUT/<method>/seed_<seed>`` from the 
 evaluates its final model. ``OUT/compare.json`` records every run's state: a finished run is skipped on a re-run, a
 failed or killed one resumes where its run directory stopped, and a benchmark already computed is not computed
 again. A failure is recorded with its error and does not stop the others. The result is ``OUT/comparison.md`` and
-its charts (``compare_report.py``).
+its charts (``report.py``).
 
 Benchmarks (``sgpo.core.registry.COMPARE_BENCHMARKS``; each takes an ``EvalJob`` and returns a dict of figures):
 
@@ -201,7 +201,8 @@ def generated_tokens(run_dir: Path) -> int:
 @dataclass
 class Plan:
     """What ``sgpo compare`` was asked: the shared config, methods × seeds, extra (method, seed) runs beyond them
-    (more seeds for some methods only), benchmarks, overrides, limit."""
+    (more seeds for some methods only), benchmarks, overrides, limit, and other comparisons whose runs may lend an
+    identical SFT (``sft_from``; this comparison's own runs always may)."""
     config: str | None
     methods: list[str]
     seeds: list[int]
@@ -209,6 +210,7 @@ class Plan:
     overrides: list[str] = field(default_factory=list)
     limit: int | None = None
     extra: list[tuple[str, int]] = field(default_factory=list)
+    sft_from: list[str] = field(default_factory=list)
 
     def runs(self) -> list[tuple[str, int]]:
         """Every (method, seed) once, grouped by method in the order named, seeds ascending."""
@@ -322,6 +324,7 @@ def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_jud
     try:
         if not entry.get("run_done"):  # an identical SFT another run of this seed trained is taken, not redone
             siblings = [run_dir_of(out, other, s) for other, s in plan.runs() if s == seed and other != m]
+            siblings += sorted(p for d in plan.sft_from for p in Path(d).glob(f"*/seed_{seed}"))
             recipe.run(cfg, run_dir, sft_from=siblings)
             entry["run_done"] = True
         entry.update(run_figures(run_dir))

@@ -81,7 +81,7 @@ class DataConfig:
     "Seed of the fixed training/development split."
 
     def read_options(self) -> dict:
-        """How every data source of a run is read (``data.load_records``'s options)."""
+        """How every data source of a run is read (``records.load_records``'s options)."""
         return {"split": self.split, "subset": self.subset, "fields": self.fields, "on_error": self.on_error}
 
 

@@ -73,7 +73,7 @@ class Sampler:
     """What every rollout of a run shares: the tokenizer, the ``generation`` config section, the run seed, the input
     cut, the improver instruction, the process group, the backend. ``rollout`` is the one way the recipe generates.
 
-    ``backend`` is ``engine`` (``generation.generate`` on the model object) or ``vllm`` (``vllm_backend.generate`` on
+    ``backend`` is ``engine`` (``engine.generate`` on the model object) or ``vllm`` (``vllm_backend.generate`` on
     a checkpoint directory: pass its path; a model object is saved to a temporary directory first). ``engine``: the
     run's ``vllm_backend.Engine``, kept across rollouts (``close`` ends it); without one every rollout starts an
     engine of its own with ``vllm_options`` (dtype, device, GPU memory share) and shuts it down."""

@@ -6,7 +6,7 @@ transformers than this project's, and brings torchvision builds that break impor
 checkpoint's weights into the running engine when the model changes (same architecture; another one starts a new
 engine, counted in ``Engine.starts``), and it is shut down when the run ends, fails or is interrupted. Its
 ``max_model_len`` is the run's (``data.max_prompt_tokens`` + ``generation.max_new_tokens``, see ``worker_options``).
-It gets the requests of the fixed plan (``generation.plan_batches``) with their token ids and per-request seeds, and
+It gets the requests of the fixed plan (``engine.plan_batches``) with their token ids and per-request seeds, and
 streams finished calls back; they are delivered (and saved by the rollout) as they arrive, so a killed rollout resumes
 with no lost or repeated batch. Results are ``Generation``s as the engine gives them: the text is decoded here,
 without the EOS, and ``finished`` means the model emitted EOS within ``max_new_tokens``.
@@ -93,7 +93,7 @@ def worker_options(cfg, device: str) -> dict:
 def generate(checkpoint: str | Path, tokenizer, requests: Sequence[Request], s: Settings, *,
              on_batch: Callable[[list[int], list[Generation]], None] | None = None, skip: set[int] | None = None,
              engine: Engine | None = None) -> list[Generation | None]:
-    """``generation.generate``'s contract on vLLM: results in request order, ``on_batch`` per finished plan batch
+    """``engine.generate``'s contract on vLLM: results in request order, ``on_batch`` per finished plan batch
     (its requests not in ``skip``), requests in ``skip`` not given (``None``). ``checkpoint`` is a model directory;
     ``engine`` the run's (None: one for this call, shut down at its end)."""
     skip = skip or set()
@@ -111,7 +111,7 @@ def generate(checkpoint: str | Path, tokenizer, requests: Sequence[Request], s: 
 
 def plan_calls(requests: Sequence[Request], s: Settings, skip: set[int] | None = None,
                min_call: int = MIN_CALL) -> list[list[list[int]]]:
-    """The vLLM calls of a rollout: the fixed plan's batches (``generation.plan_batches``) grouped, in plan order, into
+    """The vLLM calls of a rollout: the fixed plan's batches (``engine.plan_batches``) grouped, in plan order, into
     calls of ``ceil(min_call / batch size)`` batches (at least ``min_call`` sequences), or fewer batches a call when
     that leaves under ``SPREAD`` calls (one batch each at least), so that a rollout of a few hundred prompts still
     reaches every process. Then the calls whose requests are all in ``skip`` are left out. The grouping depends on the

@@ -6,7 +6,7 @@ the stage list, the methods, the gates, the dealing of prompts — is the code a
 run directory. Local and embedded data are read (their sizes are real); a hub dataset is stood in for by as many
 placeholder rows as the slices ask for, and the whole-pool SFT slice it would give is "not counted". Before the walk,
 what a real run would refuse at its start is refused here too (``preflight``): a data path that is neither on disk nor
-a hub dataset id (the run's own rule, ``data.source_kind``), a model that is neither, a tracker not installed.
+a hub dataset id (the run's own rule, ``records.source_kind``), a model that is neither, a tracker not installed.
 
 Counts are for one process. Pairs, DPO steps and judge calls are upper bounds (the gates decide; cached verdicts are
 free). Improver examples are what the improver targets make of placeholder drafts built to let every chain run its
@@ -209,7 +209,7 @@ TEMPLATE_SUFFIXES = (".jinja", ".j2", ".txt")  # model.chat_template as a file
 
 def preflight(cfg: Config) -> None:
     """Refuse, in one line, what a real run would refuse at its start: a data source that is neither on disk nor a hub
-    dataset id (``data.source_kind``: the run's rule), a model (``model.name``, ``model.chat_template``) that is neither
+    dataset id (``records.source_kind``: the run's rule), a model (``model.name``, ``model.chat_template``) that is neither
     an embedded model, a local folder nor a hub model id, a tracker (``report_to``) that is not installed."""
     from sgpo.config.schema import get
     from sgpo.models.loading import ModelError
@@ -230,7 +230,7 @@ def preflight(cfg: Config) -> None:
 
 def check_model_name(name: str, key: str) -> None:
     """A ``ModelError`` naming ``key`` unless ``name`` is an embedded model, a local path or a hub model id (as
-    ``models.resolve`` and ``from_pretrained`` take it; whether the hub has it is not asked)."""
+    ``loading.resolve`` and ``from_pretrained`` take it; whether the hub has it is not asked)."""
     from sgpo.models.loading import EMBEDDED_GEMMA3, EMBEDDED_SMOLLM2, TINY_RANDOM, ModelError
 
     embedded = (EMBEDDED_SMOLLM2, EMBEDDED_GEMMA3, TINY_RANDOM)
