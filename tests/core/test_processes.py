@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # two processes over gloo
 
 SCRIPT = textwrap.dedent('''
     import json, os, random, sys
-    from sgpo import distributed
+    from sgpo.core import distributed
     from sgpo.eval.base import Judge
     from sgpo.eval.judges import MainProcessJudge
 
@@ -73,8 +73,8 @@ def test_every_process_gets_the_main_process_verdicts(tmp_path):
 REFERENCE = textwrap.dedent('''
     import json, os, sys
     import torch
-    from sgpo import distributed
-    from sgpo.models import load_model, tiny_random_path
+    from sgpo.core import distributed
+    from sgpo.models.loading import load_model, tiny_random_path
     from sgpo.training import dpo
     from sgpo.training.dpo import TokenPair, reference_logps
 
@@ -120,7 +120,7 @@ def test_the_reference_pass_is_shared_out_and_gives_one_process_values(tmp_path,
 TIMEOUT = textwrap.dedent('''
     import json, os, sys
     import torch
-    from sgpo import distributed
+    from sgpo.core import distributed
 
     dist = distributed.setup("cpu", timeout_minutes=77)
     group = torch.distributed.distributed_c10d._get_default_group()
@@ -144,9 +144,9 @@ ACCUMULATE = textwrap.dedent('''
     import os, sys
     import torch
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    from sgpo import distributed
-    from sgpo.config import TrainConfig
-    from sgpo.models import load_model, tiny_random_path
+    from sgpo.core import distributed
+    from sgpo.config.schema import TrainConfig
+    from sgpo.models.loading import load_model, tiny_random_path
     from sgpo.training import sft
     from sgpo.training.loop import Job
 
@@ -243,9 +243,9 @@ SKEWED = textwrap.dedent('''
                           FSDP_ACTIVATION_CHECKPOINTING="false")
     import torch
     from torch.optim.optimizer import register_optimizer_step_pre_hook
-    from sgpo import distributed
-    from sgpo.config import DPOConfig, TrainConfig
-    from sgpo.models import load_model, tiny_random_path
+    from sgpo.core import distributed
+    from sgpo.config.schema import DPOConfig, TrainConfig
+    from sgpo.models.loading import load_model, tiny_random_path
     from sgpo.training import dpo, sft
     from sgpo.training.loop import Job
 
@@ -346,13 +346,14 @@ CACHES = textwrap.dedent('''
     root = Path(sys.argv[1])
     rank = int(os.environ["RANK"])
     os.environ["SGPO_CACHE"] = str(root / f"cache{rank}")  # every "machine" a cache of its own
-    from sgpo import distributed, files
-    from sgpo.config import load
-    from sgpo.data import Record
-    from sgpo.evaluator import Evaluator
-    from sgpo.held_out import answer_key
-    from sgpo.models import cache_dir, load_model, load_tokenizer
-    from sgpo.rollout import Sampler
+    from sgpo.core import distributed
+    from sgpo.core import files
+    from sgpo.config.schema import load
+    from sgpo.data.records import Record
+    from sgpo.eval.evaluator import Evaluator
+    from sgpo.eval.held_out import answer_key
+    from sgpo.models.loading import cache_dir, load_model, load_tokenizer
+    from sgpo.generation.rollout import Sampler
 
     class Run:
         def path(self, *parts):

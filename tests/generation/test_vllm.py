@@ -159,12 +159,14 @@ def test_every_vllm_rollout_gets_the_model_its_stage_means(tmp_path, monkeypatch
 DEAL = textwrap.dedent('''
     import json, os, sys
     from pathlib import Path
-    from sgpo import distributed, files, vllm_backend
-    from sgpo.config import GenerationConfig
-    from sgpo.data import Record
-    from sgpo.generation import Generation
-    from sgpo.rollout import Sampler
-    from sgpo.models import load_tokenizer, tiny_random_path
+    from sgpo.core import distributed
+    from sgpo.core import files
+    from sgpo.generation import vllm_backend
+    from sgpo.config.schema import GenerationConfig
+    from sgpo.data.records import Record
+    from sgpo.generation.engine import Generation
+    from sgpo.generation.rollout import Sampler
+    from sgpo.models.loading import load_tokenizer, tiny_random_path
 
     dist = distributed.setup("cpu")
     files.set_writer(dist.is_main)

@@ -159,9 +159,10 @@ def test_sharded_training_killed_mid_step_resumes_to_the_same_weights(runs, tmp_
 
 LORA = '''
 import os, sys, torch
-from sgpo import distributed, files
-from sgpo.config import ModelConfig, TrainConfig
-from sgpo.models import load_model, load_tokenizer, tiny_random_path
+from sgpo.core import distributed
+from sgpo.core import files
+from sgpo.config.schema import ModelConfig, TrainConfig
+from sgpo.models.loading import load_model, load_tokenizer, tiny_random_path
 from sgpo.training import sft
 from sgpo.training.adapters import trainable
 from sgpo.training.loop import Job
@@ -214,9 +215,10 @@ def test_lora_under_sharding_exports_the_merged_full_model(tmp_path, launcher):
 EXPORT = '''
 import json, os, sys, torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from sgpo import distributed, files
-from sgpo.config import TrainConfig
-from sgpo.models import load_model, load_tokenizer, tiny_random_path
+from sgpo.core import distributed
+from sgpo.core import files
+from sgpo.config.schema import TrainConfig
+from sgpo.models.loading import load_model, load_tokenizer, tiny_random_path
 from sgpo.training import loop, sft
 from sgpo.training.loop import Job
 
@@ -291,7 +293,8 @@ def test_a_zero2_export_is_copied_on_the_main_process_only(tmp_path):
 
 LOADS = '''
 import json, os, sys
-from sgpo import cli, policy
+from sgpo.cli import main as cli
+from sgpo.models import policy
 
 loaded = []
 real = policy.Policy.load
