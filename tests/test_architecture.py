@@ -167,3 +167,11 @@ def test_each_room_imports_only_what_its_docstring_allows():
                     if target[0] != room and target[0] not in allowed and not set(names) & allowed:
                         broken.append(f"{path.relative_to(SRC)}:{node.lineno} imports {node.module}")
     assert broken == []
+
+
+def test_the_vllm_worker_imports_nothing_of_sgpo():
+    """``generation/vllm_worker.py`` runs by path in vLLM's own environment, where sgpo need not be installed."""
+    tree = ast.parse((SRC / "sgpo" / "generation" / "vllm_worker.py").read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "." for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.startswith(("sgpo", "."))], imported
