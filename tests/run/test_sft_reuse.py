@@ -8,7 +8,7 @@ from cli_runs import REPO, SETS, load_weights, write_data
 from sgpo.config import schema as config
 from sgpo.run import recipe
 
-pytestmark = pytest.mark.slow  # four shrunken smoke runs in this process
+pytestmark = pytest.mark.slow  # six shrunken smoke runs in this process
 
 
 def _run(out, data, method, sft_from=(), extra=()):
@@ -17,11 +17,19 @@ def _run(out, data, method, sft_from=(), extra=()):
     return json.loads((out / "sft" / "metrics.json").read_text())
 
 
-def test_an_identical_sft_is_taken_from_another_run_and_the_run_ends_as_if_it_had_trained_it(tmp_path):
-    data = write_data(tmp_path / "d.jsonl")
-    _run(tmp_path / "sgpo", data, "sgpo")
+@pytest.fixture(scope="module")
+def donor(tmp_path_factory):
+    """An sgpo run whose SFT the tests' runs may take, and its data."""
+    root = tmp_path_factory.mktemp("donor")
+    data = write_data(root / "d.jsonl")
+    _run(root / "sgpo", data, "sgpo")
+    return root / "sgpo", data
+
+
+def test_an_identical_sft_is_taken_from_another_run_and_the_run_ends_as_if_it_had_trained_it(tmp_path, donor):
+    sgpo, data = donor
     fresh = _run(tmp_path / "spin_fresh", data, "spin")
-    reused = _run(tmp_path / "spin_reused", data, "spin", sft_from=[tmp_path / "nope", tmp_path / "sgpo"])
+    reused = _run(tmp_path / "spin_reused", data, "spin", sft_from=[tmp_path / "nope", sgpo])
     assert reused["sft/reused"] == 1 and "sft/reused" not in fresh
     assert reused["nll/loss"] == fresh["nll/loss"]  # the donor's training figures, which a fresh SFT reproduces
     for stage in ("sft/model", "round_1/model", "final"):
@@ -31,8 +39,7 @@ def test_an_identical_sft_is_taken_from_another_run_and_the_run_ends_as_if_it_ha
     assert pairs[0] == pairs[1]
 
 
-def test_an_sft_under_other_settings_or_of_method_sft_is_trained_afresh(tmp_path):
-    data = write_data(tmp_path / "d.jsonl")
-    _run(tmp_path / "sgpo", data, "sgpo")
-    assert "sft/reused" not in _run(tmp_path / "lr", data, "spin", [tmp_path / "sgpo"], ["train.lr=2e-3"])
-    assert "sft/reused" not in _run(tmp_path / "sft", data, "sft", [tmp_path / "sgpo"])  # SFT on more prompts
+def test_an_sft_under_other_settings_or_of_method_sft_is_trained_afresh(tmp_path, donor):
+    sgpo, data = donor
+    assert "sft/reused" not in _run(tmp_path / "lr", data, "spin", [sgpo], ["train.lr=2e-3"])
+    assert "sft/reused" not in _run(tmp_path / "sft", data, "sft", [sgpo])  # SFT on more prompts

@@ -10,7 +10,6 @@ this same code with parts that count the work instead (``dry_run.py``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -25,12 +24,12 @@ from sgpo.config.schema import Config
 from sgpo.data.records import Record
 from sgpo.eval.preflight import check_run_judges, run_finished
 from sgpo.eval.winrate import format_metric
-from sgpo.core.files import atomic_write_json, read_jsonl, set_writer, write_jsonl
+from sgpo.core.files import RunError, atomic_write_json, read_jsonl, set_writer, write_jsonl
 from sgpo.methods.gates import Gates, TemplateMarkers
 from sgpo.methods.base import Context, Method, Reference, get_method, warn_ignored
 from sgpo.methods.pairs import (Pair, candidate_metrics, filter_pairs, judge_agreement, pair_metrics, save_round, saved_round,
                     score_metrics, verify)
-from sgpo.run.stages import open_run
+from sgpo.run.stages import RunDir, open_run
 from sgpo.run.session import Session, open_session
 from sgpo.data.splits import Splits, prepare_splits
 
@@ -64,11 +63,10 @@ def sft_step(s: Session, records: list[Record]) -> dict:
     donor = reusable_sft(s)
     if donor is None:
         return s.trainer.train_nll(s.trainer.policy_examples(records), "sft", s.cfg.seed)
-    s.policy.adopt(str(donor / "sft" / "model"))
-    m = {k: v for k, v in json.loads((donor / "sft" / "metrics.json").read_text()).items()
-         if not k.startswith(("time/", "memory/", "eval/", "improver/"))}
+    s.policy.adopt(str(donor.path("sft", "model")))
+    m = {k: v for k, v in donor.metrics("sft").items() if not k.startswith(("time/", "memory/", "eval/", "improver/"))}
     log.info("sft: the same SFT was trained by %s (same start model, data, SFT settings and seed, and its inputs "
-             "hash alike): its model taken instead of training again", donor)
+             "hash alike): its model taken instead of training again", donor.root)
     return {**m, "sft/reused": 1}
 
 
@@ -76,24 +74,25 @@ SFT_READS = ("model", "data", "train", "seed", "sft")
 """The config sections and keys an SFT stage's model depends on (besides the code and its inputs)."""
 
 
-def reusable_sft(s: Session) -> Path | None:
+def _sft_reads(cfg: Config) -> dict:
+    return {k: v for k, v in config_mod.to_dict(cfg).items() if k in SFT_READS}
+
+
+def reusable_sft(s: Session) -> RunDir | None:
     """The first of ``s.sft_from`` whose SFT stage is done with the same inputs (the chain of stage inputs, which
     covers the seed, the development and training prompts) under the same ``SFT_READS``, when both methods train SFT
     on the default prompts (``Method.sft_prompts``: method sft trains on more); never under several processes or in a
     dry run."""
     if not s.sft_from or s.dist.world > 1 or s.tokenizer is None or not _default_sft(s.cfg.method):
         return None
-    mine = {k: v for k, v in config_mod.to_dict(s.cfg).items() if k in SFT_READS}
     for d in s.sft_from:
         try:
-            stage = json.loads((d / "manifest.json").read_text())["stages"].get("sft", {})
-            other = config_mod.to_dict(config_mod.load(str(d / "config.yaml"), []))
-        except (OSError, ValueError, config_mod.ConfigError):
+            donor, other = RunDir(d, writer=False), config_mod.load(str(d / "config.yaml"), [])
+        except (OSError, ValueError, RunError, config_mod.ConfigError):
             continue
-        if (stage.get("status") == "done" and stage.get("inputs") == s.stages.chain[-1] and _default_sft(other["method"])
-                and {k: v for k, v in other.items() if k in SFT_READS} == mine
-                and (d / "sft" / "model" / "config.json").exists()):
-            return d
+        if (donor.done("sft", s.stages.chain[-1]) and _default_sft(other.method)
+                and _sft_reads(other) == _sft_reads(s.cfg) and donor.path("sft", "model", "config.json").exists()):
+            return donor
     return None
 
 
