@@ -169,9 +169,11 @@ def test_sgpo_is_paired_with_each_method_of_its_seed_over_the_same_start_answers
 
 def test_a_scorer_judge_s_own_scores_are_tabled_and_paired(tmp_path, monkeypatch):
     """Under a judge that is a program (a scorer: ifeval, python:...) each run's row shows its final model's mean
-    score, and SGPO − spin is also paired on the final answers' own scores: here the scorer gives 1 to an answer that
-    is the reference, SGPO answers with the references and spin with a fixed sentence but for one prompt, so the
-    paired score difference is (n − 1)/n."""
+    score, recomputed from the saved answers (the summary's own figure is not read: a run made before a figure
+    existed gets it too), and SGPO − spin is also paired on the final answers' own scores: here the scorer gives 1 to
+    an answer that is the reference, SGPO answers with the references and spin with a fixed sentence but for one
+    prompt, so the paired score difference is (n − 1)/n; then a further judge of the saved answers
+    (``--test-judge reference``) adds its figures and pairs to the finished runs without running them again."""
     from sgpo.eval.held_out import judge_name
     from sgpo.models.loading import load_tokenizer, resolve
     from sgpo.data.splits import prepare_splits
@@ -188,7 +190,8 @@ def test_a_scorer_judge_s_own_scores_are_tabled_and_paired(tmp_path, monkeypatch
     def run(cfg, out, **kw):
         plain(cfg, out)
         summary, k = json.loads((Path(out) / "summary.json").read_text()), f"eval/test/{name}/"
-        for key, x in (("win_rate_vs_start", 0.5), ("score_final", 0.25), ("perfect_final", 0.0625)):
+        summary = {key: x for key, x in summary.items() if "/reference/" not in key}  # this run has no reference judge
+        for key, x in (("win_rate_vs_start", 0.5), ("score_final", 0.25)):  # score_final: recomputed, not read
             summary.update({k + key: x, k + key + "_ci_low": x / 2, k + key + "_ci_high": x * 1.5,
                             k + key + "_n": len(test)})
         (Path(out) / "summary.json").write_text(json.dumps(summary))
@@ -199,13 +202,32 @@ def test_a_scorer_judge_s_own_scores_are_tabled_and_paired(tmp_path, monkeypatch
             (Path(out) / "test" / f"answers_{label}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
         return {}
 
-    monkeypatch.setattr(recipe, "run", run)
+    calls = []
+    monkeypatch.setattr(recipe, "run", lambda cfg, out, **kw: calls.append(cfg.method) or run(cfg, out))
     out = tmp_path / "cmp"
     md = compare_mod.compare(plan_of(["spin", "sgpo"], overrides=sets), out).read_text()
-    d = json.loads((out / "compare.json").read_text())["paired"]["spin@0"][f"{name} score"]
+    state = json.loads((out / "compare.json").read_text())
+    d = state["paired"]["spin@0"][f"{name} score"]
     assert d["n"] == len(test) > 1 and d["diff"] == pytest.approx((len(test) - 1) / len(test))
-    assert f"{name}: mean score" in md and "25.0% [12.5–37.5]" in md and f"{name}: all met" in md
+    assert state["paired"]["spin@0"][f"{name} all met"]["diff"] == pytest.approx(d["diff"])
+    spin = state["runs"]["spin@0"]["eval"]["test"]["judges"][name]
+    assert spin["score_final"]["score"] == spin["score_start"]["score"] == pytest.approx(1 / len(test))
+    assert f"{name}: mean score" in md and "100.0% [100.0–100.0]" in md and f"{name}: all met" in md
     assert f"sgpo − spin, seed 0: {name} +" in md and f"{name} score {100 * d['diff']:+.1f}" in md
+    assert "reference" not in state["runs"]["spin@0"]["eval"]["test"]["judges"] and calls == ["spin", "sgpo"]
+
+    plan = plan_of(["spin", "sgpo"], overrides=sets)
+    plan.test_judges = ["reference"]
+    md = compare_mod.compare(plan, out).read_text()
+    state = json.loads((out / "compare.json").read_text())
+    assert calls == ["spin", "sgpo"]  # nothing ran again
+    sgpo_ref = state["runs"]["sgpo@0"]["eval"]["test"]["judges"]["reference"]
+    # sgpo's final answers are the references (and tie with the start answer that is one): the reference judge
+    # prefers them on every other prompt
+    assert sgpo_ref["n"] == len(test) and sgpo_ref["score"] == pytest.approx(1 - 0.5 / len(test))
+    # spin's final answers are its start answers: ties, 50%
+    assert state["paired"]["spin@0"]["reference"]["diff"] == pytest.approx(sgpo_ref["score"] - 0.5)
+    assert "reference: vs start" in md and "sgpo − spin, seed 0: reference +" in md
 
 
 def test_unknown_benchmark_or_method_fails_before_anything_runs(tmp_path, monkeypatch):
@@ -272,7 +294,8 @@ def test_compare_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch, caplo
     assert len(generations) == 3
     table = (out / "comparison.md").read_text()
     assert "| spin | 0 |" in table and "| dpo | 0 |" in table and "failed" not in table
-    assert "IFEval strict (Δ vs start)" in table and "comparison.png" in table
+    assert "IFEval prompt strict (Δ vs start)" in table and "IFEval instruction loose (Δ vs start)" in table
+    assert "comparison.png" in table
 
 
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])

@@ -35,3 +35,16 @@ def test_a_figure_over_no_items_reads_none():
 
     assert format_win_rate(win_rate([])) == "none (n=0)"
     assert format_win_rate(win_rate([1.0, 0.0])).endswith("n=2]")
+
+
+def test_weights_give_the_constraint_level_mean_and_resample_with_their_items():
+    """Per-prompt shares weighted by each prompt's number of constraints: the share of all constraints met. A prompt
+    with two constraints both met and one with one constraint missed: 2/3, where the unweighted mean says 1/2."""
+    from sgpo.eval.winrate import paired_difference
+
+    w = win_rate([1.0, 0.0] * 50, weights=[2, 1] * 50, n_boot=500)
+    assert w["win_rate"] == 2 / 3 and w["n"] == 100 and w["ci_low"] < 2 / 3 < w["ci_high"]
+    assert win_rate([1.0, float("nan"), 0.0], weights=[2, 5, 1])["win_rate"] == 2 / 3  # a failed item, weight and all
+    d = paired_difference([1.0, 0.5] * 50, [0.0, 0.5] * 50, weights=[1, 2] * 50)
+    assert d["diff"] == 1 / 3 and d["ci_low"] < 1 / 3 < d["ci_high"]
+    assert paired_difference([1.0, 0.5], [0.0, 0.5], weights=[1, 1]) == paired_difference([1.0, 0.5], [0.0, 0.5])

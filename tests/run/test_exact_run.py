@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cli_runs import sgpo
+from cli_runs import REPO, sgpo
 
 pytestmark = pytest.mark.slow  # runs the CLI in a subprocess
 
@@ -25,7 +25,7 @@ def exact_run(tmp_path_factory):
     args = ("run", "configs/smoke.yaml", "-o", str(out), "--set", "data.sft=sgpo:verifiable-instructions",
             "--set", "data.max_reference_tokens=48", "--set", "eval.judge=ifeval",
             "--set", "eval.second_judge=python:length_scorer:words")
-    res = sgpo(*args, env={"PYTHONPATH": f"{root}:" + str(__import__("test_cli").REPO / "src")})
+    res = sgpo(*args, env={"PYTHONPATH": f"{root}:" + str(REPO / "src")})
     assert res.returncode == 0, res.stderr[-3000:]
     return out, args, root, res
 
@@ -72,7 +72,19 @@ def test_the_summary_has_every_model_s_constraint_accuracy_and_the_python_judge_
         key = f"eval/test/ifeval/score_{label}"
         assert s[key + "_n"] == 8 and s[key + "_ci_low"] <= s[key] <= s[key + "_ci_high"]
         assert 0 <= s[f"eval/test/ifeval/perfect_{label}"] <= s[key] <= 1
+        assert s[f"eval/test/ifeval/constraints_{label}_n"] == 8
         assert f"eval/test/python_length_scorer_words/score_{label}" in s
+    # constraint level: the share of all the test rows' constraints the final answers meet, by IFEval's checkers
+    from sgpo.data.records import load_records
+    from sgpo.eval.held_out import saved_answers
+    from sgpo.eval.judges import make_judge
+
+    final = saved_answers(out / "test")["final"]
+    records = {r.id: r for r in load_records("sgpo:verifiable-instructions", need="reference")[0]}
+    ids = sorted(final)
+    met = make_judge("ifeval").followed([records[i].prompt_text for i in ids], [final[i] for i in ids],
+                                        [records[i].row() for i in ids])
+    assert s["eval/test/ifeval/constraints_final"] == pytest.approx(sum(map(sum, met)) / sum(map(len, met)))
     assert "eval/test/python_length_scorer_words/win_rate_vs_start" in s
 
 
@@ -82,7 +94,7 @@ def test_recomputed_test_figures_read_the_rows_again(exact_run):
     out, args, root, _ = exact_run
     before = json.loads((out / "summary.json").read_text())
     res = sgpo(*args, "--set", "eval.agreement_size=499",
-               env={"PYTHONPATH": f"{root}:" + str(__import__("test_cli").REPO / "src")})
+               env={"PYTHONPATH": f"{root}:" + str(REPO / "src")})
     assert res.returncode == 0, res.stderr[-3000:]
     after = json.loads((out / "summary.json").read_text())
     keys = [k for k in before if k.startswith("eval/test/ifeval/")]

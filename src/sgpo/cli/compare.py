@@ -15,7 +15,7 @@ def command(args) -> int:
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [config.load(args.config, overrides).seed]
     plan = Plan(args.config, [m.strip() for m in args.methods.split(",") if m.strip()], seeds,
                 [b.strip() for b in args.eval.split(",") if b.strip()], overrides, args.limit, parse_runs(args.also),
-                args.sft_from or [])
+                args.sft_from or [], [j.strip() for x in args.test_judge or [] for j in x.split(",") if j.strip()])
     if args.dry_run:
         from sgpo.run.dry_run import dry_run, format_dry_run
 
@@ -46,6 +46,9 @@ def add_parser(sub) -> None:
     c.add_argument("--sft-from", action="append", metavar="DIR",
                    help="another comparison directory whose runs may lend an identical SFT stage (same start model, "
                         "data, train settings and seed; this comparison's own runs always may)")
+    c.add_argument("--test-judge", action="append", metavar="JUDGE",
+                   help="a further judge of every run's saved test answers (final vs start and pre-rounds) and of the "
+                        "paired figures, e.g. reference; nothing is generated again")
     c.add_argument("--dry-run", action="store_true", help="print each method's plan, run nothing")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.set_defaults(func=command)

@@ -34,12 +34,14 @@ def paired_rows(target: str, runs: list[tuple[str, int]]) -> list[tuple[tuple[st
     return [((target, s), (m, s)) for m, s in runs if m != target and (target, s) in runs]
 
 
-def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") -> dict:
+def paired_figures(out, runs: list[tuple[str, int]], cfg, test_judges: list[str] = (), target: str = "sgpo") -> dict:
     """``{"<method>@<seed>": {judge name: {diff, ci_low, ci_high, n}}}``: ``target``'s win rate vs start minus the
-    method's, paired over the test prompts (``runs``: the finished runs); for a scorer judge also ``"<name> score"``:
-    ``target``'s final score minus the method's final score, paired over the same prompts."""
+    method's, paired over the test prompts (``runs``: the finished runs), under the run's judges and ``test_judges``;
+    for a scorer judge also ``"<name> score"``: ``target``'s final score minus the method's final score, paired over
+    the same prompts, and ``"<name> all met"`` (the share scored 1: prompt-level for ``ifeval``) and, on rows with
+    verifiable constraints, ``"<name> constraints"`` (weighted by each row's number: constraint-level)."""
     from sgpo.eval.judges import judge_for_one_use
-    from sgpo.eval.held_out import judge_name, saved_answers
+    from sgpo.eval.held_out import constraint_counts, judge_name, saved_answers
     from sgpo.core.judge_spec import is_scorer
     from sgpo.models.loading import load_tokenizer, resolve
     from sgpo.data.splits import prepare_splits
@@ -51,7 +53,8 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
     texts = {r: saved_answers(run_dir_of(out, *r) / "test") for row in rows for r in row}
     rows = [(a, b) for a, b in rows if _same_start(texts[a], texts[b], a, b)]
     figures: dict = {}
-    for spec in (s for s in (cfg.eval.judge, cfg.eval.second_judge) if s):
+    weights = constraint_counts([r.row() for r in test])
+    for spec in dict.fromkeys(s for s in (cfg.eval.judge, cfg.eval.second_judge, *test_judges) if s):
         with judge_for_one_use(spec) as judge:
             seen = {r: verdicts(judge, test, texts[r]) for row in rows for r in row}  # each run judged once
             stats = judge.stats()
@@ -62,8 +65,18 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, target: str = "sgpo") 
             row = figures.setdefault(f"{b[0]}@{b[1]}", {})
             row[judge_name(spec)] = _paired(seen[a], seen[b])
             if scores:  # the final models' own scores, paired: the direct comparison a program can make
-                row[judge_name(spec) + " score"] = _paired(scores[a], scores[b])
+                row.update(score_differences(judge_name(spec), scores[a], scores[b], weights))
     return figures
+
+
+def score_differences(name: str, a: list[float], b: list[float], weights: list[int] | None) -> dict:
+    """A scorer's paired differences of two runs' final scores: mean score, share scored 1 and, with ``weights``
+    (each row's constraints), the weighted mean."""
+    out = {name + " score": _paired(a, b),
+           name + " all met": _paired([float(x >= 1.0) for x in a], [float(x >= 1.0) for x in b])}
+    if weights:
+        out[name + " constraints"] = _paired(a, b, weights)
+    return out
 
 
 def final_scores(judge, test, texts: dict[str, dict[str, str]]) -> list[float]:
@@ -71,12 +84,13 @@ def final_scores(judge, test, texts: dict[str, dict[str, str]]) -> list[float]:
     return judge.score([r.prompt_text for r in test], [texts["final"][r.id] for r in test], [r.row() for r in test])
 
 
-def _paired(a: list[float], b: list[float]) -> dict:
-    """``paired_difference`` over the prompts where both values are known."""
+def _paired(a: list[float], b: list[float], weights: list[int] | None = None) -> dict:
+    """``paired_difference`` over the prompts where both values are known (weighted by ``weights`` when given)."""
     from sgpo.eval.winrate import paired_difference
 
-    both = [(x, y) for x, y in zip(a, b) if not (math.isnan(x) or math.isnan(y))]
-    return paired_difference([x for x, _ in both], [y for _, y in both])
+    keep = [i for i, (x, y) in enumerate(zip(a, b)) if not (math.isnan(x) or math.isnan(y))]
+    return paired_difference([a[i] for i in keep], [b[i] for i in keep],
+                             weights=[weights[i] for i in keep] if weights else None)
 
 
 def _same_start(x: dict, y: dict, a, b) -> bool:
@@ -87,11 +101,14 @@ def _same_start(x: dict, y: dict, a, b) -> bool:
     return False
 
 
+SCORER_KEYS = (" score", " all met", " constraints")
+
+
 def paired_lines(paired: dict, target: str, judges: list[str]) -> list[str]:
     """comparison.md's lines: per other run, the difference under each judge in points with its CI."""
     lines = []
     for key, by_judge in paired.items():
-        found = [(j, by_judge[j]) for j in (x for name in judges for x in (name, name + " score"))
+        found = [(j, by_judge[j]) for j in (x for name in judges for x in (name, *(name + k for k in SCORER_KEYS)))
                  if by_judge.get(j, {}).get("n")]
         if found:
             m, s = key.split("@")

@@ -48,24 +48,25 @@ def bench_cells(bench: str, r: dict | None, judges: list[str]) -> list[tuple[str
                       ("finished", f"{pct(r.get('finished'), 0)}%" if r else "–")]
     if bench == "ifeval":
         out = []
-        for mode in ("strict", "loose"):
-            if not r:
-                out.append((f"IFEval {mode} (Δ vs start)", "–"))
-                continue
-            d = r[f"{mode}_diff"]
-            out.append((f"IFEval {mode} (Δ vs start)", f"{pct(r[mode])}% ({100 * d['diff']:+.1f} "
-                                                        f"[{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}])"))
+        for level, prefix in (("prompt", ""), ("instruction", "instruction_")):
+            for mode in ("strict", "loose"):
+                head = f"IFEval {level} {mode} (Δ vs start)"
+                d = (r or {}).get(f"{prefix}{mode}_diff")  # older comparisons lack the instruction level
+                out.append((head, f"{pct(r[prefix + mode])}% ({100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, "
+                                  f"{100 * d['ci_high']:+.1f}])" if d else "–"))
         return out
     return [(f"{bench}: vs start", rate_cell(r["score"], r["ci_low"], r["ci_high"], r["n"]) if r else "–")]
 
 
 def scorer_cells(judge: str, f: dict | None) -> list[tuple[str, str]]:
-    """A scorer judge's own figures of the final model: its mean score and the share of answers scored 1 (for
-    ``ifeval``: the share of constraints met, and of answers that meet all theirs)."""
+    """A scorer judge's own figures of the final model: its mean score, the share of answers scored 1 and, on rows
+    with verifiable constraints, the score weighted by their number (for ``ifeval``: the mean share of its
+    constraints an answer meets, prompt-level and constraint-level accuracy)."""
     if not f or "score_final" not in f:
         return []
     cell = lambda x: rate_cell(x["score"], x["ci_low"], x["ci_high"]) if x else "–"  # noqa: E731
-    return [(f"{judge}: mean score", cell(f["score_final"])), (f"{judge}: all met", cell(f.get("perfect_final")))]
+    out = [(f"{judge}: mean score", cell(f["score_final"])), (f"{judge}: all met", cell(f.get("perfect_final")))]
+    return out + ([(f"{judge}: constraints met", cell(f["constraints_final"]))] if "constraints_final" in f else [])
 
 
 def run_row(entry: dict, benches, judges) -> tuple[list[str], list[str]]:
@@ -139,8 +140,9 @@ def legend(benches, state) -> list[str]:
                     "other's length in words.")
     if "ifeval" in benches:
         lim = state.get("limit")
-        text.append(f"*IFEval*: prompt-level accuracy on {f'the first {lim}' if lim else 'all 541'} prompts, 256 new "
-                    "tokens, greedy; Δ: final − start in points with the paired bootstrap 95% CI.")
+        n = f"the first {lim}" if lim else "all 541"
+        text.append(f"*IFEval*: prompt-level and instruction-level accuracy on {n} prompts, 256 new tokens, greedy; "
+                    "Δ: final − start in points with the paired bootstrap 95% CI.")
     return text
 
 

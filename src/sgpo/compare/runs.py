@@ -46,6 +46,7 @@ class EvalJob:
     out_dir: Path                # where this benchmark keeps its files for the whole comparison (shared by runs)
     limit: int | None = None
     _judge: list = field(default_factory=list)  # shared lazily-built judge (one per comparison)
+    test_judges: list[str] = field(default_factory=list)  # further judges of the saved test answers (``test``)
 
     @property
     def model_path(self) -> str:
@@ -69,9 +70,12 @@ def _summary(run_dir: Path) -> dict:
 def eval_test(job: EvalJob) -> dict:
     """The run's test-split figures, final vs start, for each judge: ``{"judges": {name: {score, ci_low, ci_high, n,
     lc, lc_ci_low, lc_ci_high, lc_n}}, "length", "finished"}`` (lc: among length-matched answer pairs); a scorer
-    judge's also ``score_final``/``perfect_final`` (and ``_start``): the mean score and the share scored 1, each
-    ``{score, ci_low, ci_high, n}``."""
-    s = _summary(job.run_dir)
+    judge's also ``<what>_<model>`` for what in score (mean score), perfect (share scored 1: prompt-level for
+    ``ifeval``), constraints (weighted by each row's constraints: constraint-level) and model in start, pre_rounds,
+    final, each ``{score, ci_low, ci_high, n}``. The judges of ``job.test_judges`` judge the run's saved answers now
+    (their verdicts cached), and a scorer's figures are recomputed from the saved answers, so a run made before a
+    figure existed gets it too."""
+    s = {**_summary(job.run_dir), **recomputed_test_figures(job)}
     judges = {}
     for k in s:
         if k.startswith("eval/test/") and k.endswith("/win_rate_vs_start"):
@@ -81,20 +85,50 @@ def eval_test(job: EvalJob) -> dict:
                             "lc_n": s.get(lm + "_n")}
     if not judges:
         raise ValueError(f"{job.run_dir / 'summary.json'} has no eval/test figures (is data.test_size 0?)")
-    for name, j in judges.items():  # a scorer judge (ifeval, python:...) also gives each model's own score
-        for what in ("score", "perfect"):
-            for model in ("final", "start"):
-                k = f"eval/test/{name}/{what}_{model}"
-                if k in s:
-                    j[f"{what}_{model}"] = {x: s[k + y] for x, y in
-                                            (("score", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"), ("n", "_n"))}
+    for name, j in judges.items():
+        for k in (f"eval/test/{name}/{w}_{m}" for w in ("score", "perfect", "constraints")
+                  for m in ("final", "start", "pre_rounds")):
+            if k in s:
+                j[k.split("/")[-1]] = {x: s[k + y] for x, y in
+                                       (("score", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"), ("n", "_n"))}
     return {"judges": judges, "length": s.get("eval/test/length_final"), "finished": s.get("eval/test/finished_final"),
             "start_length": s.get("eval/test/length_start"), "start_finished": s.get("eval/test/finished_start")}
 
 
+def recomputed_test_figures(job: EvalJob) -> dict:
+    """``summary.json``-style test figures made now from the run's saved test answers: every figure of each judge in
+    ``job.test_judges`` (``held_out.versus``) and a scorer run judge's own scores (``held_out.scores``)."""
+    from sgpo.core.judge_spec import is_scorer
+    from sgpo.eval.held_out import judge_name, saved_answers, scores, versus
+    from sgpo.eval.judges import judge_for_one_use
+
+    run_specs = [x for x in (job.cfg.eval.judge, job.cfg.eval.second_judge) if is_scorer(x)]
+    specs = list(dict.fromkeys(run_specs + job.test_judges))
+    texts = saved_answers(job.run_dir / "test")
+    if not specs or "final" not in texts:
+        return {}
+    test = test_records(job.cfg)
+    m: dict = {}
+    for spec in specs:
+        with judge_for_one_use(spec) as judge:
+            figures = versus if spec in job.test_judges else scores
+            m.update(figures(judge, judge_name(spec), test, texts))
+    return m
+
+
+def test_records(cfg: Config) -> list:
+    """The test split of ``cfg`` (the same for every run of a comparison)."""
+    from sgpo.data.splits import prepare_splits
+    from sgpo.models.loading import load_tokenizer, resolve
+
+    return prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)).test
+
+
 def eval_ifeval(job: EvalJob) -> dict:
     """IFEval (all 541 unless ``limit``; 256 new tokens, greedy) of the final model and the start model, whose answers
-    are shared by every run of the comparison (cached in the benchmark's folder by model name)."""
+    are shared by every run of the comparison (cached in the benchmark's folder by model name): prompt-level
+    (``strict``, ``loose``) and instruction-level (``instruction_strict``, ``instruction_loose``) accuracy, the start
+    model's (``start_…``) and each difference with its paired CI (``…_diff``)."""
     from sgpo.eval.benchmark import EvalSpec, ifeval_versus
 
     spec = EvalSpec(output=job.out_dir, limit=job.limit)
@@ -104,6 +138,9 @@ def eval_ifeval(job: EvalJob) -> dict:
         out[mode] = r["a"][f"prompt_{mode}"]
         out[f"start_{mode}"] = r["b"][f"prompt_{mode}"]
         out[f"{mode}_diff"] = r[f"prompt_{mode}_diff"]
+        out[f"instruction_{mode}"] = r["a"][f"instruction_{mode}"]
+        out[f"start_instruction_{mode}"] = r["b"][f"instruction_{mode}"]
+        out[f"instruction_{mode}_diff"] = r[f"instruction_{mode}_diff"]
     atomic_write_json(job.out_dir / f"ifeval_versus_{job.name}.json", r)
     return out
 
@@ -201,8 +238,9 @@ def generated_tokens(run_dir: Path) -> int:
 @dataclass
 class Plan:
     """What ``sgpo compare`` was asked: the shared config, methods × seeds, extra (method, seed) runs beyond them
-    (more seeds for some methods only), benchmarks, overrides, limit, and other comparisons whose runs may lend an
-    identical SFT (``sft_from``; this comparison's own runs always may)."""
+    (more seeds for some methods only), benchmarks, overrides, limit, other comparisons whose runs may lend an
+    identical SFT (``sft_from``; this comparison's own runs always may), and judges beyond the runs' own for the
+    ``test`` figures and the paired ones (``test_judges``: they judge the answers the runs saved)."""
     config: str | None
     methods: list[str]
     seeds: list[int]
@@ -211,6 +249,7 @@ class Plan:
     limit: int | None = None
     extra: list[tuple[str, int]] = field(default_factory=list)
     sft_from: list[str] = field(default_factory=list)
+    test_judges: list[str] = field(default_factory=list)  # further judges of every run's saved test answers
 
     def runs(self) -> list[tuple[str, int]]:
         """Every (method, seed) once, grouped by method in the order named, seeds ascending."""
@@ -265,7 +304,7 @@ def _paired(out: Path, state: dict, plan: Plan, cfg: Config) -> dict:
 
     done = [(m, s) for m, s in plan.runs() if "test" in state["runs"].get(f"{m}@{s}", {}).get("eval", {})]
     try:
-        return paired_figures(out, done, cfg)
+        return paired_figures(out, done, cfg, plan.test_judges)
     except Exception as e:  # the runs' own figures are still written
         log.error("compare: the paired figures failed: %s: %s", type(e).__name__, e)
         return {}
@@ -273,8 +312,12 @@ def _paired(out: Path, state: dict, plan: Plan, cfg: Config) -> dict:
 
 def _configs(plan: Plan) -> dict[tuple[str, int], Config]:
     """Every run's config, loaded (and so validated) before anything runs."""
+    from sgpo.core.judge_spec import parse_judge_spec
+
     for b in plan.benchmarks:
         COMPARE_BENCHMARKS.get(b)  # an unknown name fails here, before anything runs
+    for j in plan.test_judges:
+        parse_judge_spec(j)  # so does a malformed judge
     if not plan.methods or not plan.seeds:
         raise ValueError("no methods or no seeds to compare")
     return {(m, s): config_mod.load(plan.config, [*plan.overrides, f"method={m}", f"seed={s}"])
@@ -316,7 +359,7 @@ def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_jud
     from sgpo.run import recipe
 
     m, seed = entry["method"], entry["seed"]
-    if entry.get("status") == "done" and all(b in entry.get("eval", {}) for b in plan.benchmarks):
+    if entry.get("status") == "done" and not missing_benchmarks(entry, plan):
         log.info("compare: %s seed %d done earlier, skipped", m, seed)
         return
     log.info("compare: %s seed %d", m, seed)
@@ -329,10 +372,10 @@ def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_jud
             entry["run_done"] = True
         entry.update(run_figures(run_dir))
         entry.setdefault("eval", {})
-        for b in plan.benchmarks:
-            if b not in entry["eval"]:
-                job = EvalJob(f"{m}-seed{seed}", cfg, run_dir, out / "eval" / b, plan.limit, shared_judge)
-                entry["eval"][b] = COMPARE_BENCHMARKS.get(b)(job)
+        for b in missing_benchmarks(entry, plan):
+            job = EvalJob(f"{m}-seed{seed}", cfg, run_dir, out / "eval" / b, plan.limit, shared_judge,
+                          plan.test_judges)
+            entry["eval"][b] = COMPARE_BENCHMARKS.get(b)(job)
         entry["status"] = "done"
         entry.pop("error", None)
     except Exception as e:  # one run's failure is reported and does not stop the others
@@ -340,6 +383,17 @@ def run_and_evaluate(entry: dict, cfg: Config, out: Path, plan: Plan, shared_jud
         entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
         log.error("compare: %s seed %d failed: %s", m, seed, entry["error"])
         log.debug("%s", traceback.format_exc())
+
+
+def missing_benchmarks(entry: dict, plan: Plan) -> list[str]:
+    """The plan's benchmarks a run has no figures of yet; ``test`` also when one of the plan's test judges is not
+    among its judges."""
+    from sgpo.eval.held_out import judge_name
+
+    done = entry.get("eval", {})
+    have = set(done.get("test", {}).get("judges", {}))
+    return [b for b in plan.benchmarks if b not in done
+            or (b == "test" and not {judge_name(j) for j in plan.test_judges} <= have)]
 
 
 def _free_accelerator_memory() -> None:

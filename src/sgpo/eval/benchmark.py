@@ -233,7 +233,8 @@ def _arena_hard(judge, items, answers, name, out, version) -> dict:
 
 def ifeval_versus(model_a: str, model_b: str, spec: EvalSpec) -> dict:
     """IFEval of two models on the same prompts (all 541 unless ``limit``), strict and loose, and the paired bootstrap
-    CI of each difference (a − b): per-prompt accuracy and per-prompt share of instructions followed."""
+    CI of each difference (a − b): prompt-level and instruction-level accuracy (the share of all instructions
+    followed, each instruction counted once, as IFEval's own figure)."""
     from sgpo.eval.ifeval import aggregate_ifeval, evaluate_ifeval
     from sgpo.eval.winrate import paired_difference
 
@@ -247,10 +248,11 @@ def ifeval_versus(model_a: str, model_b: str, spec: EvalSpec) -> dict:
         answers = generate_answers(model, [(it.id, it.prompt) for it in items], spec.generation, out, spec.seed)
         per[label] = evaluate_ifeval(rows, {it.prompt: answers[it.id] for it in items})
         res[label] = aggregate_ifeval(per[label])
+    counts = [max(1, len(r.strict)) for r in per["a"]]  # instruction level: each instruction counts once
     for mode in ("strict", "loose"):
-        for level, score in (("prompt", lambda r: float(all(getattr(r, mode)))),
-                             ("instruction", lambda r: sum(getattr(r, mode)) / max(1, len(getattr(r, mode))))):
-            d = paired_difference([score(r) for r in per["a"]], [score(r) for r in per["b"]])
+        for level, score, weights in (("prompt", lambda r: float(all(getattr(r, mode))), None),
+                                      ("instruction", lambda r: sum(getattr(r, mode)) / max(1, len(r.strict)), counts)):
+            d = paired_difference([score(r) for r in per["a"]], [score(r) for r in per["b"]], weights=weights)
             res[f"{level}_{mode}_diff"] = d
     atomic_write_json(out / "ifeval_versus.json", res)
     for mode in ("strict", "loose"):

@@ -90,15 +90,26 @@ def versus(judge, name: str, records: list[Record], texts: dict[str, dict[str, s
 
 def scores(judge, name: str, records: list[Record], texts: dict[str, dict[str, str]]) -> dict:
     """A scorer's mean score of every model's test answers, ``eval/test/<judge>/score_<model>``, and the share that
-    scores full marks (1: every constraint met, for ``ifeval``), ``eval/test/<judge>/perfect_<model>``, each with its
-    95% bootstrap CI and n."""
+    scores full marks (1: every constraint met, for ``ifeval``: prompt-level accuracy), ``.../perfect_<model>``; on
+    rows with verifiable constraints also the score weighted by each row's number of them (for ``ifeval``: the share
+    of all constraints met, constraint-level accuracy), ``.../constraints_<model>``; each with its 95% bootstrap CI
+    and n."""
     prompts, rows = [r.prompt_text for r in records], [r.row() for r in records]
+    weights = constraint_counts(rows)
     m = {}
     for label, answers in texts.items():
-        got = [x for x in judge.score(prompts, [answers[r.id] for r in records], rows) if x == x]
-        m.update(win_rate_metrics(f"eval/test/{name}/score_{label}", got))
-        m.update(win_rate_metrics(f"eval/test/{name}/perfect_{label}", [float(x >= 1.0) for x in got]))
+        got = judge.score(prompts, [answers[r.id] for r in records], rows)
+        m.update(win_rate_metrics(f"eval/test/{name}/score_{label}", [x for x in got if x == x]))
+        m.update(win_rate_metrics(f"eval/test/{name}/perfect_{label}", [float(x >= 1.0) for x in got if x == x]))
+        if weights:
+            m.update(win_rate_metrics(f"eval/test/{name}/constraints_{label}", got, weights))
     return m
+
+
+def constraint_counts(rows: list[dict]) -> list[int] | None:
+    """Each row's number of verifiable constraints (``instruction_id_list``), or None when a row has none."""
+    counts = [len(r.get("instruction_id_list") or []) for r in rows]
+    return counts if counts and all(counts) else None
 
 
 def summary_line(m: dict, name: str) -> str:

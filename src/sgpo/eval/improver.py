@@ -73,9 +73,10 @@ def rewrite_scores(judge, prompts, drafts, rewrites, rows, prefix: str) -> dict:
                         judge.score(prompts, drafts, rows), ("better", "tie", "worse"))
 
 
-def win_rate_metrics(name: str, prefs: list[float]) -> dict:
-    """``name`` and its ``_ci_low``, ``_ci_high``, ``_n`` (ties half, bootstrap CI over prompts)."""
-    w = win_rate(prefs)
+def win_rate_metrics(name: str, prefs: list[float], weights: list[float] | None = None) -> dict:
+    """``name`` and its ``_ci_low``, ``_ci_high``, ``_n`` (ties half, bootstrap CI over prompts; a weighted mean when
+    ``weights`` are given, failed items left out of both)."""
+    w = win_rate(prefs, weights=weights)
     return {name: w["win_rate"], f"{name}_ci_low": w["ci_low"], f"{name}_ci_high": w["ci_high"], f"{name}_n": w["n"]}
 
 

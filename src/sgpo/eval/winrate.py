@@ -6,37 +6,46 @@ from typing import Sequence
 import numpy as np
 
 
-def win_rate(preferences: Sequence[float], *, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+def win_rate(preferences: Sequence[float], *, weights: Sequence[float] | None = None, n_boot: int = 2000,
+             seed: int = 0, level: float = 0.95) -> dict:
     """Mean preference (1 win, 0.5 tie, 0 loss) with a percentile bootstrap CI over prompts.
 
-    Failed annotations (None / NaN) are left out and counted in ``failed``.
+    Failed annotations (None / NaN) are left out and counted in ``failed``. With ``weights`` (one per item) the mean
+    is weighted and the bootstrap resamples (value, weight) together: the constraint-level accuracy of per-prompt
+    shares, weighted by each prompt's number of constraints.
     Returns ``{"win_rate", "ci_low", "ci_high", "n", "failed"}``, rates in [0, 1]; NaN when no prompt is left.
     """
     p = np.asarray([np.nan if x is None else x for x in preferences], dtype=float)
+    w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=float)
     failed = int(np.isnan(p).sum())
-    p = p[~np.isnan(p)]
+    p, w = p[~np.isnan(p)], w[~np.isnan(p)]
     n = len(p)
     if n == 0:
         return {"win_rate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0, "failed": failed}
-    rng = np.random.default_rng(seed)
-    boot = p[rng.integers(0, n, size=(n_boot, n))].mean(1)
+    lo, hi = _bootstrap(p, w, n_boot, seed, level)
+    return {"win_rate": float((p * w).sum() / w.sum()), "ci_low": lo, "ci_high": hi, "n": n, "failed": failed}
+
+
+def _bootstrap(values: np.ndarray, weights: np.ndarray, n_boot: int, seed: int, level: float) -> tuple[float, float]:
+    """Percentile bootstrap CI of the weighted mean, resampling items."""
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
+    boot = (values[idx] * weights[idx]).sum(1) / weights[idx].sum(1)
     alpha = (1 - level) / 2
-    return {"win_rate": float(p.mean()), "ci_low": float(np.quantile(boot, alpha)),
-            "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n, "failed": failed}
+    return float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, seed: int = 0,
-                      level: float = 0.95) -> dict:
+def paired_difference(a: Sequence[float], b: Sequence[float], *, weights: Sequence[float] | None = None,
+                      n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
     """Mean of ``a - b`` over paired items (the same prompts) with a percentile bootstrap CI that resamples prompts,
-    so both models' scores move together. Returns ``{"diff", "ci_low", "ci_high", "n"}``."""
+    so both models' scores move together; weighted by ``weights`` when given (``win_rate``'s constraint level).
+    Returns ``{"diff", "ci_low", "ci_high", "n"}``."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    w = np.ones_like(d) if weights is None else np.asarray(weights, dtype=float)
     n = len(d)
     if n == 0:
         return {"diff": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    boot = d[np.random.default_rng(seed).integers(0, n, size=(n_boot, n))].mean(1)
-    alpha = (1 - level) / 2
-    return {"diff": float(d.mean()), "ci_low": float(np.quantile(boot, alpha)),
-            "ci_high": float(np.quantile(boot, 1 - alpha)), "n": n}
+    lo, hi = _bootstrap(d, w, n_boot, seed, level)
+    return {"diff": float((d * w).sum() / w.sum()), "ci_low": lo, "ci_high": hi, "n": n}
 
 
 def format_metric(m: dict, key: str) -> str:
