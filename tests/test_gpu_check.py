@@ -17,6 +17,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_check  # noqa: E402
 
+pytestmark = pytest.mark.xdist_group("processes")  # its steps launch processes and a vLLM engine
+
 
 @pytest.mark.slow  # three short runs of the CLI and the memory step
 def test_the_gpu_check_runs_every_step_on_a_cpu(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from cli_runs import REPO, cli_env
 
-pytestmark = pytest.mark.slow  # two processes over gloo
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # two processes over gloo
 
 SCRIPT = textwrap.dedent('''
     import json, os, random, sys

@@ -24,6 +24,8 @@ from sgpo.models.loading import load_model, load_tokenizer, tiny_random_path
 from sgpo.generation.rollout import Sampler
 from cli_runs import REPO, cli_env
 
+pytestmark = pytest.mark.xdist_group("processes")  # vLLM engines and two-process launches: one at a time
+
 QUESTIONS = ["Hi", "Write a poem about the sea.", "What is 2+2?", "List three colours.", "Explain gravity to a child.",
              "Translate 'good morning' into French.", "Name a prime number.", "Why is the sky blue?",
              "Give me a recipe for tea.", "Count to five."]

@@ -16,7 +16,7 @@ import pytest
 
 from cli_runs import REPO, cli_env, load_weights, write_data
 
-pytestmark = pytest.mark.slow  # runs the CLI / a script in a subprocess
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("processes")]  # runs the CLI / a script in a subprocess
 
 SETS = ["data.dev_size=2", "data.improver_size=4", "data.round_size=6", "eval.improver_size=0",
         "eval.head_to_head_size=0", "generation.max_new_tokens=8", "generation.batch_size=2", "improver.chain=1",

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -81,8 +82,18 @@ def _convert_gguf(gguf: Path, out: Path, name: str) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if not out.exists():
+    return _publish(tmp, out)
+
+
+def _publish(tmp: Path, out: Path) -> Path:
+    """Move a finished checkpoint folder into place; another process that got there first wins (processes of one
+    run, or test workers, converting the same model at once), and this one's copy is deleted."""
+    try:
         os.replace(tmp, out)
+    except OSError:
+        if not (out / "config.json").exists():
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -146,9 +157,7 @@ def tiny_random_path(seed: int = 0) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if not out.exists():
-        os.replace(tmp, out)
-    return out
+    return _publish(tmp, out)
 
 
 def resolve(name: str) -> str:
