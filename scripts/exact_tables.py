@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from sgpo.eval.winrate import format_difference
+
 JUDGE = "ifeval"
 LEVELS = (("perfect", "prompt-level"), ("constraints", "constraint-level"))
 MODELS = (("start", "start"), ("pre_rounds", "entering round 1"), ("final", "final"))
@@ -26,9 +28,7 @@ def cell(f: dict | None) -> str:
 
 
 def diff_cell(d: dict | None) -> str:
-    if not d or not d.get("n"):
-        return "–"
-    return f"{100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+    return format_difference(d) if d and d.get("n") else "–"
 
 
 class Run:

@@ -43,13 +43,11 @@ def paired_figures(out, runs: list[tuple[str, int]], cfg, test_judges: list[str]
     from sgpo.eval.judges import judge_for_one_use
     from sgpo.eval.held_out import constraint_counts, judge_name, saved_answers
     from sgpo.core.judge_spec import is_scorer
-    from sgpo.models.loading import load_tokenizer, resolve
-    from sgpo.data.splits import prepare_splits
 
     rows = paired_rows(target, runs)
     if not rows:
         return {}
-    test = prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)).test
+    test = test_records(cfg)
     texts = {r: saved_answers(run_dir_of(out, *r) / "test") for row in rows for r in row}
     rows = [(a, b) for a, b in rows if _same_start(texts[a], texts[b], a, b)]
     figures: dict = {}
@@ -79,6 +77,14 @@ def score_differences(name: str, a: list[float], b: list[float], weights: list[i
     return out
 
 
+def test_records(cfg) -> list:
+    """The test split of ``cfg`` (the same for every run of a comparison)."""
+    from sgpo.data.splits import prepare_splits
+    from sgpo.models.loading import load_tokenizer, resolve
+
+    return prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)).test
+
+
 def final_scores(judge, test, texts: dict[str, dict[str, str]]) -> list[float]:
     """A scorer judge's per-prompt score of the run's final answers."""
     return judge.score([r.prompt_text for r in test], [texts["final"][r.id] for r in test], [r.row() for r in test])
@@ -106,13 +112,14 @@ SCORER_KEYS = (" score", " all met", " constraints")
 
 def paired_lines(paired: dict, target: str, judges: list[str]) -> list[str]:
     """comparison.md's lines: per other run, the difference under each judge in points with its CI."""
+    from sgpo.eval.winrate import format_difference
+
     lines = []
     for key, by_judge in paired.items():
         found = [(j, by_judge[j]) for j in (x for name in judges for x in (name, *(name + k for k in SCORER_KEYS)))
                  if by_judge.get(j, {}).get("n")]
         if found:
             m, s = key.split("@")
-            cells = [f"{j} {100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
-                     for j, d in found]
+            cells = [f"{j} {format_difference(d)}" for j, d in found]
             lines.append(f"- {target} − {m}, seed {s}: " + "; ".join(cells) + f" (n={found[0][1]['n']})")
     return lines

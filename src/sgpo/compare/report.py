@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sgpo.compare.paired import paired_lines, run_dir_of
 from sgpo.core.files import atomic_write_text
+from sgpo.eval.winrate import format_difference
 
 ROUND_CURVES = (("eval/dev/win_rate_vs_start", "dev win rate vs start"), ("rewards/margins", "DPO reward margin"),
                 ("pairs/judge_agreement", "2nd judge prefers chosen"))
@@ -52,8 +53,7 @@ def bench_cells(bench: str, r: dict | None, judges: list[str]) -> list[tuple[str
             for mode in ("strict", "loose"):
                 head = f"IFEval {level} {mode} (Δ vs start)"
                 d = (r or {}).get(f"{prefix}{mode}_diff")  # older comparisons lack the instruction level
-                out.append((head, f"{pct(r[prefix + mode])}% ({100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, "
-                                  f"{100 * d['ci_high']:+.1f}])" if d else "–"))
+                out.append((head, f"{pct(r[prefix + mode])}% ({format_difference(d)})" if d else "–"))
         return out
     return [(f"{bench}: vs start", rate_cell(r["score"], r["ci_low"], r["ci_high"], r["n"]) if r else "–")]
 

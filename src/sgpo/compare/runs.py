@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sgpo.config import schema as config_mod
-from sgpo.compare.paired import run_dir_of
+from sgpo.compare.paired import run_dir_of, test_records
 from sgpo.config.schema import Config
 from sgpo.core.files import atomic_write_json, content_hash, read_jsonl
 from sgpo.core.registry import COMPARE_BENCHMARKS
@@ -114,14 +114,6 @@ def recomputed_test_figures(job: EvalJob) -> dict:
             figures = versus if spec in job.test_judges else scores
             m.update(figures(judge, judge_name(spec), test, texts))
     return m
-
-
-def test_records(cfg: Config) -> list:
-    """The test split of ``cfg`` (the same for every run of a comparison)."""
-    from sgpo.data.splits import prepare_splits
-    from sgpo.models.loading import load_tokenizer, resolve
-
-    return prepare_splits(cfg, load_tokenizer(resolve(cfg.model.name), cfg.model.chat_template)).test
 
 
 def eval_ifeval(job: EvalJob) -> dict:

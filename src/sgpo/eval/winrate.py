@@ -48,6 +48,11 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, weights: Sequen
     return {"diff": float((d * w).sum() / w.sum()), "ci_low": lo, "ci_high": hi, "n": n}
 
 
+def format_difference(d: dict) -> str:
+    """``+2.7 [-0.8, +6.0]``: a ``paired_difference`` in points with its CI."""
+    return f"{100 * d['diff']:+.1f} [{100 * d['ci_low']:+.1f}, {100 * d['ci_high']:+.1f}]"
+
+
 def format_metric(m: dict, key: str) -> str:
     """``format_win_rate`` of the win rate stored in a metrics dict as ``key`` with ``_ci_low``/``_ci_high``/``_n``."""
     return format_win_rate({"win_rate": m[key], "ci_low": m[key + "_ci_low"], "ci_high": m[key + "_ci_high"],
