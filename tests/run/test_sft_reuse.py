@@ -8,11 +8,12 @@ from cli_runs import REPO, SETS, load_weights, write_data
 from sgpo.config import schema as config
 from sgpo.run import recipe
 
-pytestmark = pytest.mark.slow  # six shrunken smoke runs in this process
+pytestmark = pytest.mark.slow  # nine shrunken smoke runs in this process
 
 
 def _run(out, data, method, sft_from=(), extra=()):
-    cfg = config.load(str(REPO / "configs" / "smoke.yaml"), [f"data.sft={data}", f"method={method}", *SETS, *extra])
+    sets = [f"data.sft={data}", f"method={method}", *SETS, "data.sft_size=3", *extra]
+    cfg = config.load(str(REPO / "configs" / "smoke.yaml"), sets)
     recipe.run(cfg, out, sft_from=sft_from)
     return json.loads((out / "sft" / "metrics.json").read_text())
 
@@ -42,4 +43,18 @@ def test_an_identical_sft_is_taken_from_another_run_and_the_run_ends_as_if_it_ha
 def test_an_sft_under_other_settings_or_of_method_sft_is_trained_afresh(tmp_path, donor):
     sgpo, data = donor
     assert "sft/reused" not in _run(tmp_path / "lr", data, "spin", [sgpo], ["train.lr=2e-3"])
-    assert "sft/reused" not in _run(tmp_path / "sft", data, "sft", [sgpo])  # SFT on more prompts
+    assert "sft/reused" not in _run(tmp_path / "sft", data, "sft", [sgpo])  # SFT on more prompts: 3 + the others
+
+
+def test_on_the_whole_pool_method_sft_trains_the_same_sft_and_shares_it(tmp_path, donor):
+    """With data.sft_size=0 method sft's prompts (every prompt the others see) are the others' SFT slice, in order."""
+    _, data = donor
+    whole = ["data.sft_size=0"]
+    sft = _run(tmp_path / "sft", data, "sft", extra=whole)
+    fresh = _run(tmp_path / "spin_fresh", data, "spin", extra=whole)
+    a, b = load_weights(tmp_path / "sft" / "sft" / "model"), load_weights(tmp_path / "spin_fresh" / "sft" / "model")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # the same SFT, trained twice
+    assert sft["nll/examples"] == fresh["nll/examples"]
+    reused = _run(tmp_path / "spin_reused", data, "spin", [tmp_path / "sft"], whole)
+    assert reused["sft/reused"] == 1 and reused["nll/loss"] == fresh["nll/loss"]
+    assert _run(tmp_path / "sft_reused", data, "sft", [tmp_path / "spin_fresh"], whole)["sft/reused"] == 1

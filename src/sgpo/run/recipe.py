@@ -57,16 +57,16 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False, sft_fr
         set_writer(True)
 
 
-def sft_step(s: Session, records: list[Record]) -> dict:
+def sft_step(s: Session, records: list[Record], data: Splits) -> dict:
     """Supervised fine-tuning: NLL on (P(x) → y*) for ``records``, the current model — or the model of another run
     that trained exactly this SFT (``reusable_sft``), taken as this stage's."""
-    donor = reusable_sft(s)
+    donor = reusable_sft(s, data)
     if donor is None:
         return s.trainer.train_nll(s.trainer.policy_examples(records), "sft", s.cfg.seed)
     s.policy.adopt(str(donor.path("sft", "model")))
     m = {k: v for k, v in donor.metrics("sft").items() if not k.startswith(("time/", "memory/", "eval/", "improver/"))}
-    log.info("sft: the same SFT was trained by %s (same start model, data, SFT settings and seed, and its inputs "
-             "hash alike): its model taken instead of training again", donor.root)
+    log.info("sft: the same SFT was trained by %s (same start model, data, SFT settings, seed and prompts, and its "
+             "inputs hash alike): its model taken instead of training again", donor.root)
     return {**m, "sft/reused": 1}
 
 
@@ -78,27 +78,29 @@ def _sft_reads(cfg: Config) -> dict:
     return {k: v for k, v in config_mod.to_dict(cfg).items() if k in SFT_READS}
 
 
-def reusable_sft(s: Session) -> RunDir | None:
+def reusable_sft(s: Session, data: Splits) -> RunDir | None:
     """The first of ``s.sft_from`` whose SFT stage is done with the same inputs (the chain of stage inputs, which
-    covers the seed, the development and training prompts) under the same ``SFT_READS``, when both methods train SFT
-    on the default prompts (``Method.sft_prompts``: method sft trains on more); never under several processes or in a
-    dry run."""
-    if not s.sft_from or s.dist.world > 1 or s.tokenizer is None or not _default_sft(s.cfg.method):
+    covers the seed, the development and training prompts) under the same ``SFT_READS``, on the same prompts in the
+    same order (``Method.sft_prompts`` of either run's method: method sft trains on more, unless ``data.sft_size`` is
+    0 and both train on the whole pool); never under several processes or in a dry run."""
+    if not s.sft_from or s.dist.world > 1 or s.tokenizer is None:
         return None
+    mine = _sft_ids(s.cfg, data)
     for d in s.sft_from:
         try:
             donor, other = RunDir(d, writer=False), config_mod.load(str(d / "config.yaml"), [])
         except (OSError, ValueError, RunError, config_mod.ConfigError):
             continue
-        if (donor.done("sft", s.stages.chain[-1]) and _default_sft(other.method)
-                and _sft_reads(other) == _sft_reads(s.cfg) and donor.path("sft", "model", "config.json").exists()):
+        if (donor.done("sft", s.stages.chain[-1]) and _sft_reads(other) == _sft_reads(s.cfg)
+                and _sft_ids(other, data) == mine and donor.path("sft", "model", "config.json").exists()):
             return donor
     return None
 
 
-def _default_sft(method: str) -> bool:
-    """Whether ``method`` trains SFT on the default prompts (the SFT slice)."""
-    return type(get_method(method)).sft_prompts is Method.sft_prompts
+def _sft_ids(cfg: Config, data: Splits) -> list[str]:
+    """The ids, in training order, of the prompts ``cfg.method`` trains SFT on (the same data and splits: the caller
+    checked the data settings and the inputs' chain alike)."""
+    return [r.id for r in get_method(cfg.method).sft_prompts(data, cfg) or []]
 
 
 def run_stages(s: Session, method: Method, data: Splits) -> dict:
@@ -115,7 +117,7 @@ def run_stages(s: Session, method: Method, data: Splits) -> dict:
     # 1. SFT on the references (a method without rounds gets its final figures here)
     sft = method.sft_prompts(data, cfg)
     if sft is not None:
-        last = s.stage("sft", lambda: {**sft_step(s, sft), **({} if rounds else s.dev_figures())},
+        last = s.stage("sft", lambda: {**sft_step(s, sft, data), **({} if rounds else s.dev_figures())},
                        inputs=data.train, model=True)
     # 2. the method's own stages before the rounds (SGPO: the same weights learn to refine their own drafts)
     last = method.before_rounds(Context(s, "", 0, data.improver, plan=rounds)) or last
