@@ -46,3 +46,24 @@ def test_the_peak_memory_is_put_down_to_the_phase_that_reached_it(monkeypatch):
         pass
     assert p.peak_at == "round_1/training" and p.peak_bytes == 3_500_000 * 1024
     assert p.of("test")["memory/test/peak_rss_gb"] == 3.58
+
+
+def test_a_reset_starts_the_next_run_of_the_process_afresh(monkeypatch):
+    """``sgpo compare`` runs every run in one process: no run may count an earlier one's seconds or peak."""
+    now = [0.0]
+    monkeypatch.setattr(profile.time, "perf_counter", lambda: now[0])
+    p = profile.Profile()
+    p.stage = "test"
+    big = bytearray(300_000_000)
+    big[::4096] = b"\1" * len(big[::4096])  # touched: resident
+    with p.phase("generation"):
+        now[0] += 7
+    before = p.peak_bytes
+    del big
+    p.reset()
+    p.stage = "test"
+    with p.phase("generation"):
+        now[0] += 2
+    got = p.of("test", total=2.0)
+    assert got["time/test/generation_s"] == 2.0 and p.peak_at.startswith("test/")
+    assert got["memory/test/peak_rss_gb"] * 1e9 < before - 200_000_000  # the 300 MB held before: not this run's

@@ -33,6 +33,7 @@ def test_an_identical_sft_is_taken_from_another_run_and_the_run_ends_as_if_it_ha
     reused = _run(tmp_path / "spin_reused", data, "spin", sft_from=[tmp_path / "nope", sgpo])
     assert reused["sft/reused"] == 1 and "sft/reused" not in fresh
     assert reused["nll/loss"] == fresh["nll/loss"]  # the donor's training figures, which a fresh SFT reproduces
+    assert "time/sft/training_s" not in reused  # nothing trained, and no earlier run of this process counted
     for stage in ("sft/model", "round_1/model", "final"):
         a, b = load_weights(tmp_path / "spin_fresh" / stage), load_weights(tmp_path / "spin_reused" / stage)
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), stage

@@ -8,7 +8,8 @@ The hooks (``@phase("generation")`` on a function, or ``with phase(...):``) sit 
 
 Memory: the process's peak RSS is read whenever a phase starts or ends; a rise is put down to the phase that was
 running (``other`` between phases). Each stage's metrics get ``memory/<stage>/peak_rss_gb`` (the process's peak so
-far) and the log names the stage and phase where the run's peak was reached.
+far) and the log names the stage and phase where the run's peak was reached. ``reset`` starts both afresh for the next
+run of the same process (``sgpo compare`` runs every run in one process; on Linux the kernel's peak is reset too).
 """
 from __future__ import annotations
 
@@ -24,10 +25,22 @@ PHASES = ("generation", "judging", "training", "reference_pass", "loading", "sav
 
 class Profile:
     def __init__(self):
+        self.reset(kernel=False)
+
+    def reset(self, kernel: bool = True) -> None:
+        """Forget every stage's seconds and the peak: a new run begins in this process. With ``kernel``, the process's
+        peak RSS restarts from its current RSS (Linux: ``/proc/self/clear_refs``; elsewhere the peak stays the
+        process's)."""
         self.stage = "setup"
         self.seconds: dict[tuple[str, str], float] = defaultdict(float)
         self._stack: list[list] = []  # [phase, since] of the phases running, innermost last
         self.peak_bytes, self.peak_at = 0, ""
+        if kernel:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
 
     def note_peak(self, running: str) -> None:
         """Read the process's peak RSS; a rise since the last reading was reached in ``running`` (of this stage)."""

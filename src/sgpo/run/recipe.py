@@ -42,6 +42,7 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False, sft_fr
     Under ``accelerate launch`` every process runs this; only the main one writes (see ``sgpo.core.distributed``)."""
     dist = distributed.setup(cfg.model.device, cfg.collective_timeout_minutes)
     set_writer(dist.is_main)
+    phases.PROFILE.reset()  # this run's times and peak only, when the process ran another before (sgpo compare)
     s = None
     try:
         run_dir = open_run(out_dir, cfg, force_restart, dist)
@@ -242,9 +243,10 @@ def finish(s: Session, last: dict) -> dict:
     if spent:
         log.info("time by phase, all stages: %s", ", ".join(f"{p} {v:.0f}s" for p, v in spent.items()))
     phases.PROFILE.note_peak("other")
-    summary["memory/peak_rss_gb"] = round(phases.PROFILE.peak_bytes / 1e9, 2)
-    log.info("peak memory (RSS) of this process: %.2f GB, reached in %s", summary["memory/peak_rss_gb"],
-             phases.PROFILE.peak_at)
+    here = round(phases.PROFILE.peak_bytes / 1e9, 2)
+    log.info("peak memory (RSS) of this process: %.2f GB, reached in %s", here, phases.PROFILE.peak_at)
+    stages = [s.run.metrics(st).get(f"memory/{st}/peak_rss_gb", 0) for st in s.run.manifest["stages"]]
+    summary["memory/peak_rss_gb"] = max([here, *stages])  # a resumed run's earlier stages ran in other processes
     summary.update(engine_counts(s))
     atomic_write_json(s.run.path("summary.json"), summary)
     key = "eval/dev/win_rate_vs_start"
