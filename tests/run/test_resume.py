@@ -89,6 +89,18 @@ def test_kill_anywhere_then_resume_reproduces_the_run(tmp_path, data, uninterrup
     assert again.stderr.count("done earlier, skipped") >= 3
 
 
+def test_a_resumed_runs_peak_memory_covers_the_stages_other_processes_ran(tmp_path, data, uninterrupted):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    m = json.loads((out / "improver" / "metrics.json").read_text())
+    m["memory/improver/peak_rss_gb"] = 99.0  # as if the process that ran that stage had peaked there
+    (out / "improver" / "metrics.json").write_text(json.dumps(m))
+    run_to_end(out, data)  # every stage done: this process trains nothing
+    assert json.loads((out / "summary.json").read_text())["memory/peak_rss_gb"] == 99.0
+
+
 @pytest.mark.slow
 def test_changed_config_on_resume_names_the_keys(tmp_path, data, uninterrupted):
     import shutil

@@ -61,7 +61,7 @@ def run(cfg: Config, out_dir: str | Path, *, force_restart: bool = False, sft_fr
 def sft_step(s: Session, records: list[Record], data: Splits) -> dict:
     """Supervised fine-tuning: NLL on (P(x) → y*) for ``records``, the current model — or the model of another run
     that trained exactly this SFT (``reusable_sft``), taken as this stage's."""
-    donor = reusable_sft(s, data)
+    donor = reusable_sft(s, records, data)
     if donor is None:
         return s.trainer.train_nll(s.trainer.policy_examples(records), "sft", s.cfg.seed)
     s.policy.adopt(str(donor.path("sft", "model")))
@@ -79,14 +79,14 @@ def _sft_reads(cfg: Config) -> dict:
     return {k: v for k, v in config_mod.to_dict(cfg).items() if k in SFT_READS}
 
 
-def reusable_sft(s: Session, data: Splits) -> RunDir | None:
+def reusable_sft(s: Session, records: list[Record], data: Splits) -> RunDir | None:
     """The first of ``s.sft_from`` whose SFT stage is done with the same inputs (the chain of stage inputs, which
     covers the seed, the development and training prompts) under the same ``SFT_READS``, on the same prompts in the
     same order (``Method.sft_prompts`` of either run's method: method sft trains on more, unless ``data.sft_size`` is
-    0 and both train on the whole pool); never under several processes or in a dry run."""
+    0 and both train on the whole pool; ``records``: this run's); never under several processes or in a dry run."""
     if not s.sft_from or s.dist.world > 1 or s.tokenizer is None:
         return None
-    mine = _sft_ids(s.cfg, data)
+    mine = [r.id for r in records]
     for d in s.sft_from:
         try:
             donor, other = RunDir(d, writer=False), config_mod.load(str(d / "config.yaml"), [])
