@@ -285,23 +285,26 @@ SKEWED = textwrap.dedent('''
             examples = [sft.NLLExample(tuple(range(10 + i, 8 + i + n - i % 2)),  # n tokens, 2 or 3 of them completion
                                        tuple(range(300 + i, 302 + i + i % 2))) for i, n in enumerate(LENGTHS)]
             sft.train_nll(model, examples, TrainConfig(lr=1e-3, batch_size=8), job)
-        else:
-            pairs = [dpo.TokenPair(list(range(10 + i, 6 + i + n)), [300 + i, 2], [400 + i, 2])
+        else:  # dponll: the improver NLL term too, the longest pair's chosen side 12 tokens (rank 1: 18, rank 0: 8)
+            nll = kind == "dponll"
+            pairs = [dpo.TokenPair(list(range(10 + i, 6 + i + n)), [300 + i] * (11 if nll and n == 40 else 1) + [2],
+                                   [400 + i, 2], improver_prompt_ids=list(range(50 + i, 55 + i)) if nll else None)
                      for i, n in enumerate(LENGTHS)]
             dpo.reference_logps(model, pairs, pad_id=0, show_progress=False, dist=dist)
             forwards.clear()  # the training's passes only
-            dpo.train_dpo(model, pairs, DPOConfig(lr=1e-3, batch_size=8), job)
+            metrics.update(dpo.train_dpo(model, pairs, DPOConfig(lr=1e-3, batch_size=8, improver_nll_coef=0.5), job))
         return model
 
 
-    out = {}
-    for kind in ("nll", "dpo"):
+    out, metrics = {}, {}
+    for kind in ("nll", "dpo", "dponll"):
         for limit in (None, 24):  # whole slices; micro-batches of at most 24 positions: 2 passes on rank 0, 3 on 1
-            for box in (forwards, grads, reduces):
+            for box in (forwards, grads, reduces, metrics):
                 box.clear()
             model = train(kind, limit)
             out[f"{kind}{limit}"] = {"forwards": len(forwards), "reduces": len(reduces), "grads": dict(grads),
-                                     "weights": {k: full(v) for k, v in model.state_dict().items()}}
+                                     "weights": {k: full(v) for k, v in model.state_dict().items()},
+                                     "metrics": dict(metrics)}
     out["sharded"] = dist.sharded
     torch.save(out, os.path.join(sys.argv[1], f"rank{dist.rank}.pt"))
     if dist.active:
@@ -316,7 +319,8 @@ def test_ranks_whose_slices_split_differently_make_the_same_passes(tmp_path, lau
     """Two ranks whose slices of a batch need 2 and 3 micro-batches (NLL and DPO alike) make the same number of
     forward/backward passes, the one with fewer padding with a zero-weight pass, so their collectives match: under
     DDP only the step's last pass all-reduces (as often as a whole slice's step: the forwards of the others run
-    without gradient sync too), and the step's gradient and weights are a single process's to float tolerance."""
+    without gradient sync too), and the step's gradient and weights are a single process's to float tolerance — with
+    DPO's improver NLL term too, whose tokens fall unevenly between the ranks."""
     import torch
 
     script = tmp_path / "skewed.py"
@@ -338,6 +342,14 @@ def test_ranks_whose_slices_split_differently_make_the_same_passes(tmp_path, lau
         for run in [r[k] for r in ranks for k in (whole, micro)]:
             same_gradient(run["grads"], one[whole]["grads"], SKEWED_POSITIONS)
             same_adam_step(run, one[whole], lr=1e-3)
+    # The improver NLL term is a mean over the whole batch's chosen tokens, though the ranks hold 8 and 18 of them
+    # for 4 pairs each: a rank weighing its own token mean by its share of the pairs moves the gradient off.
+    for run in [one["dponll24"]] + [r[k] for r in ranks for k in ("dponllNone", "dponll24")]:
+        same_gradient(run["grads"], one["dponllNone"]["grads"], SKEWED_POSITIONS + 76)  # + the NLL pass's 66 positions
+        #                                                         and the DPO pass's 10 more chosen tokens
+        same_adam_step(run, one["dponllNone"], lr=1e-3)
+        for name in ("improver/nll", "nll/chosen"):
+            assert run["metrics"][name] == pytest.approx(one["dponllNone"]["metrics"][name], rel=1e-5), name
 
 
 CACHES = textwrap.dedent('''

@@ -186,7 +186,7 @@ class Tiny(torch.nn.Module):
         self.lin = torch.nn.Linear(3, 1)
 
 
-def _step(model, batch):
+def _step(model, batch, whole=None):   # run_steps also passes the global batch
     x = torch.tensor([b[0] for b in batch])
     y = torch.tensor([b[1] for b in batch])
     loss = ((model.lin(x).squeeze(-1) - y) ** 2).mean()
@@ -205,7 +205,7 @@ def test_training_checkpoint_resume_equals_straight_run(tmp_path):
 
     calls = {"n": 0}
 
-    def dies_after_four(model, batch):
+    def dies_after_four(model, batch, whole=None):
         calls["n"] += 1
         if calls["n"] == 5:
             raise Killed

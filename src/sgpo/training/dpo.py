@@ -132,11 +132,11 @@ def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions:
     preference loss is a mean of per-pair terms (the NLL term a mean over tokens), so the accumulated gradient is
     exactly the whole batch's; peak activation memory is a slice's. Metrics are computed over the whole batch.
     """
-    def step(model, pairs: list[TokenPair]):
+    def step(model, pairs: list[TokenPair], batch: list[TokenPair] | None = None):
         device = next(model.parameters()).device
         n = len(pairs)
         with_nll = cfg.improver_nll_coef > 0 and all(p.improver_prompt_ids for p in pairs)
-        nll_tokens = sum(len(p.chosen_ids) for p in pairs)
+        nll_tokens = _token_denominator(pairs, pairs if batch is None else batch)
         done, nll_sum, chosen_sum, ratios, loss = 0.0, 0.0, 0.0, [], None   # done: the passes already back-propagated
         for part, pad, last in micro_passes(pairs, lambda ps: micro_batches(ps, layout, max_positions), backward):
             with pass_context(backward, last):
@@ -164,6 +164,14 @@ def dpo_step(pad_id: int, cfg: DPOConfig, layout: str = "packed", max_positions:
             metrics["improver/nll"] = torch.tensor(-nll_sum / max(nll_tokens, 1))
         return loss, metrics
     return step
+
+
+def _token_denominator(part: list[TokenPair], batch: list[TokenPair]) -> float:
+    """What a rank divides its chosen tokens' log-probs by (the improver NLL term, ``nll/chosen``): both are means over
+    the chosen tokens of the whole global batch, but ``run_steps`` weighs a rank's loss and metrics by its share of the
+    batch's *pairs*; dividing by the batch's tokens times that share makes the sum over ranks the one-process mean,
+    however the tokens fall between ranks. One process: the batch's tokens."""
+    return max(sum(len(p.chosen_ids) for p in batch) * (len(part) / len(batch)), 1)
 
 
 def train_dpo(model, pairs: list[TokenPair], cfg: DPOConfig, job: Job, layout: str = "auto") -> dict:

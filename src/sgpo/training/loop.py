@@ -268,8 +268,9 @@ class Job:
 
 def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
               weight_fn: Callable[[list], float] = len, backward=None) -> list[dict]:
-    """Run one optimizer step per global batch. ``step_fn(model, batch) -> (loss, metrics dict)``, the loss being a
-    mean over ``batch`` weighted as ``weight_fn`` counts it (examples by default). ``backward``: the step function's
+    """Run one optimizer step per global batch. ``step_fn(model, part, batch) -> (loss, metrics dict)``: ``part`` is
+    this rank's slice of the global ``batch``, the loss a mean over ``part`` weighted as ``weight_fn`` counts it
+    (examples by default); a loss whose terms are weighted otherwise reads ``batch`` to weigh them exactly. ``backward``: the step function's
     ``SliceBackward`` when it back-propagates micro-batches itself (told the wrapped model, each step's scale and every
     rank's slice of the step's batch, so that all ranks make the same number of passes).
 
@@ -292,7 +293,7 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
             if backward is not None:  # every rank's slice too: each makes as many passes as the rank needing most
                 backward.scale = share * world if world > 1 else 1.0
                 backward.peers = [_split(batches[i], weight_fn, r, world)[0] for r in range(world)] if world > 1 else []
-            loss, metrics = step_fn(state.pmodel, part)
+            loss, metrics = step_fn(state.pmodel, part, batches[i])
             state.update(loss * (share * world) if world > 1 else loss, opt.max_grad_norm, acc)
             metrics = {k: float(v) for k, v in metrics.items()}
             if world > 1:

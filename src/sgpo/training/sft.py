@@ -31,7 +31,7 @@ def nll_step(pad_id: int, max_positions: int | None = None, backward=None):
         lengths = [len(e.prompt_ids) + len(e.completion_ids) for e in examples]
         return [examples[s] for s in position_slices(lengths, max_positions)]
 
-    def step(model, examples: list[NLLExample]):
+    def step(model, examples: list[NLLExample], batch=None):   # weighted by tokens in run_steps already
         device = next(model.parameters()).device
         total = max(_completion_tokens(examples), 1)
         done, loss = 0.0, None
