@@ -64,6 +64,14 @@ def test_smoke_config_shows_three_rows_in_the_chat_template_with_their_counts(no
         assert block.rstrip().endswith(kept)
 
 
+def test_the_flag_may_come_before_the_config_path(no_model, capsys):
+    """``--show-prompts`` takes an optional N: a config path written after it is the config, not a bad N."""
+    assert show(capsys, "--show-prompts", SMOKE) == show(capsys, SMOKE, "--show-prompts")
+    assert show(capsys, "--show-prompts", "2", SMOKE).count("=== row ") == 2
+    with pytest.raises(SystemExit, match="not 'other.yaml'"):
+        main(["run", SMOKE, "--show-prompts", "other.yaml"])
+
+
 def test_reading_a_keeps_the_reference_out_of_the_improver_input(no_model, capsys):
     out = show(capsys, SMOKE, "--show-prompts", "1", "--set", "improver.sees_reference=false")
     assert out.count("=== row ") == 1

@@ -12,6 +12,7 @@ def command(args) -> int:
     from sgpo.config import schema as config
     from sgpo.run import recipe
 
+    _config_after_show_prompts(args)
     cfg = config.load(args.config, args.set or [])
     if args.method:
         cfg = config.load(args.config, (args.set or []) + [f"method={args.method}"])
@@ -33,6 +34,23 @@ def command(args) -> int:
     return 0
 
 
+def _count_or_path(value: str):
+    """``--show-prompts``' optional N; anything but a number is the config path written after the flag."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _config_after_show_prompts(args) -> None:
+    """``sgpo run --show-prompts my.yaml``: argparse gives the path to the flag's optional N; it is the config."""
+    if isinstance(args.show_prompts, str):
+        if args.config is not None:
+            raise SystemExit(f"sgpo run: error: --show-prompts takes a number of rows, not '{args.show_prompts}' "
+                             f"(the config is {args.config})")
+        args.config, args.show_prompts = args.show_prompts, 3
+
+
 def add_parser(sub) -> None:
     r = sub.add_parser("run", help="run a method end to end (default: SGPO on the embedded default experiment)")
     r.add_argument("config", nargs="?", help="YAML config (omit for the embedded default)")
@@ -41,7 +59,7 @@ def add_parser(sub) -> None:
     r.add_argument("--method", help="sgpo, spin, synpo, dpo or sft (same as --set method=...)")
     r.add_argument("--force-restart", action="store_true", help="discard an unfinished run in --output")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and plan, run nothing")
-    r.add_argument("--show-prompts", nargs="?", type=int, const=3, metavar="N",
+    r.add_argument("--show-prompts", nargs="?", type=_count_or_path, const=3, metavar="N",
                    help="print the first N rows (default 3) as the model sees them: the policy input and the improver "
                         "input in the chat template, the reference as trained, token counts and what was cut; loads "
                         "only the tokenizer and runs nothing")
