@@ -46,8 +46,10 @@ def _config_after_show_prompts(args) -> None:
     """``sgpo run --show-prompts my.yaml``: argparse gives the path to the flag's optional N; it is the config."""
     if isinstance(args.show_prompts, str):
         if args.config is not None:
-            raise SystemExit(f"sgpo run: error: --show-prompts takes a number of rows, not '{args.show_prompts}' "
-                             f"(the config is {args.config})")
+            from sgpo.config.schema import ConfigError
+
+            raise ConfigError(f"--show-prompts takes a number of rows, not '{args.show_prompts}' "
+                              f"(the config is {args.config})")
         args.config, args.show_prompts = args.show_prompts, 3
 
 

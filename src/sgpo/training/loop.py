@@ -270,9 +270,10 @@ def run_steps(model, batches: list, step_fn: Callable, opt: Optim, job: Job,
               weight_fn: Callable[[list], float] = len, backward=None) -> list[dict]:
     """Run one optimizer step per global batch. ``step_fn(model, part, batch) -> (loss, metrics dict)``: ``part`` is
     this rank's slice of the global ``batch``, the loss a mean over ``part`` weighted as ``weight_fn`` counts it
-    (examples by default); a loss whose terms are weighted otherwise reads ``batch`` to weigh them exactly. ``backward``: the step function's
-    ``SliceBackward`` when it back-propagates micro-batches itself (told the wrapped model, each step's scale and every
-    rank's slice of the step's batch, so that all ranks make the same number of passes).
+    (examples by default); a loss whose terms are weighted otherwise reads ``batch`` to weigh them exactly.
+    ``backward``: the step function's ``SliceBackward`` when it back-propagates micro-batches itself (told the wrapped
+    model, each step's scale and every rank's slice of the step's batch, so that all ranks make the same number of
+    passes).
 
     Returns the per-step metrics, already averaged across processes (weighted by each rank's share).
     With sharded training (FSDP/DeepSpeed) and a ``checkpoint_dir``, the trained weights are also exported as an
